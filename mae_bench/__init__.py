@@ -1,0 +1,41 @@
+"""mae-bench: a plugin-based benchmarking suite for Masked Autoencoder variants.
+
+The public contract for plugin authors is re-exported here.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from mae_bench.contract import (
+    Dataset,
+    ImageData,
+    Loss,
+    LossInputs,
+    MAEOutput,
+    Mask,
+    MaskedAutoencoder,
+    MaskingStrategy,
+    Params,
+)
+from mae_bench.errors import ConfigError, UserError
+from mae_bench.hookspecs import hookimpl
+
+try:
+    __version__ = version("mae-bench")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "ConfigError",
+    "Dataset",
+    "ImageData",
+    "Loss",
+    "LossInputs",
+    "MAEOutput",
+    "Mask",
+    "MaskedAutoencoder",
+    "MaskingStrategy",
+    "Params",
+    "UserError",
+    "__version__",
+    "hookimpl",
+]

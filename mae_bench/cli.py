@@ -1,0 +1,168 @@
+"""The ``mae-bench`` command line: run, validate, plugins, leaderboard."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from mae_bench import __version__
+from mae_bench.errors import UserError
+from mae_bench.plugins import KIND_PLURALS, load_registry
+
+EXIT_BAD_INPUT = 2
+
+
+def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a UserError into one message on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+
+    return wrapper
+
+
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY.PATH=VALUE",
+    help="Override a suite field, e.g. --set pretrain.epochs=1 (repeatable).",
+)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="mae-bench")
+def cli() -> None:
+    """Benchmark Masked Autoencoder variants: encoders x masking x losses x datasets."""
+
+
+@cli.command()
+@click.argument("suite_file", metavar="SUITE")
+@click.option(
+    "--out",
+    "out_dir",
+    default="results",
+    show_default=True,
+    type=click.Path(),
+    help="Results folder; the suite writes under OUT/<suite name>/.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.",
+)
+@set_option
+@_user_errors
+def run(suite_file: str, out_dir: str, device: str, overrides: tuple[str, ...]) -> None:
+    """Run a suite: pretrain and evaluate every (variant, seed) cell not yet finished."""
+    from mae_bench.device import resolve_device
+    from mae_bench.leaderboard import leaderboard_markdown
+    from mae_bench.runner import run_suite
+    from mae_bench.suite import load_suite
+
+    suite = load_suite(suite_file, load_registry(), overrides)
+    torch_device = resolve_device(device)
+    try:
+        summary = run_suite(suite, Path(out_dir), torch_device)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: finished cells are kept; run again to resume", err=True)
+        sys.exit(130)
+    click.echo(leaderboard_markdown(summary.leaderboard, title=suite.name))
+    click.echo(f"results: {summary.root}", err=True)
+    if summary.failed:
+        click.echo(f"{len(summary.failed)} cell(s) failed: {', '.join(summary.failed)}", err=True)
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("suite_file", metavar="SUITE")
+@click.option("--show", is_flag=True, help="Print the resolved suite with every default.")
+@set_option
+@_user_errors
+def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
+    """Check a suite file against the schema and the plugins, without running it."""
+    from mae_bench.suite import load_suite
+
+    suite = load_suite(suite_file, load_registry(), overrides)
+    cells = suite.cells()
+    click.echo(
+        f"ok: suite {suite.name!r}: {len(suite.variants)} variants x "
+        f"{len(suite.config.seeds)} seeds = {len(cells)} cells"
+    )
+    if show:
+        click.echo(yaml.safe_dump(suite.resolved, sort_keys=False))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """List every plugin, the components it provides, and any load errors."""
+    registry = load_registry()
+    if as_json:
+        data = [
+            {
+                "name": p.name,
+                "module": p.module,
+                "distribution": p.distribution,
+                "version": p.version,
+                "components": {
+                    KIND_PLURALS[kind]: [c.name for c in p.components if c.kind == kind]
+                    for kind in KIND_PLURALS
+                },
+                "errors": p.errors,
+            }
+            for p in registry.plugins
+        ]
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not registry.plugins:
+        click.echo("no plugins loaded")
+    for p in registry.plugins:
+        status = click.style(" (errors)", fg="red") if p.errors else ""
+        click.echo(f"{p.distribution} {p.version}: {p.name} ({p.module}){status}")
+        for kind in KIND_PLURALS:
+            comps = [c for c in p.components if c.kind == kind]
+            for c in comps:
+                click.echo(f"  {kind:8} {c.name:12} {c.description}")
+        for error in p.errors:
+            click.echo(click.style(f"  error: {error}", fg="red"))
+
+
+@cli.command()
+@click.argument("results_dir", metavar="DIR", type=click.Path())
+@_user_errors
+def leaderboard(results_dir: str) -> None:
+    """Re-render runs.csv and leaderboard.csv/.md of a suite's results folder."""
+    from mae_bench.leaderboard import leaderboard_markdown, write_leaderboard
+    from mae_bench.results import CellStore, read_suite_record
+
+    root = Path(results_dir)
+    record = read_suite_record(root)
+    store = CellStore(root)
+    ids = [c["cell_id"] for c in record["cells"]]
+    done = [store.load(i) for i in ids if store.is_done(i)]
+    board = write_leaderboard(root, done, title=record["name"])
+    click.echo(leaderboard_markdown(board, title=record["name"]))
+    click.echo(f"{len(done)} of {len(ids)} cells finished; written under {root}", err=True)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Device selection and the per-device training settings (autocast, fused optimizers)."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+
+import torch
+
+from mae_bench.errors import UserError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; anything else must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(
+            f"--device: unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device: CUDA was requested but is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device: MPS was requested but is not available on this machine")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of the device, for provenance."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS ({platform.machine()})"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def optimizer_options(device: torch.device) -> dict[str, bool]:
+    """Fused AdamW on CUDA."""
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+def prepare(device: torch.device) -> None:
+    """Per-process settings for the device (TF32 matmuls on CUDA)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -1,0 +1,18 @@
+"""Errors the CLI turns into one clear message and exit code 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the user: a malformed suite, an unknown plugin, a missing file."""
+
+
+class ConfigError(UserError):
+    """An invalid suite field; ``field`` is its path, e.g. ``variants[1].masking.ratio``."""
+
+    def __init__(self, field: str, message: str, source: str | None = None) -> None:
+        self.field = field
+        self.message = message
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{field}: {message}" if field else f"{where}{message}")

@@ -1,0 +1,47 @@
+"""The plugin contract: every hook a mae-bench plugin can implement.
+
+Each hook receives a ``register`` callback; call it once per component class you provide::
+
+    from mae_bench import hookimpl
+
+    @hookimpl
+    def register_losses(register):
+        register(CharbonnierLoss)
+
+A component class has a ``name`` (the string a suite uses) and a ``Params`` pydantic model
+(its validated YAML parameters). See ``mae_bench.contract`` for the interface of each kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pluggy
+
+PROJECT_NAME = "mae_bench"
+ENTRY_POINT_GROUP = "mae_bench"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+Register = Callable[[type], None]
+
+
+@hookspec
+def register_encoders(register: Register) -> None:
+    """Register masked-autoencoder models (subclasses of ``mae_bench.MaskedAutoencoder``)."""
+
+
+@hookspec
+def register_masking(register: Register) -> None:
+    """Register masking strategies (subclasses of ``mae_bench.MaskingStrategy``)."""
+
+
+@hookspec
+def register_losses(register: Register) -> None:
+    """Register reconstruction losses and regularizers (subclasses of ``mae_bench.Loss``)."""
+
+
+@hookspec
+def register_datasets(register: Register) -> None:
+    """Register datasets (subclasses of ``mae_bench.Dataset``)."""

@@ -1,0 +1,151 @@
+"""Building blocks shared by the core and by encoder plugins (public, stable).
+
+Patch layout follows the official MAE code: a patch is flattened as (p, p, C), patches in
+row-major order over the grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+
+def patchify(imgs: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) -> (B, L, p*p*C)."""
+    b, c, h, w = imgs.shape
+    p = patch_size
+    x = imgs.reshape(b, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: Tensor, patch_size: int, channels: int) -> Tensor:
+    """(B, L, p*p*C) -> (B, C, H, W) for a square grid."""
+    b, n, _ = x.shape
+    p = patch_size
+    g = math.isqrt(n)
+    if g * g != n:
+        raise ValueError(f"{n} patches do not form a square grid")
+    x = x.reshape(b, g, g, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(b, channels, g * p, g * p)
+
+
+def patch_mask_to_pixels(mask: Tensor, patch_size: int) -> Tensor:
+    """(B, L) patch mask -> (B, 1, H, W) pixel mask."""
+    b, n = mask.shape
+    g = math.isqrt(n)
+    grid = mask.reshape(b, 1, g, g)
+    return grid.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+
+
+def random_mask(
+    batch_size: int,
+    num_patches: int,
+    ratio: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample uniform masking of exactly ``round(L * ratio)`` patches (argsort of noise).
+
+    Returns ``(ids_keep, ids_restore, mask)`` as in the MAE paper; at least one patch stays
+    visible. The noise is drawn on the CPU from ``generator`` so masks are reproducible on
+    every device.
+    """
+    len_keep = max(1, round(num_patches * (1.0 - ratio)))
+    noise = torch.rand(batch_size, num_patches, generator=generator)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :len_keep]
+    mask = torch.ones(batch_size, num_patches)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return ids_keep.to(device), ids_restore.to(device), mask.to(device)
+
+
+def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
+    """Select tokens ``ids`` (B, K) from ``x`` (B, L, D)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def sincos_pos_embed(dim: int, grid_size: int) -> Tensor:
+    """Fixed 2D sine-cosine position embedding, (grid_size**2, dim), row-major over the grid."""
+    if dim % 4:
+        raise ValueError(f"embedding dim {dim} must be divisible by 4 for 2D sin-cos positions")
+    return build_sincos2d_pos_embed([grid_size, grid_size], dim=dim)
+
+
+def laplacian(imgs: Tensor) -> Tensor:
+    """Per-channel 3x3 Laplacian (4-neighbour) high-pass filter with replicate padding."""
+    kernel = imgs.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+    c = imgs.shape[1]
+    weight = kernel.expand(c, 1, 3, 3)
+    return F.conv2d(F.pad(imgs, (1, 1, 1, 1), mode="replicate"), weight, groups=c)
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """The official MAE init: xavier-uniform linears, zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class MAEDecoder(nn.Module):
+    """The lightweight MAE transformer decoder with a learned mask token.
+
+    Takes encoder tokens of the visible patches (after ``num_prefix_tokens`` prefix tokens such
+    as cls), inserts mask tokens, restores patch order, adds fixed sin-cos positions and
+    predicts the pixels of every patch.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_patches: int,
+        embed_dim: int,
+        patch_size: int,
+        in_chans: int,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        num_prefix_tokens: int = 1,
+    ) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.embed = nn.Linear(embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        grid = math.isqrt(num_patches)
+        self.register_buffer("pos_embed", sincos_pos_embed(dim, grid)[None], persistent=False)
+        self.blocks = nn.Sequential(
+            *[
+                Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
+                for _ in range(depth)
+            ]
+        )
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, patch_size * patch_size * in_chans)
+        self.apply(init_mae_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
+        """(B, prefix + K, D_enc), (B, L) -> (B, L, p*p*C)."""
+        x = self.embed(latent)
+        n = self.num_prefix_tokens
+        prefix, visible = x[:, :n], x[:, n:]
+        b, k, d = visible.shape
+        mask_tokens = self.mask_token.expand(b, ids_restore.shape[1] - k, d)
+        patches = gather_tokens(torch.cat([visible, mask_tokens], dim=1), ids_restore)
+        x = torch.cat([prefix, patches + self.pos_embed], dim=1)
+        x = self.norm(self.blocks(x))
+        return self.pred(x[:, n:])

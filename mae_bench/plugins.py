@@ -1,0 +1,198 @@
+"""Plugin discovery: load every ``mae_bench`` entry point and collect its components.
+
+Each entry point is loaded in its own ``try``: a plugin that fails to import, implements an
+unknown hook, raises in a hook or registers a name already taken is reported (see
+``mae-bench plugins``) and the others keep working. Set ``MAE_BENCH_PLUGINS`` to a
+comma-separated list of entry-point or distribution names to load only those (empty: none).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.metadata import EntryPoint, entry_points
+from types import ModuleType
+
+import pluggy
+from pydantic import BaseModel
+
+from mae_bench import hookspecs
+from mae_bench.contract import COMPONENT_BASES
+from mae_bench.errors import ConfigError
+
+ENV_VAR = "MAE_BENCH_PLUGINS"
+BUILTIN_DISTRIBUTION = "mae-bench"
+HOOKS = {
+    "encoder": "register_encoders",
+    "masking": "register_masking",
+    "loss": "register_losses",
+    "dataset": "register_datasets",
+}
+KIND_PLURALS = {
+    "encoder": "encoders",
+    "masking": "masking",
+    "loss": "losses",
+    "dataset": "datasets",
+}
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """A registered component: its kind, suite name, class and the plugin providing it."""
+
+    kind: str
+    name: str
+    cls: type
+    plugin: PluginInfo
+
+    @property
+    def description(self) -> str:
+        """First line of the class docstring."""
+        return (self.cls.__doc__ or "").strip().splitlines()[0] if self.cls.__doc__ else ""
+
+
+@dataclass(eq=False)
+class PluginInfo:
+    """One loaded (or failed) plugin: an entry point of a distribution."""
+
+    name: str
+    module: str
+    distribution: str
+    version: str
+    components: list[ComponentInfo] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def builtin(self) -> bool:
+        """True for the plugins shipped with mae-bench itself."""
+        return self.distribution == BUILTIN_DISTRIBUTION
+
+
+@dataclass
+class Registry:
+    """Every component available, by kind and name, and every plugin seen."""
+
+    plugins: list[PluginInfo] = field(default_factory=list)
+    components: dict[str, dict[str, ComponentInfo]] = field(
+        default_factory=lambda: {kind: {} for kind in HOOKS}
+    )
+
+    def names(self, kind: str) -> list[str]:
+        """Sorted names of the components of ``kind``."""
+        return sorted(self.components[kind])
+
+    def get(self, kind: str, name: str, field_path: str) -> ComponentInfo:
+        """Look up a component, or raise a ConfigError naming ``field_path`` and the known names."""
+        try:
+            return self.components[kind][name]
+        except KeyError:
+            known = ", ".join(self.names(kind)) or "none (no plugin loaded)"
+            raise ConfigError(field_path, f"unknown {kind} {name!r}; known: {known}") from None
+
+
+def _check_component(kind: str, cls: object) -> str | None:
+    """Why ``cls`` cannot be registered as a ``kind``, or None if it can."""
+    base = COMPONENT_BASES[kind]
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        return f"{cls!r} is not a subclass of mae_bench.{base.__name__}"
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME.match(name):
+        return f"{cls.__name__}.name must be a lowercase name like 'my-loss', got {name!r}"
+    params = getattr(cls, "Params", None)
+    if not (isinstance(params, type) and issubclass(params, BaseModel)):
+        return f"{cls.__name__}.Params must be a pydantic model"
+    return None
+
+
+def build_registry(candidates: Iterable[tuple[PluginInfo, Callable[[], object]]]) -> Registry:
+    """Register each candidate plugin (info, loader) in isolation and collect its components."""
+    registry = Registry()
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    by_plugin_name: dict[str, PluginInfo] = {}
+    for info, load in candidates:
+        registry.plugins.append(info)
+        try:
+            pm.register(load(), name=f"{info.distribution}:{info.name}")
+        except Exception as exc:  # one broken plugin must not take down the others
+            info.errors.append(f"failed to load: {type(exc).__name__}: {exc}")
+            continue
+        by_plugin_name[f"{info.distribution}:{info.name}"] = info
+    while True:
+        try:
+            pm.check_pending()
+            break
+        except pluggy.PluginValidationError as exc:
+            name = pm.get_name(exc.plugin)
+            by_plugin_name.pop(name).errors.append(f"invalid hook: {exc}")
+            pm.unregister(exc.plugin)
+    order = list(by_plugin_name)
+    for kind, hook_name in HOOKS.items():
+        impls = getattr(pm.hook, hook_name).get_hookimpls()
+        for impl in sorted(impls, key=lambda impl: order.index(impl.plugin_name)):
+            info = by_plugin_name[impl.plugin_name]
+            try:
+                impl.function(register=_registrar(registry, kind, info))
+            except Exception as exc:
+                info.errors.append(f"{hook_name} raised {type(exc).__name__}: {exc}")
+    return registry
+
+
+def _registrar(registry: Registry, kind: str, info: PluginInfo) -> Callable[[type], None]:
+    def register(cls: type) -> None:
+        problem = _check_component(kind, cls)
+        if problem:
+            info.errors.append(f"{HOOKS[kind]}: {problem}")
+            return
+        taken = registry.components[kind].get(cls.name)
+        if taken is not None:
+            info.errors.append(
+                f"{kind} {cls.name!r} is already registered by {taken.plugin.distribution} "
+                f"({taken.plugin.module}); ignored"
+            )
+            return
+        component = ComponentInfo(kind=kind, name=cls.name, cls=cls, plugin=info)
+        registry.components[kind][cls.name] = component
+        info.components.append(component)
+
+    return register
+
+
+def _allowed_plugins() -> set[str] | None:
+    raw = os.environ.get(ENV_VAR)
+    if raw is None:
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _entry_point_candidates() -> list[tuple[PluginInfo, Callable[[], object]]]:
+    allowed = _allowed_plugins()
+    seen: set[tuple[str, str]] = set()
+    candidates = []
+    for ep in entry_points(group=hookspecs.ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist else "unknown"
+        if (dist, ep.name) in seen:  # the same distribution found twice on sys.path
+            continue
+        seen.add((dist, ep.name))
+        if allowed is not None and ep.name not in allowed and dist not in allowed:
+            continue
+        version = ep.dist.version if ep.dist else "unknown"
+        info = PluginInfo(name=ep.name, module=ep.value, distribution=dist, version=version)
+        candidates.append((info, _loader(ep)))
+    # Built-ins first, so a third-party plugin can never shadow a built-in name.
+    candidates.sort(key=lambda c: (not c[0].builtin, c[0].distribution, c[0].name))
+    return candidates
+
+
+def _loader(ep: EntryPoint) -> Callable[[], ModuleType]:
+    return lambda: ep.load()
+
+
+@cache
+def load_registry() -> Registry:
+    """The registry of every installed plugin (loaded once per process)."""
+    return build_registry(_entry_point_candidates())

@@ -1,0 +1,274 @@
+"""The suite runner: for every (variant, seed) cell, pretrain, evaluate and store the result."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import save_file
+
+from mae_bench.contract import ImageData, MaskedAutoencoder
+from mae_bench.data import ImageFeeder
+from mae_bench.device import device_name, prepare
+from mae_bench.evaluate import extract_features, linear_probe, reconstruction_quality
+from mae_bench.leaderboard import write_leaderboard
+from mae_bench.results import RESULT_FILE, SUITE_FILE, CellStore, provenance, write_json
+from mae_bench.suite import Cell, Suite, Variant
+from mae_bench.train import pretrain
+
+
+@dataclass
+class RunSummary:
+    """What a suite run did."""
+
+    root: Path
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    leaderboard: pd.DataFrame | None = None
+
+
+def describe(variant: Variant, image_size: int, channels: int) -> dict[str, str]:
+    """Short descriptions of a variant's components, for leaderboard columns."""
+    model = variant.build_model(image_size, channels)
+    terms = [
+        loss.summary() if weight == 1 else f"{weight:g}*{loss.summary()}"
+        for loss, weight in variant.build_losses()
+    ]
+    return {
+        "encoder": model.summary(),
+        "masking": variant.build_masking().summary(),
+        "loss": " + ".join(terms),
+    }
+
+
+def count_params(module: torch.nn.Module) -> float:
+    """Trainable parameters, in millions."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad) / 1e6
+
+
+def _history_csv(history: list[dict[str, float]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue()
+
+
+def _save_weights(module: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+class _Display:
+    """A rich progress display: cells done, and the current cell's epoch and loss."""
+
+    def __init__(self, console: Console, total_cells: int) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.cells = self.progress.add_task("cells", total=total_cells, status="")
+        self.epochs = self.progress.add_task("epoch", total=1, status="", visible=False)
+
+    @contextmanager
+    def shown(self) -> Iterator[_Display]:
+        with self.progress:
+            yield self
+
+    def start_cell(self, cell: Cell, epochs: int) -> None:
+        self.progress.update(self.cells, status=f"{cell.variant.name} seed {cell.seed}")
+        self.progress.reset(
+            self.epochs,
+            total=epochs,
+            visible=True,
+            status="",
+            description=f"{cell.variant.name}/seed{cell.seed} epoch",
+        )
+
+    def epoch(self, epoch: int, row: dict[str, float]) -> None:
+        status = f"loss {row['loss']:.4f}  mask {row['mask_ratio']:.2f}"
+        self.progress.update(self.epochs, completed=epoch, status=status)
+
+    def evaluating(self) -> None:
+        self.progress.update(self.epochs, status="evaluating")
+
+    def end_cell(self, message: str) -> None:
+        self.progress.advance(self.cells)
+        self.console.print(message, highlight=False)
+
+
+def run_cell(
+    cell: Cell,
+    suite: Suite,
+    data: ImageData,
+    feeder: ImageFeeder,
+    mean_image: torch.Tensor,
+    display: _Display,
+) -> dict[str, Any]:
+    """Pretrain and evaluate one cell; return its result record and model."""
+    cfg = suite.config
+    torch.manual_seed(cell.seed)
+    model: MaskedAutoencoder = cell.variant.build_model(feeder.image_size, feeder.channels)
+    masking = cell.variant.build_masking()
+    losses = cell.variant.build_losses()
+    display.start_cell(cell, cfg.pretrain.epochs)
+    trained = pretrain(
+        model,
+        data.pretrain,
+        feeder,
+        masking,
+        losses,
+        cfg.pretrain,
+        seed=cell.seed,
+        on_epoch=display.epoch,
+    )
+    display.evaluating()
+    metrics: dict[str, float] = {
+        "pretrain_s": trained.seconds,
+        "imgs_per_s": trained.images_per_second,
+        "params_m": count_params(model.encoder),
+        "params_total_m": count_params(model),
+        "final_loss": trained.history[-1]["loss"],
+    }
+    recon = cfg.eval.reconstruction
+    if recon.enabled:
+        metrics.update(
+            reconstruction_quality(
+                model,
+                data.test_images,
+                feeder,
+                recon,
+                normalized_target=any(loss.normalizes_target for loss, _ in losses),
+                mean_image=mean_image,
+            )
+        )
+    probe = cfg.eval.linear_probe
+    if probe.enabled:
+        train_x = extract_features(model, data.train_images, feeder, probe.pool)
+        test_x = extract_features(model, data.test_images, feeder, probe.pool)
+        metrics.update(
+            linear_probe(
+                train_x,
+                data.train_labels,
+                test_x,
+                data.test_labels,
+                probe,
+                num_classes=data.num_classes,
+                seed=cell.seed,
+            )
+        )
+    record = {
+        "cell_id": cell.cell_id,
+        "suite": cell.suite,
+        "variant": cell.variant.name,
+        "seed": cell.seed,
+        "config_hash": cell.config_hash,
+        "config": cell.config,
+        "components": describe(cell.variant, feeder.image_size, feeder.channels),
+        "metrics": metrics,
+        "data": {"mean": feeder.mean, "std": feeder.std, "num_classes": data.num_classes},
+        "provenance": provenance(device_name(feeder.device)),
+    }
+    return {"record": record, "model": model, "history": trained.history}
+
+
+def run_suite(
+    suite: Suite, out_dir: Path, device: torch.device, console: Console | None = None
+) -> RunSummary:
+    """Run every unfinished cell of ``suite`` and write the leaderboard; resumable."""
+    console = console or Console(stderr=True)
+    root = out_dir / suite.name
+    store = CellStore(root)
+    cells = suite.cells()
+    summary = RunSummary(root=root)
+    pending = []
+    for cell in cells:
+        (summary.skipped if store.is_done(cell.cell_id) else pending).append(cell)
+    summary.skipped = [c.cell_id for c in summary.skipped]
+    if summary.skipped:
+        console.print(f"{len(summary.skipped)} of {len(cells)} cells already finished: skipped")
+    if pending:
+        prepare(device)
+        ds = suite.config.dataset
+        console.print(f"loading dataset {ds.name} ...", highlight=False)
+        data = suite.build_dataset().load()  # a missing dataset fails here, before any write
+        feeder = ImageFeeder.fit(
+            data.pretrain, image_size=ds.image_size, channels=ds.channels, device=device
+        )
+        mean_image = torch.cat([feeder.pixels(b).cpu() for b in data.pretrain.split(1024)]).mean(0)
+        _write_suite_record(root, suite, cells)
+        console.print(
+            f"running {len(pending)} cells of suite {suite.name!r} on {device_name(device)}",
+            highlight=False,
+        )
+        display = _Display(console, len(pending))
+        with display.shown():
+            for cell in pending:
+                start = time.perf_counter()
+                try:
+                    out = run_cell(cell, suite, data, feeder, mean_image, display)
+                except FloatingPointError as exc:
+                    summary.failed[cell.cell_id] = str(exc)
+                    display.end_cell(f"[red]FAILED[/red] {cell.cell_id}: {exc}")
+                    continue
+                _store_cell(store, cell, out)
+                summary.finished.append(cell.cell_id)
+                m = out["record"]["metrics"]
+                shown = "  ".join(f"{k} {m[k]:.3f}" for k in ("psnr_masked", "lp_acc") if k in m)
+                display.end_cell(
+                    f"done {cell.variant.name} seed {cell.seed}: {shown}  "
+                    f"({time.perf_counter() - start:.0f} s)"
+                )
+    _write_suite_record(root, suite, cells)
+    records = [store.load(c.cell_id) for c in cells if store.is_done(c.cell_id)]
+    summary.leaderboard = write_leaderboard(root, records, title=suite.name)
+    return summary
+
+
+def _store_cell(store: CellStore, cell: Cell, out: dict[str, Any]) -> None:
+    record, model = out["record"], out["model"]
+    meta = {"cell_id": cell.cell_id, "config_hash": cell.config_hash}
+
+    def write_files(folder: Path) -> None:
+        _save_weights(model.encoder, folder / "encoder.safetensors", meta)
+        _save_weights(model.decoder, folder / "decoder.safetensors", meta)
+        (folder / "history.csv").write_text(_history_csv(out["history"]), encoding="utf-8")
+        write_json(folder / RESULT_FILE, record)  # last: its presence marks the cell finished
+
+    store.write(cell.cell_id, write_files)
+
+
+def _write_suite_record(root: Path, suite: Suite, cells: list[Cell]) -> None:
+    cell_ids = [
+        {
+            "cell_id": c.cell_id,
+            "variant": c.variant.name,
+            "seed": c.seed,
+            "config_hash": c.config_hash,
+        }
+        for c in cells
+    ]
+    record = {
+        "name": suite.name,
+        "source": suite.source,
+        "resolved": suite.resolved,
+        "cells": cell_ids,
+    }
+    write_json(root / SUITE_FILE, record)

@@ -1,0 +1,425 @@
+"""Suite files: schema, loading, ``--set`` overrides and resolution against the plugins.
+
+A suite is validated in two steps, both before anything runs: the YAML against the schema
+below (unknown keys are errors), then every component against its plugin's ``Params``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
+
+from mae_bench.contract import Dataset, Loss, MaskedAutoencoder, MaskingStrategy, Params
+from mae_bench.errors import ConfigError, UserError
+from mae_bench.plugins import Registry
+
+RESULT_FORMAT = 1
+SafeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=80)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComponentRef(BaseModel):
+    """``{name: ..., <plugin params>...}``: the plugin validates the extra keys."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The keys meant for the plugin's ``Params``."""
+        return dict(self.model_extra or {})
+
+
+class DatasetRef(ComponentRef):
+    """The dataset plugin plus how the core feeds its images to models."""
+
+    image_size: PositiveInt = 32
+    channels: Literal[1, 3] = 3
+
+
+class LossRef(ComponentRef):
+    """A loss term and its weight in the variant's objective."""
+
+    weight: float = 1.0
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value) or value == 0:
+            raise ValueError("must be a finite, non-zero number")
+        return value
+
+
+class PretrainConfig(_Strict):
+    """Pretraining budget and optimizer (AdamW, linear warmup then cosine decay)."""
+
+    epochs: PositiveInt
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1.5e-3
+    min_lr: NonNegativeFloat = 0.0
+    weight_decay: NonNegativeFloat = 0.05
+    warmup_epochs: NonNegativeFloat = 0.0
+    betas: tuple[Annotated[float, Field(gt=0, lt=1)], Annotated[float, Field(gt=0, lt=1)]] = (
+        0.9,
+        0.95,
+    )
+    grad_clip: PositiveFloat | None = None
+
+
+class LinearProbeConfig(_Strict):
+    """Linear probe on frozen, cached features (BatchNorm without affine, then linear)."""
+
+    enabled: bool = True
+    epochs: PositiveInt = 100
+    batch_size: PositiveInt = 256
+    lr: PositiveFloat = 1e-2
+    weight_decay: NonNegativeFloat = 0.0
+    pool: Literal["cls", "mean"] = "mean"
+
+
+class ReconstructionConfig(_Strict):
+    """PSNR of held-out reconstructions, with masks drawn from a fixed seed."""
+
+    enabled: bool = True
+    num_images: PositiveInt = 512
+    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
+    mask_seed: int = 0
+    batch_size: PositiveInt = 256
+
+
+class EvalConfig(_Strict):
+    """Evaluation protocols run on every cell."""
+
+    linear_probe: LinearProbeConfig = LinearProbeConfig()
+    reconstruction: ReconstructionConfig = ReconstructionConfig()
+
+
+class VariantConfig(_Strict):
+    """One MAE variant: encoder x masking x loss."""
+
+    name: SafeName
+    encoder: ComponentRef
+    masking: ComponentRef = ComponentRef(name="random")
+    loss: list[LossRef] = Field(default_factory=lambda: [LossRef(name="mse")], min_length=1)
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
+
+
+class SuiteConfig(_Strict):
+    """The whole suite file."""
+
+    name: SafeName
+    description: str = ""
+    dataset: DatasetRef
+    pretrain: PretrainConfig
+    variants: list[VariantConfig] = Field(min_length=1)
+    eval: EvalConfig = EvalConfig()
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    @field_validator("variants")
+    @classmethod
+    def _unique_variants(cls, variants: list[VariantConfig]) -> list[VariantConfig]:
+        names = [v.name for v in variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate variant names: {', '.join(duplicates)}")
+        return variants
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seeds must be unique")
+        return seeds
+
+
+# --------------------------------------------------------------------------- resolution
+@dataclass(frozen=True)
+class Resolved:
+    """A component reference checked against its plugin: class, validated params, config."""
+
+    cls: type
+    params: Params
+    config: dict[str, Any]  # {"name": ..., **params}, every default filled in
+    plugin: str  # distribution that provides it
+
+
+@dataclass(frozen=True)
+class ResolvedLoss:
+    """A loss term with its weight."""
+
+    component: Resolved
+    weight: float
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A variant whose components are all resolved."""
+
+    name: str
+    encoder: Resolved
+    masking: Resolved
+    losses: tuple[ResolvedLoss, ...]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved variant as plain data."""
+        return {
+            "name": self.name,
+            "encoder": self.encoder.config,
+            "masking": self.masking.config,
+            "loss": [{**t.component.config, "weight": t.weight} for t in self.losses],
+        }
+
+    def build_model(self, image_size: int, in_chans: int) -> MaskedAutoencoder:
+        """A fresh model (initialised from the current torch seed)."""
+        return self.encoder.cls(self.encoder.params, image_size=image_size, in_chans=in_chans)
+
+    def build_masking(self) -> MaskingStrategy:
+        """The masking strategy."""
+        return self.masking.cls(self.masking.params)
+
+    def build_losses(self) -> list[tuple[Loss, float]]:
+        """The loss terms with their weights."""
+        return [(t.component.cls(t.component.params), t.weight) for t in self.losses]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work and of results: a variant trained with one seed."""
+
+    suite: str
+    variant: Variant
+    seed: int
+    config: dict[str, Any]
+    config_hash: str
+
+    @property
+    def cell_id(self) -> str:
+        """Folder name of the cell's results."""
+        return f"{self.variant.name}-seed{self.seed}-{self.config_hash[:10]}"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A validated suite with every component resolved."""
+
+    config: SuiteConfig
+    dataset: Resolved
+    variants: tuple[Variant, ...]
+    source: str
+
+    @property
+    def name(self) -> str:
+        """The suite's name (its results folder)."""
+        return self.config.name
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        """The whole suite with every default filled in, as plain data."""
+        data = self.config.model_dump(mode="json", exclude={"dataset", "variants"})
+        data["dataset"] = self.dataset_config
+        data["variants"] = [v.config for v in self.variants]
+        return data
+
+    @property
+    def dataset_config(self) -> dict[str, Any]:
+        """The dataset reference, resolved."""
+        ds = self.config.dataset
+        return {**self.dataset.config, "image_size": ds.image_size, "channels": ds.channels}
+
+    def build_dataset(self) -> Dataset:
+        """The dataset plugin instance."""
+        return self.dataset.cls(self.dataset.params)
+
+    def cells(self) -> list[Cell]:
+        """Every (variant, seed) cell, variant by variant."""
+        cells = []
+        for variant in self.variants:
+            for seed in self.config.seeds:
+                config = {
+                    "format": RESULT_FORMAT,
+                    "dataset": self.dataset_config,
+                    "pretrain": self.config.pretrain.model_dump(mode="json"),
+                    "variant": variant.config,
+                    "eval": self.config.eval.model_dump(mode="json"),
+                    "seed": seed,
+                }
+                cells.append(Cell(self.name, variant, seed, config, config_hash(config)))
+        return cells
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a resolved config."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _format_loc(loc: Sequence[str | int], prefix: str = "") -> str:
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _validation_error(exc: ValidationError, prefix: str, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        loc = _format_loc(err["loc"], prefix)
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling)"
+        elif err["type"] == "missing":
+            message = "required field is missing"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            if "input" in err and not isinstance(err["input"], dict | list):
+                message += f" (got {err['input']!r})"
+        lines.append((loc, message))
+    first_loc, first_message = lines[0]
+    error = ConfigError(first_loc, first_message, source)
+    if len(lines) > 1:
+        more = "\n".join(f"  {loc}: {message}" for loc, message in lines[1:])
+        error.args = (f"{error.args[0]}\n{more}",)
+    return error
+
+
+def _resolve(registry: Registry, kind: str, ref: ComponentRef, path: str, source: str) -> Resolved:
+    info = registry.get(kind, ref.name, f"{path}.name")
+    try:
+        validated = info.cls.Params.model_validate(ref.params)
+    except ValidationError as exc:
+        raise _validation_error(exc, path, source) from None
+    config = {"name": ref.name, **validated.model_dump(mode="json")}
+    return Resolved(info.cls, validated, config, info.plugin.distribution)
+
+
+def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suite:
+    """Validate raw suite data against the schema and the plugins; raise ConfigError if bad."""
+    if not isinstance(raw, dict):
+        raise ConfigError("", "a suite must be a YAML mapping", source)
+    try:
+        config = SuiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc, "", source) from None
+    ds = config.dataset
+    dataset = _resolve(registry, "dataset", ds, "dataset", source)
+    variants = []
+    for i, v in enumerate(config.variants):
+        path = f"variants[{i}]"
+        encoder = _resolve(registry, "encoder", v.encoder, f"{path}.encoder", source)
+        masking = _resolve(registry, "masking", v.masking, f"{path}.masking", source)
+        losses = tuple(
+            ResolvedLoss(_resolve(registry, "loss", t, f"{path}.loss[{j}]", source), t.weight)
+            for j, t in enumerate(v.loss)
+        )
+        variant = Variant(v.name, encoder, masking, losses)
+        try:
+            variant.build_model(ds.image_size, ds.channels)
+        except ValueError as exc:
+            raise ConfigError(f"{path}.encoder", str(exc), source) from None
+        builders = (("masking", variant.build_masking), ("loss", variant.build_losses))
+        for field_name, build in builders:
+            try:
+                build()
+            except ValueError as exc:
+                raise ConfigError(f"{path}.{field_name}", str(exc), source) from None
+        variants.append(variant)
+    return Suite(config=config, dataset=dataset, variants=tuple(variants), source=source)
+
+
+# --------------------------------------------------------------------------- files
+def read_suite_file(path: str | Path) -> dict[str, Any]:
+    """Load a suite YAML safely; raise UserError for a missing file or bad YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"suite file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("", "a suite must be a YAML mapping", str(path))
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (value parsed as YAML) to raw suite data.
+
+    A path step into a list is an index (``variants.0``) or, for lists of named mappings,
+    a name (``variants.vit-mae.encoder.dim=64``).
+    """
+    data = json.loads(json.dumps(raw))  # deep copy of plain data
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: cannot parse value {text!r}") from None
+        parts = key.split(".")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            here = ".".join(parts[: depth + 1])
+            if isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            elif isinstance(node, list):
+                index = _list_index(node, part, here)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            else:
+                raise UserError(f"--set {key}: {'.'.join(parts[:depth])} is not a mapping or list")
+    return data
+
+
+def _list_index(items: list[Any], part: str, path: str) -> int:
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if not -len(items) <= index < len(items):
+            raise UserError(f"--set {path}: index out of range (list has {len(items)} items)")
+        return index
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == part:
+            return i
+    raise UserError(f"--set {path}: no item named {part!r}")
+
+
+def load_suite(path: str | Path, registry: Registry, overrides: Sequence[str] = ()) -> Suite:
+    """Read, override and resolve a suite file."""
+    raw = apply_overrides(read_suite_file(path), overrides)
+    return resolve_suite(raw, registry, source=str(path))

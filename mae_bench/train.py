@@ -1,0 +1,123 @@
+"""The pretraining loop: masked reconstruction with AdamW, warmup + cosine, per-step masking."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import Tensor
+
+from mae_bench.contract import Loss, LossInputs, MaskedAutoencoder, MaskingStrategy
+from mae_bench.data import ImageFeeder, index_batches
+from mae_bench.device import autocast, optimizer_options
+from mae_bench.suite import PretrainConfig
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class PretrainResult:
+    """Per-epoch history and timings of one pretraining run."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_seen: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        """Pretraining throughput."""
+        return self.images_seen / self.seconds if self.seconds > 0 else float("nan")
+
+
+def lr_at(step: int, total: int, warmup: int, cfg: PretrainConfig) -> float:
+    """Linear warmup for ``warmup`` steps, then half-cosine decay from ``lr`` to ``min_lr``."""
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def loss_terms(
+    losses: list[tuple[Loss, float]], inputs: LossInputs
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted sum of the loss terms, and each term on its own (named, made unique)."""
+    total = inputs.pred.new_zeros(())
+    terms: dict[str, Tensor] = {}
+    for loss, weight in losses:
+        value = loss(inputs)
+        key = loss.name if loss.name not in terms else f"{loss.name}_{len(terms)}"
+        terms[key] = value.detach()
+        total = total + weight * value
+    return total, terms
+
+
+def pretrain(
+    model: MaskedAutoencoder,
+    images: Tensor,
+    feeder: ImageFeeder,
+    masking: MaskingStrategy,
+    losses: list[tuple[Loss, float]],
+    cfg: PretrainConfig,
+    *,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+) -> PretrainResult:
+    """Pretrain ``model`` on uint8 ``images``; deterministic on CPU for a given seed."""
+    device = feeder.device
+    model.to(device).train()
+    groups = param_groups_weight_decay(
+        model, cfg.weight_decay, no_weight_decay_list=("cls_token", "mask_token", "pos_embed")
+    )
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **optimizer_options(device))
+    order_gen = torch.Generator().manual_seed(seed)
+    mask_gen = torch.Generator().manual_seed(seed + 1_000_003)
+    bs = min(cfg.batch_size, len(images))
+    steps_per_epoch = len(images) // bs
+    total = steps_per_epoch * cfg.epochs
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    result = PretrainResult()
+    step = 0
+    start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        sums: dict[str, Tensor] = {}
+        ratios = 0.0
+        for idx in index_batches(len(images), bs, generator=order_gen, drop_last=True):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total, warmup, cfg)
+            x = feeder(images[idx])
+            progress = step / total
+            mask = masking(
+                len(x), model.num_patches, progress=progress, generator=mask_gen, device=device
+            )
+            with autocast(device):
+                out = model(x, mask)
+            inputs = LossInputs(
+                x, out.pred.float(), mask.mask, out.embedding.float(), model.patch_size
+            )
+            loss, terms = loss_terms(losses, inputs)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            result.images_seen += len(x)
+            ratios += masking.ratio_at(progress)
+            for key, value in {"loss": loss.detach(), **terms}.items():
+                sums[key] = sums[key] + value if key in sums else value  # no sync per step
+        if not math.isfinite(float(sums["loss"])):
+            raise FloatingPointError(f"the pretraining loss diverged in epoch {epoch + 1}")
+        row = {"epoch": epoch + 1, **{k: float(v) / steps_per_epoch for k, v in sums.items()}}
+        row["mask_ratio"] = ratios / steps_per_epoch
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        result.history.append(row)
+        if on_epoch:
+            on_epoch(epoch + 1, row)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,227 @@
+"""End to end through the installed ``mae-bench`` command."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, invoke, run_cli, tiny_suite_data
+
+LEADERBOARD_COLUMNS = [
+    "variant",
+    "encoder",
+    "masking",
+    "loss",
+    "seeds",
+    "psnr_masked",
+    "lp_acc",
+    "pretrain_s",
+    "imgs_per_s",
+    "params_m",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    result = run_cli(
+        "run",
+        str(ROOT / "suites" / "tiny.yaml"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--set",
+        "seeds=[0, 1]",
+    )
+    assert result.returncode == 0, result.stderr
+    return out / "tiny", result
+
+
+def test_run_writes_cells_and_leaderboards(finished_run):
+    root, result = finished_run
+    cells = sorted(p for p in (root / "cells").iterdir())
+    assert len(cells) == 4 and not any(p.name.startswith(".") for p in cells)
+    for cell in cells:
+        assert {p.name for p in cell.iterdir()} == {
+            "result.json",
+            "history.csv",
+            "encoder.safetensors",
+            "decoder.safetensors",
+        }
+        record = json.loads((cell / "result.json").read_text())
+        prov = record["provenance"]
+        for key in (
+            "mae_bench_version",
+            "git_commit",
+            "torch_version",
+            "timm_version",
+            "device",
+            "date",
+        ):
+            assert prov[key], key
+        assert record["config"]["seed"] == record["seed"]
+        assert cell.name.endswith(record["config_hash"][:10])
+        assert load_file(cell / "encoder.safetensors")
+    runs = pd.read_csv(root / "runs.csv")
+    assert len(runs) == 4 and set(runs["seed"]) == {0, 1}
+    board = pd.read_csv(root / "leaderboard.csv")
+    assert list(board.columns[: len(LEADERBOARD_COLUMNS)]) == LEADERBOARD_COLUMNS
+    assert "lp_acc_std" in board.columns and "psnr_masked_std" in board.columns
+    assert sorted(board["variant"]) == ["mlp", "vit"] and set(board["seeds"]) == {2}
+    for _, row in board.iterrows():
+        assert 0.0 <= row["lp_acc"] <= 1.0 and row["psnr_masked"] > 5
+    md = (root / "leaderboard.md").read_text()
+    assert "| variant" in md and " ± " in md
+    assert "| variant" in result.stdout  # the leaderboard is printed
+
+
+def test_rerun_skips_finished_cells(finished_run, tmp_path):
+    root, _ = finished_run
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "cells").iterdir()}
+    result = invoke(
+        "run",
+        str(ROOT / "suites" / "tiny.yaml"),
+        "--out",
+        str(root.parent),
+        "--device",
+        "cpu",
+        "--set",
+        "seeds=[0, 1]",
+    )
+    assert result.exit_code == 0, result.output
+    assert "4 of 4 cells already finished" in result.stderr
+    assert "loading dataset" not in result.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in (root / "cells").iterdir()}
+    assert before == after
+
+
+def test_leaderboard_command_rerenders(finished_run):
+    root, _ = finished_run
+    (root / "leaderboard.md").unlink()
+    result = invoke("leaderboard", str(root))
+    assert result.exit_code == 0, result.output
+    assert (root / "leaderboard.md").is_file() and "| vit" in result.stdout
+    assert "4 of 4 cells finished" in result.stderr
+
+
+def test_interrupted_suite_resumes_only_missing_cells(tmp_path):
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(yaml.safe_dump(tiny_suite_data(seeds=[0])))
+    out = tmp_path / "out"
+    assert invoke("run", str(suite), "--out", str(out)).exit_code == 0
+    cells = sorted((out / "tiny" / "cells").iterdir())
+    keep = cells[0].stat().st_mtime_ns
+    shutil.rmtree(cells[1])  # as if the run had stopped before this cell finished
+    (out / "tiny" / "cells" / ".vit-seed0-half.tmp").mkdir()  # a crashed half-written cell
+    result = invoke("run", str(suite), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "1 of 2 cells already finished" in result.stderr
+    assert cells[0].stat().st_mtime_ns == keep and cells[1].is_dir()
+    assert len(pd.read_csv(out / "tiny" / "runs.csv")) == 2
+
+
+def test_same_seed_is_deterministic_on_cpu(finished_run, tmp_path):
+    root, _ = finished_run
+    out = tmp_path / "again"
+    result = invoke(
+        "run",
+        str(ROOT / "suites" / "tiny.yaml"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--set",
+        "seeds=[1]",
+    )
+    assert result.exit_code == 0, result.output
+    for cell in (out / "tiny" / "cells").iterdir():
+        first = json.loads((root / "cells" / cell.name / "result.json").read_text())
+        again = json.loads((cell / "result.json").read_text())
+        for key in ("psnr_masked", "lp_acc", "final_loss"):
+            assert again["metrics"][key] == first["metrics"][key], key
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["pretrain"].update(epochs=-1), "pretrain.epochs"),
+        (
+            lambda d: d["variants"][0].update(encoder={"name": "resnet"}),
+            "variants[0].encoder.name: unknown encoder 'resnet'; known: mlp, timm, vit",
+        ),
+        (
+            lambda d: d["variants"][1].update(masking={"name": "random", "ratio": 1.2}),
+            "variants[1].masking.ratio",
+        ),
+        (lambda d: d.update(colour="red"), "colour: unknown key"),
+        (lambda d: d["variants"].append(dict(d["variants"][0])), "duplicate variant names"),
+    ],
+)
+def test_bad_suite_exits_2_with_one_message_and_writes_nothing(tmp_path, edit, message):
+    data = tiny_suite_data()
+    edit(data)
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    for command in (["run", str(suite), "--out", str(out)], ["validate", str(suite)]):
+        result = invoke(*command)
+        assert result.exit_code == 2
+        assert message in result.stderr
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_bad_input_from_the_real_command_has_no_traceback(tmp_path):
+    data = tiny_suite_data()
+    data["variants"][0]["masking"] = {"name": "random", "ratio": 1.5}
+    suite = tmp_path / "bad.yaml"
+    suite.write_text(yaml.safe_dump(data))
+    result = run_cli("run", str(suite), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {suite}: variants[0].masking.ratio: ")
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_suite_and_bad_yaml_and_bad_set(tmp_path):
+    result = invoke("run", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "suite file not found" in result.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    result = invoke("validate", str(bad))
+    assert result.exit_code == 2 and "malformed YAML (line" in result.stderr
+    result = invoke(
+        "run",
+        str(ROOT / "suites" / "tiny.yaml"),
+        "--set",
+        "pretrain.epochs",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert result.exit_code == 2 and "expected key.path=value" in result.stderr
+    result = invoke("leaderboard", str(tmp_path))
+    assert result.exit_code == 2 and "suite.json is missing" in result.stderr
+    assert not (tmp_path / "o").exists()
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_show_prints_resolved_suite():
+    result = invoke("validate", str(ROOT / "suites" / "quick.yaml"), "--show")
+    assert result.exit_code == 0, result.output
+    assert "ok: suite 'quick': 7 variants x 1 seeds = 7 cells" in result.stdout
+    resolved = yaml.safe_load(result.stdout.split("\n", 1)[1])
+    assert resolved["variants"][1]["masking"] == {"name": "random", "ratio": 0.75}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_unavailable_device_is_a_clear_error(tmp_path):
+    result = invoke(
+        "run", str(ROOT / "suites" / "tiny.yaml"), "--device", "cuda", "--out", str(tmp_path / "o")
+    )
+    assert result.exit_code == 2 and "CUDA was requested but is not available" in result.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from mae_bench.contract import Mask
+from mae_bench.layers import random_mask
+
+
+def build(registry, name, image_size=16, in_chans=3, **params):
+    info = registry.get("encoder", name, "encoder")
+    return info.cls(info.cls.Params(**params), image_size=image_size, in_chans=in_chans)
+
+
+MODELS = [
+    (
+        "vit",
+        {"patch_size": 4, "dim": 32, "depth": 2, "heads": 4, "decoder_dim": 16, "decoder_heads": 2},
+    ),
+    ("mlp", {"patch_size": 4, "dim": 16, "hidden": 32}),
+    (
+        "timm",
+        {
+            "model": "vit_tiny_patch16_224",
+            "model_args": {"patch_size": 4, "depth": 2},
+            "decoder_dim": 16,
+            "decoder_depth": 1,
+        },
+    ),
+]
+
+
+def _mask(n, num_patches, seed=0):
+    return Mask(*random_mask(n, num_patches, 0.75, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize(("name", "params"), MODELS, ids=[m[0] for m in MODELS])
+def test_forward_shapes(registry, name, params):
+    torch.manual_seed(0)
+    model = build(registry, name, **params)
+    x = torch.randn(3, 3, 16, 16)
+    mask = _mask(3, model.num_patches)
+    out = model(x, mask)
+    assert out.pred.shape == (3, 16, 4 * 4 * 3)
+    assert out.latent.shape == (3, model.num_prefix_tokens + 4, model.embed_dim)
+    assert out.embedding.shape == (3, model.embed_dim)
+    assert model.forward_features(x, "mean").shape == (3, model.embed_dim)
+    out.pred.sum().backward()
+
+
+@pytest.mark.parametrize(("name", "params"), MODELS, ids=[m[0] for m in MODELS])
+def test_encoder_sees_only_visible_patches(registry, name, params):
+    """Changing the pixels of masked patches must not change the encoder output."""
+    torch.manual_seed(0)
+    model = build(registry, name, **params).eval()
+    x = torch.randn(2, 3, 16, 16)
+    mask = _mask(2, model.num_patches)
+    pixel_mask = mask.mask.reshape(2, 1, 4, 4).repeat_interleave(4, 2).repeat_interleave(4, 3)
+    x2 = x + 5.0 * torch.randn_like(x) * pixel_mask
+    with torch.no_grad():
+        a = model.forward_encoder(x, mask.ids_keep)
+        b = model.forward_encoder(x2, mask.ids_keep)
+        c = model.forward_encoder(x + torch.randn_like(x) * (1 - pixel_mask), mask.ids_keep)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, c, atol=1e-3)
+
+
+def test_vit_positions_are_fixed_sincos(registry):
+    model = build(registry, "vit", patch_size=4, dim=32, depth=1, heads=4)
+    names = dict(model.named_parameters())
+    assert not any("pos_embed" in n for n in names)
+    assert "encoder.cls_token" in names and "decoder.mask_token" in names
+
+
+def test_timm_encoder_freezes_sincos_positions(registry):
+    model = build(
+        registry, "timm", model="vit_tiny_patch16_224", model_args={"patch_size": 4, "depth": 1}
+    )
+    assert model.encoder.pos_embed.requires_grad is False
+    assert model.patch_size == 4 and model.num_prefix_tokens == 1
+
+
+def test_patch_size_must_divide_image(registry):
+    with pytest.raises(ValueError, match="does not divide"):
+        build(registry, "vit", image_size=18, patch_size=4, dim=32, depth=1, heads=4)
+
+
+def test_timm_rejects_non_vit(registry):
+    with pytest.raises(ValueError, match=r"could not build 'resnet18' as a ViT|not a Vision"):
+        build(registry, "timm", image_size=32, model="resnet18")

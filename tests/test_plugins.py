@@ -1,0 +1,152 @@
+"""Plugin discovery and isolation, with fake distributions on sys.path."""
+
+import inspect
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mae_bench import hookspecs
+from mae_bench.plugins import HOOKS, PluginInfo, build_registry
+from tests.conftest import ROOT, invoke, run_cli
+
+
+def test_builtins_registered_through_entry_points(registry):
+    assert registry.names("encoder") == ["mlp", "timm", "vit"]
+    assert registry.names("masking") == ["curriculum", "random"]
+    assert registry.names("loss") == ["l1", "laplacian", "mse", "uniformity"]
+    assert {"digits", "synthetic"} <= set(registry.names("dataset"))
+    for kind in HOOKS:
+        for component in registry.components[kind].values():
+            assert component.plugin.distribution == "mae-bench"
+            assert component.cls.__module__.startswith("mae_bench_plugins.")
+            assert component.description
+
+
+def test_every_hook_is_documented():
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    specs = [
+        name
+        for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+        if name.startswith("register_")
+    ]
+    assert sorted(specs) == sorted(HOOKS.values())
+    for name in specs:
+        assert getattr(hookspecs, name).__doc__, name
+        assert f"`{name}(register)`" in docs, name
+
+
+class _Module:
+    """A stand-in plugin module built from hook functions."""
+
+    def __init__(self, **hooks):
+        for name, fn in hooks.items():
+            setattr(self, name, hookspecs.hookimpl(fn))
+
+
+def _info(name):
+    return PluginInfo(name=name, module=name, distribution=f"dist-{name}", version="1.0")
+
+
+def test_build_registry_isolates_failures(registry):
+    mse = registry.components["loss"]["mse"].cls
+
+    def boom():
+        raise ImportError("no module named 'missing_dep'")
+
+    def raising(register):
+        raise RuntimeError("bad hook")
+
+    def registers_junk(register):
+        register(int)
+
+    def registers_duplicate(register):
+        register(mse)
+
+    class Typo:
+        @hookspecs.hookimpl
+        def register_encoder(self, register):  # not a hook: caught by check_pending
+            pass
+
+    good = _Module(register_losses=lambda register: register(mse))
+    reg = build_registry(
+        [
+            (_info("good"), lambda: good),
+            (_info("broken"), boom),
+            (_info("raising"), lambda: _Module(register_losses=raising)),
+            (_info("junk"), lambda: _Module(register_losses=registers_junk)),
+            (_info("dup"), lambda: _Module(register_losses=registers_duplicate)),
+            (_info("typo"), Typo),
+        ]
+    )
+    errors = {p.name: p.errors for p in reg.plugins}
+    assert reg.names("loss") == ["mse"]
+    assert reg.components["loss"]["mse"].plugin.name == "good"
+    assert errors["good"] == []
+    assert "failed to load: ImportError" in errors["broken"][0]
+    assert "register_losses raised RuntimeError: bad hook" in errors["raising"][0]
+    assert "not a subclass of mae_bench.Loss" in errors["junk"][0]
+    assert "'mse' is already registered by dist-good" in errors["dup"][0]
+    assert "invalid hook" in errors["typo"][0]
+
+
+def _fake_distribution(site: Path, name: str, module_source: str) -> None:
+    """Install a one-module distribution by hand (dist-info + entry point) into ``site``."""
+    module = name.replace("-", "_")
+    (site / f"{module}.py").write_text(textwrap.dedent(module_source))
+    info = site / f"{module}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[mae_bench]\n{module} = {module}\n")
+
+
+@pytest.fixture
+def fake_site(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    _fake_distribution(site, "broken-plugin", "import this_module_does_not_exist\n")
+    _fake_distribution(
+        site,
+        "dup-plugin",
+        """
+        from mae_bench import hookimpl
+        from mae_bench_plugins.losses import MSELoss
+
+        @hookimpl
+        def register_losses(register):
+            register(MSELoss)
+    """,
+    )
+    return site
+
+
+def test_plugins_command_reports_broken_and_duplicate(fake_site):
+    result = run_cli("plugins", env={"PYTHONPATH": str(fake_site)})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "broken-plugin 1.0" in out and "ModuleNotFoundError" in out
+    assert "loss 'mse' is already registered by mae-bench" in out
+    assert "encoder  vit" in out  # the built-ins keep working
+    data = json.loads(run_cli("plugins", "--json", env={"PYTHONPATH": str(fake_site)}).stdout)
+    by_dist = {p["distribution"]: p for p in data}
+    assert by_dist["broken-plugin"]["errors"]
+    assert "mse" in [
+        c for p in data if p["distribution"] == "mae-bench" for c in p["components"]["losses"]
+    ]
+
+
+def test_env_var_restricts_loading(fake_site, fresh_registry, monkeypatch):
+    monkeypatch.syspath_prepend(str(fake_site))
+    monkeypatch.setenv("MAE_BENCH_PLUGINS", "mae-bench")
+    out = invoke("plugins").stdout
+    assert "broken-plugin" not in out and "dup-plugin" not in out and "encoder  vit" in out
+    monkeypatch.setenv("MAE_BENCH_PLUGINS", "losses, dup-plugin")
+    fresh_registry.cache_clear()
+    names = [(p["distribution"], p["name"]) for p in json.loads(invoke("plugins", "--json").stdout)]
+    assert names == [("mae-bench", "losses"), ("dup-plugin", "dup_plugin")]
+    monkeypatch.setenv("MAE_BENCH_PLUGINS", "")
+    fresh_registry.cache_clear()
+    assert invoke("plugins").stdout.strip() == "no plugins loaded"
+    result = invoke("validate", str(ROOT / "suites" / "tiny.yaml"))
+    assert result.exit_code == 2 and "none (no plugin loaded)" in result.stderr
