@@ -220,13 +220,17 @@ class ImageData:
             images = getattr(self, split)
             if images.dtype != torch.uint8 or images.ndim != 4:
                 raise ValueError(f"{split} must be a uint8 (N, C, H, W) tensor")
+            if len(images) == 0:
+                raise ValueError(f"{split} is empty")
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if labels.shape != (len(images),):
                 raise ValueError(f"{split}_labels must have one label per image")
+        top = int(max(self.train_labels.max(), self.test_labels.max()))
         if not self.class_names:
-            n = int(max(self.train_labels.max(), self.test_labels.max())) + 1
-            self.class_names = [str(i) for i in range(n)]
+            self.class_names = [str(i) for i in range(top + 1)]
+        if top >= len(self.class_names) or min(self.train_labels.min(), self.test_labels.min()) < 0:
+            raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
 
     @property
     def num_classes(self) -> int:

@@ -38,6 +38,13 @@ KIND_PLURALS = {
     "dataset": "datasets",
 }
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+# Suite keys the core reads beside a component's own parameters: a Params may not use them.
+RESERVED_KEYS = {
+    "encoder": {"name"},
+    "masking": {"name"},
+    "loss": {"name", "weight"},
+    "dataset": {"name", "image_size", "channels"},
+}
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,9 @@ def _check_component(kind: str, cls: object) -> str | None:
     params = getattr(cls, "Params", None)
     if not (isinstance(params, type) and issubclass(params, BaseModel)):
         return f"{cls.__name__}.Params must be a pydantic model"
+    clash = sorted(RESERVED_KEYS[kind] & set(params.model_fields))
+    if clash:
+        return f"{cls.__name__}.Params uses reserved key(s) {', '.join(clash)}"
     return None
 
 

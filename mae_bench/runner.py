@@ -17,13 +17,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import save_file
 
-from mae_bench.contract import ImageData, MaskedAutoencoder
+from mae_bench.contract import ImageData, Loss, MaskedAutoencoder, MaskingStrategy
 from mae_bench.data import ImageFeeder
 from mae_bench.device import device_name, prepare
 from mae_bench.evaluate import extract_features, linear_probe, reconstruction_quality
 from mae_bench.leaderboard import write_leaderboard
 from mae_bench.results import RESULT_FILE, SUITE_FILE, CellStore, provenance, write_json
-from mae_bench.suite import Cell, Suite, Variant
+from mae_bench.suite import Cell, Suite
 from mae_bench.train import pretrain
 
 
@@ -38,18 +38,23 @@ class RunSummary:
     leaderboard: pd.DataFrame | None = None
 
 
-def describe(variant: Variant, image_size: int, channels: int) -> dict[str, str]:
+@dataclass
+class CellOutcome:
+    """A trained cell: its result record, model and per-epoch history."""
+
+    record: dict[str, Any]
+    model: MaskedAutoencoder
+    history: list[dict[str, float]]
+
+
+def describe(
+    model: MaskedAutoencoder, masking: MaskingStrategy, losses: list[tuple[Loss, float]]
+) -> dict[str, str]:
     """Short descriptions of a variant's components, for leaderboard columns."""
-    model = variant.build_model(image_size, channels)
     terms = [
-        loss.summary() if weight == 1 else f"{weight:g}*{loss.summary()}"
-        for loss, weight in variant.build_losses()
+        loss.summary() if weight == 1 else f"{weight:g}*{loss.summary()}" for loss, weight in losses
     ]
-    return {
-        "encoder": model.summary(),
-        "masking": variant.build_masking().summary(),
-        "loss": " + ".join(terms),
-    }
+    return {"encoder": model.summary(), "masking": masking.summary(), "loss": " + ".join(terms)}
 
 
 def count_params(module: torch.nn.Module) -> float:
@@ -121,8 +126,8 @@ def run_cell(
     feeder: ImageFeeder,
     mean_image: torch.Tensor,
     display: _Display,
-) -> dict[str, Any]:
-    """Pretrain and evaluate one cell; return its result record and model."""
+) -> CellOutcome:
+    """Pretrain and evaluate one cell."""
     cfg = suite.config
     torch.manual_seed(cell.seed)
     model: MaskedAutoencoder = cell.variant.build_model(feeder.image_size, feeder.channels)
@@ -181,12 +186,12 @@ def run_cell(
         "seed": cell.seed,
         "config_hash": cell.config_hash,
         "config": cell.config,
-        "components": describe(cell.variant, feeder.image_size, feeder.channels),
+        "components": describe(model, masking, losses),
         "metrics": metrics,
         "data": {"mean": feeder.mean, "std": feeder.std, "num_classes": data.num_classes},
         "provenance": provenance(device_name(feeder.device)),
     }
-    return {"record": record, "model": model, "history": trained.history}
+    return CellOutcome(record=record, model=model, history=trained.history)
 
 
 def run_suite(
@@ -230,7 +235,7 @@ def run_suite(
                     continue
                 _store_cell(store, cell, out)
                 summary.finished.append(cell.cell_id)
-                m = out["record"]["metrics"]
+                m = out.record["metrics"]
                 shown = "  ".join(f"{k} {m[k]:.3f}" for k in ("psnr_masked", "lp_acc") if k in m)
                 display.end_cell(
                     f"done {cell.variant.name} seed {cell.seed}: {shown}  "
@@ -242,15 +247,14 @@ def run_suite(
     return summary
 
 
-def _store_cell(store: CellStore, cell: Cell, out: dict[str, Any]) -> None:
-    record, model = out["record"], out["model"]
+def _store_cell(store: CellStore, cell: Cell, out: CellOutcome) -> None:
     meta = {"cell_id": cell.cell_id, "config_hash": cell.config_hash}
 
     def write_files(folder: Path) -> None:
-        _save_weights(model.encoder, folder / "encoder.safetensors", meta)
-        _save_weights(model.decoder, folder / "decoder.safetensors", meta)
-        (folder / "history.csv").write_text(_history_csv(out["history"]), encoding="utf-8")
-        write_json(folder / RESULT_FILE, record)  # last: its presence marks the cell finished
+        _save_weights(out.model.encoder, folder / "encoder.safetensors", meta)
+        _save_weights(out.model.decoder, folder / "decoder.safetensors", meta)
+        (folder / "history.csv").write_text(_history_csv(out.history), encoding="utf-8")
+        write_json(folder / RESULT_FILE, out.record)  # last: its presence marks the cell done
 
     store.write(cell.cell_id, write_files)
 

@@ -24,6 +24,7 @@ from pydantic import (
     PositiveInt,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from mae_bench.contract import Dataset, Loss, MaskedAutoencoder, MaskingStrategy, Params
@@ -43,6 +44,12 @@ class ComponentRef(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        """``encoder: vit`` is short for ``encoder: {name: vit}``."""
+        return {"name": value} if isinstance(value, str) else value
 
     @property
     def params(self) -> dict[str, Any]:
@@ -125,7 +132,7 @@ class VariantConfig(_Strict):
     @field_validator("loss", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, dict) else value
+        return [value] if isinstance(value, dict | str) else value
 
 
 class SuiteConfig(_Strict):

@@ -58,7 +58,7 @@ class SyntheticParams(Params):
 
     num_classes: Annotated[int, Field(ge=2, le=64)] = 4
     size: PositiveInt = 32
-    channels: Literal[1, 3] = 3
+    color: bool = True  # 3 channels with a random tint per image, else 1 grey channel
     n_pretrain: PositiveInt = 512
     n_train: PositiveInt = 256
     n_test: PositiveInt = 128
@@ -83,7 +83,8 @@ class SyntheticDataset(Dataset):
         yy, xx = torch.meshgrid(coords, coords, indexing="ij")
         proj = xx * torch.cos(theta)[:, None, None] + yy * torch.sin(theta)[:, None, None]
         wave = torch.sin(2 * math.pi * freq[:, None, None] * proj + phase[:, None, None])
-        colour = 0.3 + 0.7 * torch.rand(n, p.channels, 1, 1, generator=generator)
+        channels = 3 if p.color else 1
+        colour = 0.3 + 0.7 * torch.rand(n, channels, 1, 1, generator=generator)
         img = 0.5 + 0.5 * wave[:, None] * colour
         img = img + p.noise * torch.randn(img.shape, generator=generator)
         return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels

@@ -21,8 +21,8 @@ def test_digits_is_real_and_split_stratified(registry):
 
 
 def test_synthetic_is_deterministic_and_sized(registry):
-    a = load(registry, "synthetic", size=12, channels=1, n_pretrain=10, n_train=20, n_test=6)
-    b = load(registry, "synthetic", size=12, channels=1, n_pretrain=10, n_train=20, n_test=6)
+    a = load(registry, "synthetic", size=12, color=False, n_pretrain=10, n_train=20, n_test=6)
+    b = load(registry, "synthetic", size=12, color=False, n_pretrain=10, n_train=20, n_test=6)
     assert a.pretrain.shape == (10, 1, 12, 12)
     assert torch.equal(a.train_images, b.train_images)
     assert torch.equal(a.test_labels, b.test_labels)

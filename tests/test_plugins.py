@@ -64,6 +64,16 @@ def test_build_registry_isolates_failures(registry):
     def registers_duplicate(register):
         register(mse)
 
+    class WeightedParams(mse.Params):
+        weight: float = 1.0
+
+    class Weighted(mse):
+        name = "weighted"
+        Params = WeightedParams
+
+    def registers_reserved(register):
+        register(Weighted)
+
     class Typo:
         @hookspecs.hookimpl
         def register_encoder(self, register):  # not a hook: caught by check_pending
@@ -77,6 +87,7 @@ def test_build_registry_isolates_failures(registry):
             (_info("raising"), lambda: _Module(register_losses=raising)),
             (_info("junk"), lambda: _Module(register_losses=registers_junk)),
             (_info("dup"), lambda: _Module(register_losses=registers_duplicate)),
+            (_info("reserved"), lambda: _Module(register_losses=registers_reserved)),
             (_info("typo"), Typo),
         ]
     )
@@ -89,6 +100,7 @@ def test_build_registry_isolates_failures(registry):
     assert "not a subclass of mae_bench.Loss" in errors["junk"][0]
     assert "'mse' is already registered by dist-good" in errors["dup"][0]
     assert "invalid hook" in errors["typo"][0]
+    assert "Params uses reserved key(s) weight" in errors["reserved"][0]
 
 
 def _fake_distribution(site: Path, name: str, module_source: str) -> None:

@@ -135,3 +135,22 @@ def test_resolved_suite_has_every_default(registry):
         {"name": "mse", "norm_pix": False, "masked_only": True, "weight": 1.0}
     ]
     yaml.safe_dump(resolved)  # plain data
+
+
+def test_component_shorthand(registry):
+    data = tiny_suite_data()
+    data["variants"][1].update(masking="random", loss="l1")
+    data["variants"][0]["loss"] = ["mse", {"name": "uniformity", "weight": 0.1}]
+    suite = resolve_suite(data, registry)
+    assert suite.variants[1].config["masking"] == {"name": "random", "ratio": 0.75}
+    assert [t["name"] for t in suite.variants[0].config["loss"]] == ["mse", "uniformity"]
+    assert suite.variants[1].config["loss"][0]["name"] == "l1"
+
+
+def test_dataset_params_are_validated_by_the_plugin(registry):
+    data = tiny_suite_data()
+    data["dataset"]["n_train"] = -3
+    assert "dataset.n_train: Input should be greater than 0" in error_for(registry, data)
+    data = tiny_suite_data()
+    data["dataset"]["channels"] = 2
+    assert "dataset.channels" in error_for(registry, data)
