@@ -95,8 +95,9 @@ class MaskedAutoencoder(nn.Module, ABC):
     """A masked autoencoder: ``encoder`` sees only visible patches, ``decoder`` fills the rest.
 
     Subclasses set ``patch_size``, ``embed_dim``, ``num_prefix_tokens`` (1 with a cls token)
-    and the ``encoder`` / ``decoder`` submodules (saved as separate weight files), and
-    implement :meth:`forward_encoder` and :meth:`forward_decoder`.
+    and the ``encoder`` / ``decoder`` submodules (saved as separate weight files). By default
+    they are called as ``encoder(imgs, ids_keep)`` and ``decoder(latent, ids_restore)``;
+    override :meth:`forward_encoder` / :meth:`forward_decoder` for other signatures.
     """
 
     kind: ClassVar[str] = "encoder"
@@ -132,13 +133,13 @@ class MaskedAutoencoder(nn.Module, ABC):
         """Patches per image."""
         return self.grid_size**2
 
-    @abstractmethod
     def forward_encoder(self, imgs: Tensor, ids_keep: Tensor) -> Tensor:
         """Encode only the patches ``ids_keep`` of ``imgs``: (B, prefix + K, D)."""
+        return self.encoder(imgs, ids_keep)
 
-    @abstractmethod
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         """Predict every patch from the visible tokens: (B, L, p*p*C)."""
+        return self.decoder(latent, ids_restore)
 
     def pool(self, latent: Tensor, pool: Pool = "cls") -> Tensor:
         """One vector per sample: the cls token if there is one and asked for, else the mean."""

@@ -32,7 +32,12 @@ def runs_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "cell_id": r["cell_id"],
             }
         )
-    return pd.DataFrame(rows)
+    runs = pd.DataFrame(rows)
+    if runs.empty:
+        return runs
+    head = ["variant", "seed", *ID_COLUMNS[1:]]
+    tail = ["config_hash", "cell_id"]
+    return runs[[*head, *_metric_columns(runs), *tail]]
 
 
 def _metric_columns(runs: pd.DataFrame) -> list[str]:

@@ -11,7 +11,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import Tensor
 
-from mae_bench.contract import Loss, LossInputs, MaskedAutoencoder, MaskingStrategy
+from mae_bench.contract import Loss, LossInputs, Mask, MaskedAutoencoder, MaskingStrategy
 from mae_bench.data import ImageFeeder, index_batches
 from mae_bench.device import autocast, optimizer_options
 from mae_bench.suite import PretrainConfig
@@ -55,6 +55,37 @@ def loss_terms(
     return total, terms
 
 
+def make_optimizer(
+    model: MaskedAutoencoder, cfg: PretrainConfig, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases, norms and tokens; fused on CUDA."""
+    groups = param_groups_weight_decay(
+        model, cfg.weight_decay, no_weight_decay_list=("cls_token", "mask_token", "pos_embed")
+    )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **optimizer_options(device))
+
+
+def train_step(
+    model: MaskedAutoencoder,
+    x: Tensor,
+    mask: Mask,
+    losses: list[tuple[Loss, float]],
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One optimisation step on a batch; returns the detached loss and its terms."""
+    with autocast(x.device):
+        out = model(x, mask)
+    inputs = LossInputs(x, out.pred.float(), mask.mask, out.embedding.float(), model.patch_size)
+    loss, terms = loss_terms(losses, inputs)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach(), terms
+
+
 def pretrain(
     model: MaskedAutoencoder,
     images: Tensor,
@@ -69,10 +100,7 @@ def pretrain(
     """Pretrain ``model`` on uint8 ``images``; deterministic on CPU for a given seed."""
     device = feeder.device
     model.to(device).train()
-    groups = param_groups_weight_decay(
-        model, cfg.weight_decay, no_weight_decay_list=("cls_token", "mask_token", "pos_embed")
-    )
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **optimizer_options(device))
+    optimizer = make_optimizer(model, cfg, device)
     order_gen = torch.Generator().manual_seed(seed)
     mask_gen = torch.Generator().manual_seed(seed + 1_000_003)
     bs = min(cfg.batch_size, len(images))
@@ -93,21 +121,11 @@ def pretrain(
             mask = masking(
                 len(x), model.num_patches, progress=progress, generator=mask_gen, device=device
             )
-            with autocast(device):
-                out = model(x, mask)
-            inputs = LossInputs(
-                x, out.pred.float(), mask.mask, out.embedding.float(), model.patch_size
-            )
-            loss, terms = loss_terms(losses, inputs)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss, terms = train_step(model, x, mask, losses, optimizer, cfg.grad_clip)
             step += 1
             result.images_seen += len(x)
             ratios += masking.ratio_at(progress)
-            for key, value in {"loss": loss.detach(), **terms}.items():
+            for key, value in {"loss": loss, **terms}.items():
                 sums[key] = sums[key] + value if key in sums else value  # no sync per step
         if not math.isfinite(float(sums["loss"])):
             raise FloatingPointError(f"the pretraining loss diverged in epoch {epoch + 1}")

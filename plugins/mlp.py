@@ -89,12 +89,6 @@ class MLPMAE(MaskedAutoencoder):
         self.apply(init_mae_weights)
         nn.init.normal_(self.decoder.mask_token, std=0.02)
 
-    def forward_encoder(self, imgs: Tensor, ids_keep: Tensor) -> Tensor:
-        return self.encoder(imgs, ids_keep)
-
-    def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
-        return self.decoder(latent, ids_restore)
-
     def summary(self) -> str:
         p = self.params
         return f"mlp(p{p.patch_size},d{p.dim})"

@@ -83,9 +83,6 @@ class TimmMAE(MaskedAutoencoder):
         x = vit.blocks(x)
         return vit.norm(x)
 
-    def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
-        return self.decoder(latent, ids_restore)
-
     def summary(self) -> str:
         return f"timm({self.params.model})"
 

@@ -87,12 +87,6 @@ class ViTMAE(MaskedAutoencoder):
             num_prefix_tokens=1,
         )
 
-    def forward_encoder(self, imgs: Tensor, ids_keep: Tensor) -> Tensor:
-        return self.encoder(imgs, ids_keep)
-
-    def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
-        return self.decoder(latent, ids_restore)
-
     def summary(self) -> str:
         p = self.params
         return f"vit(p{p.patch_size},d{p.dim}x{p.depth})"

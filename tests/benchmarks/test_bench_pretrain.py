@@ -1,4 +1,4 @@
-"""Throughput of a pretraining step and of feature extraction (``tox -e bench``).
+"""Throughput of one pretraining step per quick-suite variant (``tox -e bench``).
 
 Figures are printed by pytest-benchmark; under the default test run these functions execute
 once without timing (``--benchmark-disable``), so they stay correct.
@@ -7,13 +7,10 @@ once without timing (``--benchmark-disable``), so they stay correct.
 import pytest
 import torch
 
-from mae_bench.contract import LossInputs
 from mae_bench.data import ImageFeeder
 from mae_bench.suite import load_suite
-from mae_bench.train import loss_terms
+from mae_bench.train import make_optimizer, train_step
 from tests.conftest import ROOT
-
-BATCH = 64
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +28,16 @@ def test_pretrain_step(benchmark, quick, variant):
     torch.manual_seed(0)
     model = v.build_model(16, 3)
     masking, losses = v.build_masking(), v.build_losses()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    batch = data.pretrain[:BATCH]
+    optimizer = make_optimizer(model, suite.config.pretrain, feeder.device)
+    generator = torch.Generator().manual_seed(0)
+    batch = data.pretrain[: suite.config.pretrain.batch_size]
 
-    def step():
+    def step() -> float:
         x = feeder(batch)
-        mask = masking(len(x), model.num_patches, progress=0.5, generator=gen)
-        out = model(x, mask)
-        inputs = LossInputs(x, out.pred, mask.mask, out.embedding, model.patch_size)
-        loss, _ = loss_terms(losses, inputs)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        mask = masking(len(x), model.num_patches, progress=0.5, generator=generator)
+        loss, _ = train_step(model, x, mask, losses, optimizer)
         return loss.item()
 
-    loss = benchmark(step)
-    assert loss == loss  # finite
+    assert torch.isfinite(torch.tensor(benchmark(step)))
     if benchmark.stats:
-        benchmark.extra_info["imgs_per_s"] = BATCH / benchmark.stats.stats.mean
+        benchmark.extra_info["imgs_per_s"] = len(batch) / benchmark.stats.stats.mean
