@@ -205,16 +205,51 @@ class Loss(ABC):
 
 
 # --------------------------------------------------------------------------- datasets
+class ConcatImages:
+    """Several uint8 (N_i, C, H, W) tensors, e.g. memory-mapped files, seen as one; no copy."""
+
+    def __init__(self, *parts: Tensor) -> None:
+        if not parts or len({p.shape[1:] for p in parts}) != 1:
+            raise ValueError("ConcatImages needs one or more tensors of the same image shape")
+        self.parts = parts
+        self.offsets = torch.tensor([0, *torch.cumsum(torch.tensor([len(p) for p in parts]), 0)])
+        self.dtype = parts[0].dtype
+        self.ndim = parts[0].ndim
+        self.shape = torch.Size([int(self.offsets[-1]), *parts[0].shape[1:]])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Tensor | slice) -> Tensor:
+        """Images at ``index`` (a slice or a 1-D index tensor), read only from their parts."""
+        idx = torch.arange(len(self))[index] if isinstance(index, slice) else index.long()
+        part = torch.searchsorted(self.offsets, idx, right=True) - 1
+        out = torch.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        for k in part.unique().tolist():
+            where = part == k
+            out[where] = self.parts[k][idx[where] - self.offsets[k]]
+        return out
+
+
+Images = Tensor | ConcatImages
+
+
 @dataclass
 class ImageData:
-    """A dataset's splits as uint8 image tensors (N, C, H, W) and int64 labels."""
+    """A dataset's splits as uint8 images (N, C, H, W) and int64 labels.
 
-    pretrain: Tensor  # unlabeled pretraining images
-    train_images: Tensor
+    Images may be memory-mapped tensors (``torch.from_numpy(np.memmap(...))``) or a
+    :class:`ConcatImages`; the core only takes ``len()`` and index-tensor batches of them.
+    ``positive_class`` names the positive label of a binary task (threshold analysis).
+    """
+
+    pretrain: Images  # unlabeled pretraining images
+    train_images: Images
     train_labels: Tensor
-    test_images: Tensor
+    test_images: Images
     test_labels: Tensor
     class_names: list[str] = field(default_factory=list)
+    positive_class: int | None = None
 
     def __post_init__(self) -> None:
         for split in ("pretrain", "train_images", "test_images"):
@@ -232,6 +267,8 @@ class ImageData:
             self.class_names = [str(i) for i in range(top + 1)]
         if top >= len(self.class_names) or min(self.train_labels.min(), self.test_labels.min()) < 0:
             raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
+        if self.positive_class is not None and not 0 <= self.positive_class < self.num_classes:
+            raise ValueError(f"positive_class {self.positive_class} is not a class index")
 
     @property
     def num_classes(self) -> int:

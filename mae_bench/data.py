@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mae_bench.contract import Images
+from mae_bench.suite import AugmentConfig
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -33,12 +37,26 @@ class ImageFeeder:
         max_images: int = 10_000,
     ) -> ImageFeeder:
         """A feeder whose per-channel mean/std are measured on (up to ``max_images``) images."""
-        step = max(1, len(images) // max_images)
         unit = cls(image_size, channels, (0.0,) * channels, (1.0,) * channels, torch.device("cpu"))
-        sample = torch.cat([unit.pixels(b) for b in images[::step].split(1024)])
-        mean = sample.mean(dim=(0, 2, 3))
-        std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        total = torch.zeros(channels, dtype=torch.float64)
+        squares = torch.zeros(channels, dtype=torch.float64)
+        count = 0
+        for idx in sample_indices(len(images), max_images).split(1024):
+            x = unit.pixels(images[idx]).double()
+            total += x.sum(dim=(0, 2, 3))
+            squares += x.pow(2).sum(dim=(0, 2, 3))
+            count += x.numel() // channels
+        mean = total / count
+        std = (squares / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-3)
         return cls(image_size, channels, tuple(mean.tolist()), tuple(std.tolist()), device)
+
+    def mean_image(self, images: Images, max_images: int = 10_000) -> Tensor:
+        """Mean of (up to ``max_images``) images in [0, 1] pixels, (C, H, W) on the CPU."""
+        total = torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.float64)
+        idx_all = sample_indices(len(images), max_images)
+        for idx in idx_all.split(1024):
+            total += self.pixels(images[idx]).double().sum(dim=0).cpu()
+        return (total / len(idx_all)).float()
 
     def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
@@ -47,27 +65,95 @@ class ImageFeeder:
 
     def pixels(self, batch: Tensor) -> Tensor:
         """uint8 batch -> float [0, 1] at ``image_size`` with ``channels``, on the device."""
-        x = batch.to(self.device, non_blocking=True).float().div_(255.0)
-        if x.shape[1] == 1 and self.channels == 3:
-            x = x.expand(-1, 3, -1, -1)
-        elif x.shape[1] == 3 and self.channels == 1:
-            x = (x * x.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+        x = self._convert_channels(batch.to(self.device, non_blocking=True).float().div_(255.0))
         if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(
-                x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True
-            ).clamp_(0.0, 1.0)
+            x = self._resize(x)
         return x.contiguous()
 
-    def __call__(self, batch: Tensor) -> Tensor:
-        """uint8 batch -> normalized model input."""
-        x = self.pixels(batch)
+    def __call__(
+        self,
+        batch: Tensor,
+        augment: AugmentConfig | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """uint8 batch -> normalized model input, optionally augmented (in batch, on device)."""
+        if augment is not None and (augment.crop_scale or augment.hflip):
+            x = self.augment(batch, augment, generator)
+        else:
+            x = self.pixels(batch)
         mean, std = self._stats(x)
-        return (x - mean) / std
+        return x.sub_(mean).div_(std)  # x is a fresh tensor: normalize in place
+
+    def augment(
+        self, batch: Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Random resized crop and horizontal flip of a whole batch at once, to [0, 1] pixels.
+
+        Crops follow torchvision's RandomResizedCrop (area fraction in ``crop_scale``,
+        log-uniform aspect ratio, clamped to the image). Crop, resize to ``image_size`` (PIL's
+        bilinear filter: linear when enlarging, an antialiasing triangle when shrinking) and
+        flip are one linear map per axis, applied to the whole batch as two matrix products.
+        Random numbers come from ``generator`` on the CPU, so runs are reproducible.
+        """
+        x = batch.to(self.device, non_blocking=True).float().div_(255.0)
+        x = self._convert_channels(x)
+        b, _, h, w = x.shape
+        x0, y0 = torch.zeros(b), torch.zeros(b)
+        cw, ch = torch.full((b,), float(w)), torch.full((b,), float(h))
+        if cfg.crop_scale:
+            lo, hi = cfg.crop_scale
+            area = h * w * (lo + (hi - lo) * torch.rand(b, generator=generator))
+            log_lo, log_hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
+            ratio = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(b, generator=generator))
+            cw = (area * ratio).sqrt().clamp(1, w)
+            ch = (area / ratio).sqrt().clamp(1, h)
+            x0 = (w - cw) * torch.rand(b, generator=generator)
+            y0 = (h - ch) * torch.rand(b, generator=generator)
+        rows = resample_weights(y0, ch, h, self.image_size)
+        cols = resample_weights(x0, cw, w, self.image_size)
+        if cfg.hflip:
+            flip = torch.rand(b, generator=generator) < 0.5
+            cols[flip] = cols[flip].flip(1)
+        rows, cols = rows.to(x.device), cols.to(x.device)
+        c, s = x.shape[1], self.image_size
+        x = torch.bmm(x.reshape(b, c * h, w), cols.transpose(1, 2)).view(b, c, h, s)
+        x = torch.einsum("boh,bchp->bcop", rows, x)
+        return x.clamp_(0.0, 1.0).contiguous()
+
+    def _convert_channels(self, x: Tensor) -> Tensor:
+        if x.shape[1] == 1 and self.channels == 3:
+            return x.expand(-1, 3, -1, -1)
+        if x.shape[1] == 3 and self.channels == 1:
+            return (x * x.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+        return x
+
+    def _resize(self, x: Tensor) -> Tensor:
+        size = (self.image_size, self.image_size)
+        return F.interpolate(x, size=size, mode="bilinear", antialias=True).clamp_(0.0, 1.0)
 
     def to_pixels(self, x: Tensor) -> Tensor:
         """Normalized model-space images -> [0, 1] pixels (clamped)."""
         mean, std = self._stats(x)
         return (x * std + mean).clamp(0.0, 1.0)
+
+
+def resample_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
+    """(B, out, in) weights taking the span [start, start + length) of each row to ``out_size``.
+
+    Triangle (bilinear) filter, widened to the input footprint when shrinking, as PIL does;
+    each output pixel's weights sum to 1.
+    """
+    scale = length / out_size
+    centers = start[:, None] + (torch.arange(out_size) + 0.5) * scale[:, None] - 0.5
+    support = scale.clamp(min=1.0)[:, None, None]
+    distance = (torch.arange(in_size)[None, None, :] - centers[:, :, None]).abs()
+    weights = (1.0 - distance / support).clamp_min(0.0)
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def sample_indices(n: int, max_images: int) -> Tensor:
+    """Evenly spaced indices of at most ``max_images`` of ``n`` images."""
+    return torch.arange(0, n, max(1, -(-n // max_images)))
 
 
 def index_batches(

@@ -217,7 +217,7 @@ def run_suite(
         feeder = ImageFeeder.fit(
             data.pretrain, image_size=ds.image_size, channels=ds.channels, device=device
         )
-        mean_image = torch.cat([feeder.pixels(b).cpu() for b in data.pretrain.split(1024)]).mean(0)
+        mean_image = feeder.mean_image(data.pretrain)
         _write_suite_record(root, suite, cells)
         console.print(
             f"running {len(pending)} cells of suite {suite.name!r} on {device_name(device)}",

@@ -77,6 +77,24 @@ class LossRef(ComponentRef):
         return value
 
 
+class AugmentConfig(_Strict):
+    """Batched on-device augmentation of pretraining images (MAE: crop scale (0.2, 1), flip)."""
+
+    crop_scale: (
+        tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] | None
+    ) = None
+    crop_ratio: tuple[PositiveFloat, PositiveFloat] = (3 / 4, 4 / 3)
+    hflip: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AugmentConfig:
+        if self.crop_scale and self.crop_scale[0] > self.crop_scale[1]:
+            raise ValueError("crop_scale must be (min, max)")
+        if self.crop_ratio[0] > self.crop_ratio[1]:
+            raise ValueError("crop_ratio must be (min, max)")
+        return self
+
+
 class PretrainConfig(_Strict):
     """Pretraining budget and optimizer (AdamW, linear warmup then cosine decay)."""
 
@@ -91,6 +109,7 @@ class PretrainConfig(_Strict):
         0.95,
     )
     grad_clip: PositiveFloat | None = None
+    augment: AugmentConfig = AugmentConfig()
 
 
 class LinearProbeConfig(_Strict):

@@ -103,6 +103,7 @@ def pretrain(
     optimizer = make_optimizer(model, cfg, device)
     order_gen = torch.Generator().manual_seed(seed)
     mask_gen = torch.Generator().manual_seed(seed + 1_000_003)
+    aug_gen = torch.Generator().manual_seed(seed + 2_000_003)
     bs = min(cfg.batch_size, len(images))
     steps_per_epoch = len(images) // bs
     total = steps_per_epoch * cfg.epochs
@@ -116,7 +117,7 @@ def pretrain(
         for idx in index_batches(len(images), bs, generator=order_gen, drop_last=True):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, cfg)
-            x = feeder(images[idx])
+            x = feeder(images[idx], cfg.augment, aug_gen)
             progress = step / total
             mask = masking(
                 len(x), model.num_patches, progress=progress, generator=mask_gen, device=device

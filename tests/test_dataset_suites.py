@@ -1,0 +1,122 @@
+"""Every dataset suite end to end through the CLI, on tiny official-format fixtures."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT, invoke
+from tests.formats import write_cifar10, write_imagefolder, write_stl10
+
+SMALL = [
+    "--set",
+    "pretrain.epochs=1",
+    "--set",
+    "pretrain.batch_size=8",
+    "--set",
+    "seeds=[0]",
+    "--set",
+    "eval.linear_probe.epochs=2",
+    "--set",
+    "eval.reconstruction.num_images=8",
+]
+
+
+def run_suite(name, out, *overrides):
+    result = invoke(
+        "run",
+        str(ROOT / "suites" / f"{name}.yaml"),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *SMALL,
+        *overrides,
+    )
+    assert result.exit_code == 0, result.output + str(result.exception)
+    return result
+
+
+def finished(out, suite):
+    runs = pd.read_csv(out / suite / "runs.csv")
+    assert runs["lp_acc"].between(0, 1).all() and (runs["psnr_masked"] > 0).all()
+    return runs
+
+
+def test_stl10_suite(tmp_path):
+    write_stl10(tmp_path / "data")
+    run_suite("stl10", tmp_path / "out", "--set", f"dataset.root={tmp_path / 'data'}")
+    runs = finished(tmp_path / "out", "stl10")
+    assert sorted(runs["variant"]) == ["mae-improved", "mae-original"]
+
+
+def test_stl10_vitb_suite_shrunk(tmp_path):
+    write_stl10(tmp_path / "data")
+    run_suite(
+        "stl10_vitb",
+        tmp_path / "out",
+        "--set",
+        f"dataset.root={tmp_path / 'data'}",
+        "--set",
+        "dataset.image_size=64",
+        "--set",
+        "dataset.pretrain_split=train+unlabeled",
+        "--set",
+        "variants.vitb-l1.encoder.model_args={depth: 1}",
+        "--set",
+        "variants.vitb-l1.encoder.decoder_depth=1",
+    )
+    (cell,) = (tmp_path / "out" / "stl10-vitb" / "cells").iterdir()
+    record = json.loads((cell / "result.json").read_text())
+    assert record["components"]["encoder"] == "timm(vit_base_patch16_224)"
+    assert record["config"]["dataset"]["pretrain_split"] == "train+unlabeled"
+
+
+def test_cifar10_suite(tmp_path):
+    write_cifar10(tmp_path / "data")
+    run_suite(
+        "cifar10",
+        tmp_path / "out",
+        "--set",
+        f"dataset.root={tmp_path / 'data'}",
+        "--set",
+        "variants=[{name: vit, encoder: {name: vit, patch_size: 4, dim: 32, "
+        "depth: 1, heads: 2, decoder_dim: 32, decoder_depth: 1}}]",
+    )
+    assert len(finished(tmp_path / "out", "cifar10")) == 1
+
+
+@pytest.mark.parametrize(
+    ("suite", "classes"),
+    [("cats_dogs", ("cat", "dog")), ("medical_binary", ("abnormal", "normal"))],
+)
+def test_imagefolder_suites(tmp_path, suite, classes):
+    write_imagefolder(tmp_path / "images", classes=classes, per_class=10)
+    out = tmp_path / "out"
+    run_suite(
+        suite,
+        out,
+        "--set",
+        f"dataset.root={tmp_path / 'images'}",
+        "--set",
+        f"dataset.cache_dir={tmp_path / 'cache'}",
+    )
+    runs = finished(out, suite.replace("_", "-"))
+    assert len(runs) == (2 if suite == "cats_dogs" else 1)
+
+
+def test_missing_dataset_is_one_clear_error_and_writes_nothing(tmp_path):
+    result = invoke(
+        "run",
+        str(ROOT / "suites" / "stl10.yaml"),
+        "--out",
+        str(tmp_path / "out"),
+        "--set",
+        f"dataset.root={tmp_path / 'none'}",
+    )
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: stl10: folder not found: ")
+    assert result.stderr.splitlines()[-1] == errors[0] and "Traceback" not in result.stderr
+    assert "stl10_binary" in result.stderr and "download: true" in result.stderr
+    assert not (tmp_path / "out" / "stl10").exists()
