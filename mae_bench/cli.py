@@ -154,7 +154,8 @@ def leaderboard(results_dir: str) -> None:
     store = CellStore(root)
     ids = [c["cell_id"] for c in record["cells"]]
     done = [store.load(i) for i in ids if store.is_done(i)]
-    board = write_leaderboard(root, done, title=record["name"])
+    primary = record["resolved"].get("primary_metric", "lp_acc")
+    board = write_leaderboard(root, done, title=record["name"], primary=primary)
     click.echo(leaderboard_markdown(board, title=record["name"]))
     click.echo(f"{len(done)} of {len(ids)} cells finished; written under {root}", err=True)
 

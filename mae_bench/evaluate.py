@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mae_bench.contract import Mask, MaskedAutoencoder, Pool
 from mae_bench.data import ImageFeeder, index_batches
 from mae_bench.device import autocast
-from mae_bench.layers import patch_mask_to_pixels, patchify, random_mask, unpatchify
+from mae_bench.layers import laplacian, patch_mask_to_pixels, patchify, random_mask, unpatchify
 from mae_bench.suite import LinearProbeConfig, ReconstructionConfig
 
 
@@ -36,8 +37,11 @@ def linear_probe(
     *,
     num_classes: int,
     seed: int,
-) -> dict[str, float]:
-    """The MAE linear-probe head (BatchNorm without affine, then linear) on cached features."""
+) -> tuple[dict[str, float], Tensor]:
+    """The MAE linear-probe head (BatchNorm without affine, then linear) on cached features.
+
+    Returns ``{"lp_acc", "lp_train_acc"}`` and the test-set class probabilities (N, K).
+    """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = nn.Sequential(
@@ -64,8 +68,33 @@ def linear_probe(
     head.eval()
     with torch.no_grad():
         train_acc = (head(train_x).argmax(1) == train_y).float().mean().item()
-        test_acc = (head(test_x).argmax(1) == test_y).float().mean().item()
-    return {"lp_acc": test_acc, "lp_train_acc": train_acc}
+        probs = head(test_x).softmax(dim=1)
+    test_acc = (probs.argmax(1) == test_y).float().mean().item()
+    return {"lp_acc": test_acc, "lp_train_acc": train_acc}, probs
+
+
+@torch.no_grad()
+def knn_classify(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    *,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 1024,
+) -> Tensor:
+    """Weighted k-NN (DINO): cosine similarity, votes weighted by exp(sim / T); probs (N, K)."""
+    train = F.normalize(train_x.float(), dim=1)
+    k = min(k, len(train))
+    out = []
+    for chunk in F.normalize(test_x.float(), dim=1).split(batch_size):
+        sim, idx = (chunk @ train.T).topk(k, dim=1)
+        votes = torch.zeros(len(chunk), num_classes).scatter_add_(
+            1, train_y[idx], (sim / temperature).exp()
+        )
+        out.append(votes / votes.sum(dim=1, keepdim=True))
+    return torch.cat(out)
 
 
 def fixed_masks(n: int, num_patches: int, cfg: ReconstructionConfig) -> Mask:
@@ -88,7 +117,12 @@ def reconstruction_quality(
     normalized_target: bool,
     mean_image: Tensor,
 ) -> dict[str, float]:
-    """PSNR (mean over images, pixels in [0, 1]) of the masked patches of held-out images.
+    """Reconstruction quality on held-out images, pixels in [0, 1], means over images.
+
+    ``psnr_masked``: PSNR over the masked patches. ``psnr_full``: PSNR of the raw prediction of
+    every patch, visible ones included. ``hf_error``: mean squared difference of the Laplacian
+    (high-frequency content) of the reconstruction (visible patches from the input, masked
+    ones predicted) and of the input, over the masked pixels.
 
     ``normalized_target``: the model predicts per-patch normalized pixels (``norm_pix``); its
     output is mapped back with each target patch's mean and std, as the MAE authors do to
@@ -99,7 +133,7 @@ def reconstruction_quality(
     images = images[: cfg.num_images]
     masks = fixed_masks(len(images), model.num_patches, cfg)
     p = model.patch_size
-    psnr_model, psnr_mean = [], []
+    psnr_model, psnr_mean, psnr_full, hf_error = [], [], [], []
     for idx in index_batches(len(images), cfg.batch_size):
         x = feeder(images[idx])
         mask = Mask(*(t[idx].to(x.device) for t in (masks.ids_keep, masks.ids_restore, masks.mask)))
@@ -117,7 +151,13 @@ def reconstruction_quality(
         for guess, out in ((recon, psnr_model), (mean_image.to(x.device)[None], psnr_mean)):
             mse = (((guess - truth) ** 2) * pixel_mask).sum(dim=(1, 2, 3)) / denom
             out.append(_psnr(mse).cpu())
+        psnr_full.append(_psnr(((recon - truth) ** 2).mean(dim=(1, 2, 3))).cpu())
+        composite = recon * pixel_mask + truth * (1 - pixel_mask)
+        hf = (laplacian(composite) - laplacian(truth)) ** 2
+        hf_error.append(((hf * pixel_mask).sum(dim=(1, 2, 3)) / denom).cpu())
     return {
         "psnr_masked": torch.cat(psnr_model).mean().item(),
+        "psnr_full": torch.cat(psnr_full).mean().item(),
+        "hf_error": torch.cat(hf_error).mean().item(),
         "psnr_mean_image": torch.cat(psnr_mean).mean().item(),
     }

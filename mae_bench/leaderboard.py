@@ -12,10 +12,35 @@ import pandas as pd
 from mae_bench.results import atomic_write_text
 
 ID_COLUMNS = ["variant", "encoder", "masking", "loss"]
-# Metrics shown first, in this order; any other numeric metric follows.
-METRICS = ["psnr_masked", "lp_acc", "pretrain_s", "imgs_per_s", "params_m"]
-PRIMARY_METRIC = "lp_acc"
-FORMATS = {"psnr": "{:.2f}", "acc": "{:.3f}", "per_s": "{:.0f}", "_s": "{:.1f}", "params": "{:.3f}"}
+# Metrics shown first (and in the Markdown table), in this order; other numeric metrics follow.
+METRICS = [
+    "psnr_masked",
+    "psnr_full",
+    "hf_error",
+    "lp_acc",
+    "knn_acc",
+    "lp_f1_macro",
+    "lp_auc",
+    "knn_f1_macro",
+    "pretrain_s",
+    "imgs_per_s",
+    "params_m",
+]
+LOWER_IS_BETTER = {"hf_error", "final_loss"}
+QUALITY = ("psnr", "acc", "f1", "auc", "precision", "recall", "hf_error", "imgs_per_s")
+FORMATS = {
+    "hf_error": "{:.4f}",
+    "psnr": "{:.2f}",
+    "acc": "{:.3f}",
+    "per_s": "{:.0f}",
+    "_s": "{:.1f}",
+    "params": "{:.3f}",
+}
+
+
+def higher_is_better(metric: str) -> bool:
+    """Direction of a metric for ranking and for marking the best value."""
+    return metric not in LOWER_IS_BETTER
 
 
 def runs_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
@@ -47,8 +72,20 @@ def _metric_columns(runs: pd.DataFrame) -> list[str]:
     return [m for m in METRICS if m in numeric] + [m for m in numeric if m not in METRICS]
 
 
-def leaderboard_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std (``<metric>_std``, ddof=1) of every metric per variant, best first."""
+def ci95_halfwidth(std: pd.Series, n: pd.Series) -> pd.Series:
+    """Half-width of the 95% Student-t confidence interval of a mean (NaN for one seed)."""
+    from scipy.stats import t
+
+    dof = (n - 1).where(n > 1)
+    return t.ppf(0.975, dof) * std / n.pow(0.5)
+
+
+def leaderboard_table(runs: pd.DataFrame, primary: str = "lp_acc") -> pd.DataFrame:
+    """Per variant: mean, std (ddof=1) and 95% CI of every metric, ranked by ``primary``.
+
+    ``overlaps_leader`` is True where a variant's interval on the primary metric overlaps the
+    leader's (their difference is not established by these seeds), NaN with a single seed.
+    """
     if runs.empty:
         return pd.DataFrame(columns=[*ID_COLUMNS, "seeds"])
     metrics = _metric_columns(runs)
@@ -59,9 +96,19 @@ def leaderboard_table(runs: pd.DataFrame) -> pd.DataFrame:
         board[metric] = grouped[metric].mean()
     for metric in metrics:  # spreads after the means, so the CSV reads left to right
         board[f"{metric}_std"] = grouped[metric].std(ddof=1)
+    for metric in metrics:
+        board[f"{metric}_ci95"] = ci95_halfwidth(board[f"{metric}_std"], board["seeds"])
     board = board.reset_index()
-    if PRIMARY_METRIC in board:
-        board = board.sort_values(PRIMARY_METRIC, ascending=False, kind="stable")
+    if primary in board:
+        board = board.sort_values(
+            primary, ascending=not higher_is_better(primary), kind="stable", na_position="last"
+        ).reset_index(drop=True)
+        board.insert(1, "rank", range(1, len(board) + 1))
+        ci = board[f"{primary}_ci95"]
+        gap = (board[primary] - board[primary].iloc[0]).abs()
+        overlaps = (gap <= ci + ci.iloc[0]).astype(object).where(ci.notna() & pd.notna(ci.iloc[0]))
+        overlaps.iloc[0] = True
+        board["overlaps_leader"] = overlaps
     return board.reset_index(drop=True)
 
 
@@ -79,29 +126,67 @@ def _format(metric: str, mean: float, std: float) -> str:
 
 
 def leaderboard_markdown(board: pd.DataFrame, title: str = "") -> str:
-    """The leaderboard as a Markdown table of ``mean ± std`` cells."""
-    metrics = [
-        c for c in board.columns if c not in (*ID_COLUMNS, "seeds") and not c.endswith("_std")
-    ]
-    shown = [m for m in metrics if m in METRICS] or metrics
-    table = board[[*ID_COLUMNS, "seeds"]].copy()
-    for metric in shown:
-        table[metric] = [
-            _format(metric, mean, std)
-            for mean, std in zip(
-                board[metric], board.get(f"{metric}_std", [None] * len(board)), strict=True
+    """The leaderboard as Markdown: ``mean ± std`` cells, the best value of each quality
+    metric in bold, and ``≈`` beside variants whose interval overlaps the leader's."""
+    shown = [m for m in METRICS if m in board.columns]
+    table = board[[c for c in ("rank", *ID_COLUMNS, "seeds") if c in board.columns]].copy()
+    if "overlaps_leader" in board:
+        table["variant"] = [
+            f"{name} ≈" if overlap is True and rank > 1 else name
+            for name, overlap, rank in zip(
+                board["variant"], board["overlaps_leader"], board["rank"], strict=True
             )
         ]
+    for metric in shown:
+        cells = [
+            _format(metric, mean, std)
+            for mean, std in zip(board[metric], board[f"{metric}_std"], strict=True)
+        ]
+        if any(q in metric for q in QUALITY):
+            values = board[metric]
+            best = values.max() if higher_is_better(metric) else values.min()
+            cells = [
+                f"**{c}**" if v == best and len(board) > 1 else c
+                for c, v in zip(cells, values, strict=True)
+            ]
+        table[metric] = cells
     body = table.to_markdown(index=False, disable_numparse=True)
     heading = f"## {title}\n\n" if title else ""
-    return f"{heading}{body}\n"
+    note = (
+        "\nmean ± std over seeds; **bold**: best; ≈: 95% interval on the ranking metric "
+        "overlaps the leader's.\n"
+    )
+    return f"{heading}{body}\n{note}"
 
 
-def write_leaderboard(root: Path, records: list[dict[str, Any]], title: str) -> pd.DataFrame:
-    """Write runs.csv, leaderboard.csv and leaderboard.md under ``root``; return the board."""
+def thresholds_markdown(tables: dict[str, pd.DataFrame]) -> str:
+    """A Markdown section with each cell's threshold table (binary tasks)."""
+    parts = ["## Threshold analysis\n"]
+    for name, table in tables.items():
+        shown = table.drop(columns=["tp", "fp", "tn", "fn"]).round(3)
+        parts.append(f"### {name} (positive: {table['class'].iloc[0]})\n")
+        parts.append(shown.drop(columns="class").to_markdown(index=False) + "\n")
+    return "\n".join(parts)
+
+
+def write_leaderboard(
+    root: Path, records: list[dict[str, Any]], title: str, primary: str = "lp_acc"
+) -> pd.DataFrame:
+    """Write runs.csv, leaderboard.csv/.md and thresholds/ under ``root``; return the board."""
     runs = runs_table(records)
-    board = leaderboard_table(runs)
+    board = leaderboard_table(runs, primary)
+    tables = {}
+    for record in records:
+        path = root / "cells" / record["cell_id"] / "thresholds.csv"
+        if path.is_file():
+            name = f"{record['variant']}-seed{record['seed']}"
+            tables[name] = pd.read_csv(path)
+            atomic_write_text(root / "thresholds" / f"{name}.csv", path.read_text())
+    markdown = leaderboard_markdown(board, title)
+    binary = {k: t for k, t in tables.items() if t["class"].nunique() == 1}
+    if binary:
+        markdown += "\n" + thresholds_markdown(binary)
     atomic_write_text(root / "runs.csv", runs.to_csv(index=False))
     atomic_write_text(root / "leaderboard.csv", board.to_csv(index=False))
-    atomic_write_text(root / "leaderboard.md", leaderboard_markdown(board, title))
+    atomic_write_text(root / "leaderboard.md", markdown)
     return board

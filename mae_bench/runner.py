@@ -11,17 +11,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import save_file
 
-from mae_bench.contract import ImageData, Loss, MaskedAutoencoder, MaskingStrategy
+from mae_bench.contract import ImageData, Loss, MaskedAutoencoder, MaskingStrategy, Pool
 from mae_bench.data import ImageFeeder
 from mae_bench.device import device_name, prepare
-from mae_bench.evaluate import extract_features, linear_probe, reconstruction_quality
+from mae_bench.evaluate import (
+    extract_features,
+    knn_classify,
+    linear_probe,
+    reconstruction_quality,
+)
 from mae_bench.leaderboard import write_leaderboard
+from mae_bench.metrics import best_thresholds, classification_metrics, threshold_table
 from mae_bench.results import RESULT_FILE, SUITE_FILE, CellStore, provenance, write_json
 from mae_bench.suite import Cell, Suite
 from mae_bench.train import pretrain
@@ -45,6 +52,46 @@ class CellOutcome:
     record: dict[str, Any]
     model: MaskedAutoencoder
     history: list[dict[str, float]]
+    thresholds: pd.DataFrame | None = None
+
+
+class FeatureCache:
+    """Frozen train/test features of a cell, extracted once per pooling and reused."""
+
+    def __init__(self, model: MaskedAutoencoder, data: ImageData, feeder: ImageFeeder) -> None:
+        self.model, self.data, self.feeder = model, data, feeder
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, pool: Pool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, test) features with ``pool`` pooling."""
+        if pool not in self._cache:
+            self._cache[pool] = (
+                extract_features(self.model, self.data.train_images, self.feeder, pool),
+                extract_features(self.model, self.data.test_images, self.feeder, pool),
+            )
+        return self._cache[pool]
+
+
+def threshold_analysis(
+    data: ImageData, probs: torch.Tensor, thresholds: list[float]
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Threshold table of the positive class (binary) or of every class one-vs-rest.
+
+    The best-F1 and Youden thresholds are returned for binary tasks only.
+    """
+    y, p = data.test_labels.numpy(), probs.numpy()
+    if data.num_classes == 2:
+        positive = 1 if data.positive_class is None else data.positive_class
+        classes = [positive]
+    else:
+        classes = list(range(data.num_classes))
+    tables = []
+    for c in classes:
+        table = threshold_table(y == c, p[:, c], np.array(thresholds))
+        table.insert(0, "class", data.class_names[c])
+        tables.append(table)
+    best = best_thresholds(y == classes[0], p[:, classes[0]]) if len(classes) == 1 else {}
+    return pd.concat(tables, ignore_index=True), best
 
 
 def describe(
@@ -164,21 +211,35 @@ def run_cell(
                 mean_image=mean_image,
             )
         )
-    probe = cfg.eval.linear_probe
+    features = FeatureCache(model, data, feeder)
+    probe, knn = cfg.eval.linear_probe, cfg.eval.knn
+    thresholds = None
     if probe.enabled:
-        train_x = extract_features(model, data.train_images, feeder, probe.pool)
-        test_x = extract_features(model, data.test_images, feeder, probe.pool)
-        metrics.update(
-            linear_probe(
-                train_x,
-                data.train_labels,
-                test_x,
-                data.test_labels,
-                probe,
-                num_classes=data.num_classes,
-                seed=cell.seed,
-            )
+        train_x, test_x = features.get(probe.pool)
+        lp, probs = linear_probe(
+            train_x,
+            data.train_labels,
+            test_x,
+            data.test_labels,
+            probe,
+            num_classes=data.num_classes,
+            seed=cell.seed,
         )
+        metrics.update(lp)
+        metrics.update(classification_metrics(data.test_labels.numpy(), probs.numpy(), "lp_"))
+        thresholds, best = threshold_analysis(data, probs, cfg.eval.thresholds.values())
+        metrics.update({f"lp_{k}": v for k, v in best.items()})
+    if knn.enabled:
+        train_x, test_x = features.get(knn.pool)
+        probs = knn_classify(
+            train_x,
+            data.train_labels,
+            test_x,
+            num_classes=data.num_classes,
+            k=knn.k,
+            temperature=knn.temperature,
+        )
+        metrics.update(classification_metrics(data.test_labels.numpy(), probs.numpy(), "knn_"))
     record = {
         "cell_id": cell.cell_id,
         "suite": cell.suite,
@@ -191,7 +252,7 @@ def run_cell(
         "data": {"mean": feeder.mean, "std": feeder.std, "num_classes": data.num_classes},
         "provenance": provenance(device_name(feeder.device)),
     }
-    return CellOutcome(record=record, model=model, history=trained.history)
+    return CellOutcome(record, model, trained.history, thresholds)
 
 
 def run_suite(
@@ -243,7 +304,9 @@ def run_suite(
                 )
     _write_suite_record(root, suite, cells)
     records = [store.load(c.cell_id) for c in cells if store.is_done(c.cell_id)]
-    summary.leaderboard = write_leaderboard(root, records, title=suite.name)
+    summary.leaderboard = write_leaderboard(
+        root, records, title=suite.name, primary=suite.config.primary_metric
+    )
     return summary
 
 
@@ -254,6 +317,8 @@ def _store_cell(store: CellStore, cell: Cell, out: CellOutcome) -> None:
         _save_weights(out.model.encoder, folder / "encoder.safetensors", meta)
         _save_weights(out.model.decoder, folder / "decoder.safetensors", meta)
         (folder / "history.csv").write_text(_history_csv(out.history), encoding="utf-8")
+        if out.thresholds is not None:
+            out.thresholds.to_csv(folder / "thresholds.csv", index=False)
         write_json(folder / RESULT_FILE, out.record)  # last: its presence marks the cell done
 
     store.write(cell.cell_id, write_files)

@@ -123,6 +123,34 @@ class LinearProbeConfig(_Strict):
     pool: Literal["cls", "mean"] = "mean"
 
 
+class KNNConfig(_Strict):
+    """k-NN on the cached frozen features: cosine similarity, temperature-weighted votes (DINO)."""
+
+    enabled: bool = True
+    k: PositiveInt = 20
+    temperature: PositiveFloat = 0.07
+    pool: Literal["cls", "mean"] = "mean"
+
+
+class ThresholdConfig(_Strict):
+    """Decision thresholds swept for the binary (or one-vs-rest) threshold analysis."""
+
+    start: Annotated[float, Field(ge=0, le=1)] = 0.15
+    stop: Annotated[float, Field(ge=0, le=1)] = 0.85
+    step: Annotated[float, Field(gt=0, le=1)] = 0.05
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ThresholdConfig:
+        if self.start > self.stop:
+            raise ValueError("start must not exceed stop")
+        return self
+
+    def values(self) -> list[float]:
+        """The thresholds, start to stop inclusive."""
+        n = round((self.stop - self.start) / self.step)
+        return [round(self.start + i * self.step, 10) for i in range(n + 1)]
+
+
 class ReconstructionConfig(_Strict):
     """PSNR of held-out reconstructions, with masks drawn from a fixed seed."""
 
@@ -137,7 +165,9 @@ class EvalConfig(_Strict):
     """Evaluation protocols run on every cell."""
 
     linear_probe: LinearProbeConfig = LinearProbeConfig()
+    knn: KNNConfig = KNNConfig()
     reconstruction: ReconstructionConfig = ReconstructionConfig()
+    thresholds: ThresholdConfig = ThresholdConfig()
 
 
 class VariantConfig(_Strict):
@@ -164,6 +194,7 @@ class SuiteConfig(_Strict):
     variants: list[VariantConfig] = Field(min_length=1)
     eval: EvalConfig = EvalConfig()
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    primary_metric: str = "lp_acc"
 
     @field_validator("variants")
     @classmethod

@@ -52,6 +52,7 @@ def test_run_writes_cells_and_leaderboards(finished_run):
             "history.csv",
             "encoder.safetensors",
             "decoder.safetensors",
+            "thresholds.csv",
         }
         record = json.loads((cell / "result.json").read_text())
         prov = record["provenance"]
@@ -70,8 +71,13 @@ def test_run_writes_cells_and_leaderboards(finished_run):
     runs = pd.read_csv(root / "runs.csv")
     assert len(runs) == 4 and set(runs["seed"]) == {0, 1}
     board = pd.read_csv(root / "leaderboard.csv")
-    assert list(board.columns[: len(LEADERBOARD_COLUMNS)]) == LEADERBOARD_COLUMNS
+    positions = [list(board.columns).index(c) for c in LEADERBOARD_COLUMNS]
+    assert positions == sorted(positions)  # all there, in this order
     assert "lp_acc_std" in board.columns and "psnr_masked_std" in board.columns
+    for column in ("psnr_full", "hf_error", "knn_acc", "lp_f1_macro", "lp_auc", "lp_acc_ci95"):
+        assert column in board.columns, column
+    assert board["rank"].tolist() == [1, 2]
+    assert len(list((root / "thresholds").glob("*-seed*.csv"))) == 4
     assert sorted(board["variant"]) == ["mlp", "vit"] and set(board["seeds"]) == {2}
     for _, row in board.iterrows():
         assert 0.0 <= row["lp_acc"] <= 1.0 and row["psnr_masked"] > 5

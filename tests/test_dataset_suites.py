@@ -103,6 +103,13 @@ def test_imagefolder_suites(tmp_path, suite, classes):
     )
     runs = finished(out, suite.replace("_", "-"))
     assert len(runs) == (2 if suite == "cats_dogs" else 1)
+    md = (out / suite.replace("_", "-") / "leaderboard.md").read_text()
+    positive = "dog" if suite == "cats_dogs" else "abnormal"
+    assert "## Threshold analysis" in md and f"(positive: {positive})" in md
+    table = pd.read_csv(next((out / suite.replace("_", "-") / "thresholds").iterdir()))
+    assert table["threshold"].round(2).tolist()[0] == 0.15 and len(table) == 15
+    assert set(table["class"]) == {positive}
+    assert "lp_youden_threshold" in runs.columns
 
 
 def test_missing_dataset_is_one_clear_error_and_writes_nothing(tmp_path):

@@ -56,11 +56,13 @@ def test_linear_probe_separates_separable_features():
     centers = torch.randn(3, 16, generator=g) * 3
     y = torch.randint(3, (300,), generator=g)
     x = centers[y] + torch.randn(300, 16, generator=g)
-    out = linear_probe(
+    out, probs = linear_probe(
         x[:200], y[:200], x[200:], y[200:], LinearProbeConfig(epochs=30), num_classes=3, seed=0
     )
     assert out["lp_acc"] > 0.95
-    noise = linear_probe(
+    assert probs.shape == (100, 3) and torch.allclose(probs.sum(1), torch.ones(100))
+    assert out["lp_acc"] == (probs.argmax(1) == y[200:]).float().mean().item()
+    noise, _ = linear_probe(
         torch.randn(200, 16),
         y[:200],
         torch.randn(100, 16),

@@ -1,0 +1,105 @@
+"""Classification metrics and threshold analysis (scikit-learn where it has them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+
+def classification_metrics(
+    y_true: np.ndarray, probs: np.ndarray, prefix: str = ""
+) -> dict[str, float]:
+    """Accuracy, macro F1/precision/recall and ROC AUC from class probabilities (N, K).
+
+    AUC is binary for two classes (class 1 positive) and macro one-vs-rest otherwise; it is
+    NaN when the test labels hold a single class.
+    """
+    y_true = np.asarray(y_true)
+    probs = np.asarray(probs, dtype=np.float64)
+    y_pred = probs.argmax(axis=1)
+    labels = np.arange(probs.shape[1])
+    out = {
+        "acc": skm.accuracy_score(y_true, y_pred),
+        "f1_macro": skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
+        "precision_macro": skm.precision_score(
+            y_true, y_pred, labels=labels, average="macro", zero_division=0
+        ),
+        "recall_macro": skm.recall_score(
+            y_true, y_pred, labels=labels, average="macro", zero_division=0
+        ),
+        "auc": roc_auc(y_true, probs),
+    }
+    return {f"{prefix}{k}": float(v) for k, v in out.items()}
+
+
+def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Binary AUC of class 1, or macro one-vs-rest AUC over the classes present."""
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return float("nan")
+    if probs.shape[1] == 2:
+        return float(skm.roc_auc_score(y_true, probs[:, 1]))
+    scores = probs[:, present] / probs[:, present].sum(axis=1, keepdims=True)
+    if len(present) == 2:
+        return float(skm.roc_auc_score(y_true == present[1], scores[:, 1]))
+    return float(skm.roc_auc_score(y_true, scores, multi_class="ovr", labels=present))
+
+
+def confusion(y_true: np.ndarray, probs: np.ndarray) -> list[list[int]]:
+    """Confusion matrix (rows: true class, columns: predicted), as nested lists."""
+    labels = np.arange(np.asarray(probs).shape[1])
+    return skm.confusion_matrix(y_true, np.asarray(probs).argmax(axis=1), labels=labels).tolist()
+
+
+def threshold_table(y_true: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> pd.DataFrame:
+    """Accuracy, precision, recall (sensitivity), specificity and F1 at each threshold.
+
+    ``y_true`` is binary (1 = positive); a sample is predicted positive when its score is at
+    least the threshold.
+    """
+    y_true = np.asarray(y_true).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    rows = []
+    for t in thresholds:
+        pred = scores >= t
+        tn, fp, fn, tp = skm.confusion_matrix(y_true, pred, labels=[False, True]).ravel()
+        rows.append(
+            {
+                "threshold": float(t),
+                "accuracy": skm.accuracy_score(y_true, pred),
+                "precision": skm.precision_score(y_true, pred, zero_division=0),
+                "recall": skm.recall_score(y_true, pred, zero_division=0),
+                "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+                "f1": skm.f1_score(y_true, pred, zero_division=0),
+                "tp": int(tp),
+                "fp": int(fp),
+                "tn": int(tn),
+                "fn": int(fn),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def best_thresholds(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """The threshold maximising F1 (over the PR curve) and Youden's J (over the ROC curve)."""
+    y_true = np.asarray(y_true).astype(bool)
+    if y_true.all() or not y_true.any():
+        return {
+            "best_f1_threshold": float("nan"),
+            "best_f1": float("nan"),
+            "youden_threshold": float("nan"),
+            "youden_j": float("nan"),
+        }
+    precision, recall, pr_thresholds = skm.precision_recall_curve(y_true, scores)
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    best = int(np.argmax(f1[:-1]))  # the last PR point has no threshold
+    fpr, tpr, roc_thresholds = skm.roc_curve(y_true, scores)
+    j = tpr - fpr
+    youden = int(np.argmax(j))
+    return {
+        "best_f1_threshold": float(pr_thresholds[best]),
+        "best_f1": float(f1[best]),
+        "youden_threshold": float(min(roc_thresholds[youden], 1.0)),
+        "youden_j": float(j[youden]),
+    }
