@@ -160,6 +160,19 @@ def leaderboard(results_dir: str) -> None:
     click.echo(f"{len(done)} of {len(ids)} cells finished; written under {root}", err=True)
 
 
+@cli.command()
+@click.argument("results_dir", metavar="DIR", type=click.Path())
+@_user_errors
+def report(results_dir: str) -> None:
+    """Regenerate every table and plot of a suite's results folder, without retraining."""
+    from mae_bench.report import render_report
+
+    paths = render_report(Path(results_dir), load_registry())
+    for path in paths:
+        click.echo(str(path))
+    click.echo(f"{len(paths)} plots written", err=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli()

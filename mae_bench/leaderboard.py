@@ -14,28 +14,17 @@ from mae_bench.results import atomic_write_text
 ID_COLUMNS = ["variant", "encoder", "masking", "loss"]
 # Metrics shown first (and in the Markdown table), in this order; other numeric metrics follow.
 METRICS = [
-    "psnr_masked",
-    "psnr_full",
-    "hf_error",
-    "lp_acc",
-    "knn_acc",
-    "lp_f1_macro",
-    "lp_auc",
-    "knn_f1_macro",
-    "pretrain_s",
-    "imgs_per_s",
-    "params_m",
-]
+    "psnr_masked", "psnr_full", "hf_error", "lp_acc", "lp_f1_macro", "knn_acc", "pretrain_s",
+    "imgs_per_s", "params_m",
+]  # fmt: skip
 LOWER_IS_BETTER = {"hf_error", "final_loss"}
 QUALITY = ("psnr", "acc", "f1", "auc", "precision", "recall", "hf_error", "imgs_per_s")
-FORMATS = {
-    "hf_error": "{:.4f}",
-    "psnr": "{:.2f}",
-    "acc": "{:.3f}",
-    "per_s": "{:.0f}",
-    "_s": "{:.1f}",
-    "params": "{:.3f}",
-}
+# Display format by metric-name fragment, first match wins.
+FORMATS = [
+    ("hf_error", "{:.4f}"), ("psnr", "{:.2f}"), ("per_s", "{:.0f}"), ("threshold", "{:.2f}"),
+    ("acc", "{:.3f}"), ("f1", "{:.3f}"), ("auc", "{:.3f}"), ("precision", "{:.3f}"),
+    ("recall", "{:.3f}"), ("youden", "{:.3f}"), ("params", "{:.3f}"), ("_s", "{:.1f}"),
+]  # fmt: skip
 
 
 def higher_is_better(metric: str) -> bool:
@@ -115,10 +104,7 @@ def leaderboard_table(runs: pd.DataFrame, primary: str = "lp_acc") -> pd.DataFra
 def _format(metric: str, mean: float, std: float) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "—"
-    fmt = next(
-        (f for key, f in FORMATS.items() if metric.endswith(key) or metric.startswith(key)),
-        "{:.4g}",
-    )
+    fmt = next((f for key, f in FORMATS if key in metric), "{:.4g}")
     text = fmt.format(mean)
     if std is not None and not (isinstance(std, float) and math.isnan(std)):
         text += " ± " + fmt.format(std)

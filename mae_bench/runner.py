@@ -53,6 +53,7 @@ class CellOutcome:
     model: MaskedAutoencoder
     history: list[dict[str, float]]
     thresholds: pd.DataFrame | None = None
+    predictions: pd.DataFrame | None = None  # test labels and linear-probe probabilities
 
 
 class FeatureCache:
@@ -213,7 +214,7 @@ def run_cell(
         )
     features = FeatureCache(model, data, feeder)
     probe, knn = cfg.eval.linear_probe, cfg.eval.knn
-    thresholds = None
+    thresholds = predictions = None
     if probe.enabled:
         train_x, test_x = features.get(probe.pool)
         lp, probs = linear_probe(
@@ -227,6 +228,8 @@ def run_cell(
         )
         metrics.update(lp)
         metrics.update(classification_metrics(data.test_labels.numpy(), probs.numpy(), "lp_"))
+        predictions = pd.DataFrame(probs.numpy(), columns=[f"p_{c}" for c in data.class_names])
+        predictions.insert(0, "label", data.test_labels.numpy())
         thresholds, best = threshold_analysis(data, probs, cfg.eval.thresholds.values())
         metrics.update({f"lp_{k}": v for k, v in best.items()})
     if knn.enabled:
@@ -252,7 +255,7 @@ def run_cell(
         "data": {"mean": feeder.mean, "std": feeder.std, "num_classes": data.num_classes},
         "provenance": provenance(device_name(feeder.device)),
     }
-    return CellOutcome(record, model, trained.history, thresholds)
+    return CellOutcome(record, model, trained.history, thresholds, predictions)
 
 
 def run_suite(
@@ -319,6 +322,8 @@ def _store_cell(store: CellStore, cell: Cell, out: CellOutcome) -> None:
         (folder / "history.csv").write_text(_history_csv(out.history), encoding="utf-8")
         if out.thresholds is not None:
             out.thresholds.to_csv(folder / "thresholds.csv", index=False)
+        if out.predictions is not None:
+            out.predictions.to_csv(folder / "predictions.csv", index=False)
         write_json(folder / RESULT_FILE, out.record)  # last: its presence marks the cell done
 
     store.write(cell.cell_id, write_files)

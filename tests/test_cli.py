@@ -53,6 +53,7 @@ def test_run_writes_cells_and_leaderboards(finished_run):
             "encoder.safetensors",
             "decoder.safetensors",
             "thresholds.csv",
+            "predictions.csv",
         }
         record = json.loads((cell / "result.json").read_text())
         prov = record["provenance"]
@@ -113,6 +114,22 @@ def test_leaderboard_command_rerenders(finished_run):
     assert result.exit_code == 0, result.output
     assert (root / "leaderboard.md").is_file() and "| vit" in result.stdout
     assert "4 of 4 cells finished" in result.stderr
+
+
+def test_report_regenerates_tables_and_plots(finished_run):
+    root, _ = finished_run
+    (root / "leaderboard.csv").unlink()
+    result = invoke("report", str(root))
+    assert result.exit_code == 0, result.output + str(result.exception)
+    plots = {p.name: p.stat().st_size for p in (root / "plots").glob("*.png")}
+    assert set(plots) == {"loss_curves.png", "leaderboard_lp_acc.png", "reconstructions.png"}
+    assert all(size > 5_000 for size in plots.values())
+    assert (root / "leaderboard.csv").is_file()
+    from PIL import Image
+
+    with Image.open(root / "plots" / "reconstructions.png") as img:
+        assert img.size[0] > 300 and img.size[1] > 200
+    assert invoke("report", str(root.parent / "nope")).exit_code == 2
 
 
 def test_interrupted_suite_resumes_only_missing_cells(tmp_path):

@@ -110,6 +110,10 @@ def test_imagefolder_suites(tmp_path, suite, classes):
     assert table["threshold"].round(2).tolist()[0] == 0.15 and len(table) == 15
     assert set(table["class"]) == {positive}
     assert "lp_youden_threshold" in runs.columns
+    result = invoke("report", str(out / suite.replace("_", "-")))
+    assert result.exit_code == 0, result.output + str(result.exception)
+    plots = {p.name for p in (out / suite.replace("_", "-") / "plots").glob("*.png")}
+    assert {"roc.png", "thresholds.png", "reconstructions.png"} <= plots
 
 
 def test_missing_dataset_is_one_clear_error_and_writes_nothing(tmp_path):

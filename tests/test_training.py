@@ -21,25 +21,23 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(100, 100, 10, cfg) == pytest.approx(0.1)
 
 
+def _pretrain(suite, variant: int, device: torch.device):
+    """Pretrain one variant of a 16x16 suite; returns (data, model, result)."""
+    ds = suite.build_dataset().load()
+    feeder = ImageFeeder.fit(ds.pretrain, image_size=16, channels=3, device=device)
+    v = suite.variants[variant]
+    torch.manual_seed(0)
+    model = v.build_model(16, 3)
+    masking, losses = v.build_masking(), v.build_losses()
+    result = pretrain(model, ds.pretrain, feeder, masking, losses, suite.config.pretrain, seed=0)
+    return ds, model, result
+
+
 @pytest.mark.parametrize("variant", [0, 1])
 def test_pretraining_reduces_the_loss(registry, variant):
     data = tiny_suite_data(dataset={"name": "digits", "image_size": 16})
     data["pretrain"].update(epochs=3, batch_size=64, lr=2e-3)
-    suite = resolve_suite(data, registry)
-    ds = suite.build_dataset().load()
-    feeder = ImageFeeder.fit(ds.pretrain, image_size=16, channels=3, device=torch.device("cpu"))
-    v = suite.variants[variant]
-    torch.manual_seed(0)
-    model = v.build_model(16, 3)
-    result = pretrain(
-        model,
-        ds.pretrain,
-        feeder,
-        v.build_masking(),
-        v.build_losses(),
-        suite.config.pretrain,
-        seed=0,
-    )
+    ds, _, result = _pretrain(resolve_suite(data, registry), variant, torch.device("cpu"))
     losses = [row["mse"] for row in result.history]
     assert losses[-1] < 0.9 * losses[0] and losses[-1] < losses[1]
     assert result.images_seen == 3 * (len(ds.pretrain) // 64) * 64
@@ -92,20 +90,8 @@ def test_features_are_cached_per_call_not_trained(registry):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_pretraining_on_cuda_with_bf16_and_fused_adamw(registry):
-    suite = resolve_suite(tiny_suite_data(), registry)
-    ds = suite.build_dataset().load()
-    device = torch.device("cuda")
-    feeder = ImageFeeder.fit(ds.pretrain, image_size=16, channels=3, device=device)
-    v = suite.variants[1]
-    model = v.build_model(16, 3)
-    result = pretrain(
-        model,
-        ds.pretrain,
-        feeder,
-        v.build_masking(),
-        v.build_losses(),
-        suite.config.pretrain,
-        seed=0,
+    _, model, result = _pretrain(
+        resolve_suite(tiny_suite_data(), registry), 1, torch.device("cuda")
     )
     assert next(model.parameters()).is_cuda
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
