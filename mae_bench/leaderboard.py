@@ -14,8 +14,8 @@ from mae_bench.results import atomic_write_text
 ID_COLUMNS = ["variant", "encoder", "masking", "loss"]
 # Metrics shown first (and in the Markdown table), in this order; other numeric metrics follow.
 METRICS = [
-    "psnr_masked", "psnr_full", "hf_error", "lp_acc", "lp_f1_macro", "knn_acc", "pretrain_s",
-    "imgs_per_s", "params_m",
+    "psnr_masked", "psnr_full", "hf_error", "lp_acc", "lp_f1_macro", "knn_acc", "ft_acc",
+    "ft_f1_macro", "pretrain_s", "imgs_per_s", "params_m",
 ]  # fmt: skip
 LOWER_IS_BETTER = {"hf_error", "final_loss"}
 QUALITY = ("psnr", "acc", "f1", "auc", "precision", "recall", "hf_error", "imgs_per_s")
@@ -32,20 +32,31 @@ def higher_is_better(metric: str) -> bool:
     return metric not in LOWER_IS_BETTER
 
 
+def _baseline_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A no-pretraining cell as two rows: ``random-init`` (frozen features, no ft_*) and
+    ``scratch`` (the fine-tuning recipe from random init: ft_* only)."""
+    finetuned = {k: v for k, v in row.items() if k.startswith("ft_")}
+    frozen = {k: v for k, v in row.items() if not k.startswith("ft_")}
+    if not finetuned:
+        return [frozen]
+    ids = {k: v for k, v in row.items() if not isinstance(v, float) or k == "params_m"}
+    scratch = {**ids, **finetuned, "variant": row["variant"].replace("random-init", "scratch")}
+    return [frozen, scratch]
+
+
 def runs_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per finished cell: identity, components, every metric, config hash."""
+    """One row per finished cell (two for a baseline cell): components, metrics, config hash."""
     rows = []
     for r in records:
-        rows.append(
-            {
-                "variant": r["variant"],
-                "seed": r["seed"],
-                **r["components"],
-                **r["metrics"],
-                "config_hash": r["config_hash"],
-                "cell_id": r["cell_id"],
-            }
-        )
+        row = {
+            "variant": r["variant"],
+            "seed": r["seed"],
+            **r["components"],
+            **r["metrics"],
+            "config_hash": r["config_hash"],
+            "cell_id": r["cell_id"],
+        }
+        rows += _baseline_rows(row) if r.get("baseline") else [row]
     runs = pd.DataFrame(rows)
     if runs.empty:
         return runs

@@ -60,6 +60,33 @@ def plot_leaderboard(board: pd.DataFrame, metric: str, out: Path) -> Path:
     return _save(fig, out / f"leaderboard_{metric}.png")
 
 
+def plot_finetune_curves(records: list[dict[str, Any]], store: CellStore, out: Path) -> Path | None:
+    """Fine-tuning test accuracy and macro F1 per epoch: pretrained variants vs scratch."""
+    frames = []
+    for r in records:
+        path = store.path(r["cell_id"]) / "finetune.csv"
+        if path.is_file():
+            name = r["variant"].replace("random-init", "scratch") if r.get("baseline") else None
+            frames.append(pd.read_csv(path).assign(variant=name or r["variant"], seed=r["seed"]))
+    if not frames:
+        return None
+    data = pd.concat(frames, ignore_index=True).dropna(subset=["test_acc"])
+    long = data.melt(["variant", "seed", "epoch"], ["test_acc", "test_f1_macro"], "score")
+    grid = sns.relplot(
+        data=long,
+        x="epoch",
+        y="value",
+        hue="variant",
+        col="score",
+        kind="line",
+        errorbar="sd",
+        height=3.5,
+        aspect=1.2,
+    )
+    grid.set_titles("fine-tuning: {col_name}")
+    return _save(grid.figure, out / "finetune_curves.png")
+
+
 def plot_binary_curves(records: list[dict[str, Any]], store: CellStore, out: Path) -> list[Path]:
     """ROC curves (linear probe) and precision/recall/F1 vs threshold, binary tasks only."""
     paths = []
@@ -114,7 +141,7 @@ def plot_reconstructions(
     for r in records:  # one cell per variant: its lowest seed
         if r["variant"] not in first or r["seed"] < first[r["variant"]]["seed"]:
             first[r["variant"]] = r
-    variants = [v for v in suite.variants if v.name in first]
+    variants = [v for v in suite.variants if v.name in first]  # pretrained ones: baselines skip
     images = data.test_images[: min(n_images, len(data.test_images))]
     rows: list[tuple[str, torch.Tensor]] = []
     for variant in variants:
@@ -166,6 +193,8 @@ def render_report(root: Path, registry: Registry) -> list[Path]:
     paths = [plot_loss_curves(records, store, out)]
     if primary in board:
         paths.append(plot_leaderboard(board, primary, out))
+    finetune = plot_finetune_curves(records, store, out)
+    paths += [finetune] if finetune else []
     paths += plot_binary_curves(records, store, out)
     paths.append(plot_reconstructions(root, records, registry, out))
     return paths

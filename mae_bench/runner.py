@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import time
@@ -27,11 +28,12 @@ from mae_bench.evaluate import (
     linear_probe,
     reconstruction_quality,
 )
+from mae_bench.finetune import finetune
 from mae_bench.leaderboard import write_leaderboard
 from mae_bench.metrics import best_thresholds, classification_metrics, threshold_table
 from mae_bench.results import RESULT_FILE, SUITE_FILE, CellStore, provenance, write_json
 from mae_bench.suite import Cell, Suite
-from mae_bench.train import pretrain
+from mae_bench.train import PretrainResult, pretrain
 
 
 @dataclass
@@ -54,6 +56,7 @@ class CellOutcome:
     history: list[dict[str, float]]
     thresholds: pd.DataFrame | None = None
     predictions: pd.DataFrame | None = None  # test labels and linear-probe probabilities
+    finetune: pd.DataFrame | None = None  # per-epoch fine-tuning loss and test scores
 
 
 class FeatureCache:
@@ -112,7 +115,7 @@ def count_params(module: torch.nn.Module) -> float:
 
 def _history_csv(history: list[dict[str, float]]) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]) if history else ["epoch"])
     writer.writeheader()
     writer.writerows(history)
     return buffer.getvalue()
@@ -181,27 +184,32 @@ def run_cell(
     model: MaskedAutoencoder = cell.variant.build_model(feeder.image_size, feeder.channels)
     masking = cell.variant.build_masking()
     losses = cell.variant.build_losses()
-    display.start_cell(cell, cfg.pretrain.epochs)
-    trained = pretrain(
-        model,
-        data.pretrain,
-        feeder,
-        masking,
-        losses,
-        cfg.pretrain,
-        seed=cell.seed,
-        on_epoch=display.epoch,
-    )
-    display.evaluating()
+    baseline = cell.variant.baseline
+    display.start_cell(cell, 0 if baseline else cfg.pretrain.epochs)
     metrics: dict[str, float] = {
-        "pretrain_s": trained.seconds,
-        "imgs_per_s": trained.images_per_second,
         "params_m": count_params(model.encoder),
         "params_total_m": count_params(model),
-        "final_loss": trained.history[-1]["loss"],
     }
+    trained = PretrainResult()
+    if not baseline:
+        trained = pretrain(
+            model,
+            data.pretrain,
+            feeder,
+            masking,
+            losses,
+            cfg.pretrain,
+            seed=cell.seed,
+            on_epoch=display.epoch,
+        )
+        metrics.update(
+            pretrain_s=trained.seconds,
+            imgs_per_s=trained.images_per_second,
+            final_loss=trained.history[-1]["loss"],
+        )
+    display.evaluating()
     recon = cfg.eval.reconstruction
-    if recon.enabled:
+    if recon.enabled and not baseline:
         metrics.update(
             reconstruction_quality(
                 model,
@@ -243,6 +251,13 @@ def run_cell(
             temperature=knn.temperature,
         )
         metrics.update(classification_metrics(data.test_labels.numpy(), probs.numpy(), "knn_"))
+    ft_history = None
+    if cfg.eval.finetune.enabled:  # on a copy: the stored weights stay the pretrained ones
+        ft, history, _ = finetune(
+            copy.deepcopy(model), data, feeder, cfg.eval.finetune, seed=cell.seed
+        )
+        metrics.update(ft)
+        ft_history = pd.DataFrame(history)
     record = {
         "cell_id": cell.cell_id,
         "suite": cell.suite,
@@ -250,12 +265,17 @@ def run_cell(
         "seed": cell.seed,
         "config_hash": cell.config_hash,
         "config": cell.config,
-        "components": describe(model, masking, losses),
+        "components": (
+            {"encoder": model.summary(), "masking": "none", "loss": "none (no pretraining)"}
+            if baseline
+            else describe(model, masking, losses)
+        ),
+        "baseline": baseline,
         "metrics": metrics,
         "data": {"mean": feeder.mean, "std": feeder.std, "num_classes": data.num_classes},
         "provenance": provenance(device_name(feeder.device)),
     }
-    return CellOutcome(record, model, trained.history, thresholds, predictions)
+    return CellOutcome(record, model, trained.history, thresholds, predictions, ft_history)
 
 
 def run_suite(
@@ -300,7 +320,9 @@ def run_suite(
                 _store_cell(store, cell, out)
                 summary.finished.append(cell.cell_id)
                 m = out.record["metrics"]
-                shown = "  ".join(f"{k} {m[k]:.3f}" for k in ("psnr_masked", "lp_acc") if k in m)
+                shown = "  ".join(
+                    f"{k} {m[k]:.3f}" for k in ("psnr_masked", "lp_acc", "ft_acc") if k in m
+                )
                 display.end_cell(
                     f"done {cell.variant.name} seed {cell.seed}: {shown}  "
                     f"({time.perf_counter() - start:.0f} s)"
@@ -324,6 +346,8 @@ def _store_cell(store: CellStore, cell: Cell, out: CellOutcome) -> None:
             out.thresholds.to_csv(folder / "thresholds.csv", index=False)
         if out.predictions is not None:
             out.predictions.to_csv(folder / "predictions.csv", index=False)
+        if out.finetune is not None:
+            out.finetune.to_csv(folder / "finetune.csv", index=False)
         write_json(folder / RESULT_FILE, out.record)  # last: its presence marks the cell done
 
     store.write(cell.cell_id, write_files)

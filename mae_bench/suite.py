@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -123,6 +123,28 @@ class LinearProbeConfig(_Strict):
     pool: Literal["cls", "mean"] = "mean"
 
 
+class FinetuneConfig(_Strict):
+    """End-to-end fine-tuning with a linear head on a (stratified, per-seed) label fraction.
+
+    AdamW, linear warmup then cosine; ``layer_decay`` < 1 scales each transformer block's lr
+    by ``layer_decay ** (depth - block)``; ``drop_path`` is the stochastic-depth rate of the
+    last block (linearly increasing from 0).
+    """
+
+    enabled: bool = False
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1e-3
+    min_lr: NonNegativeFloat = 1e-6
+    weight_decay: NonNegativeFloat = 0.05
+    warmup_epochs: NonNegativeFloat = 3.0
+    layer_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
+    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    label_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
+    pool: Literal["cls", "mean"] = "mean"
+    eval_every: PositiveInt = 1  # epochs between test-set scores in the per-epoch history
+
+
 class KNNConfig(_Strict):
     """k-NN on the cached frozen features: cosine similarity, temperature-weighted votes (DINO)."""
 
@@ -166,6 +188,11 @@ class EvalConfig(_Strict):
 
     linear_probe: LinearProbeConfig = LinearProbeConfig()
     knn: KNNConfig = KNNConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    baselines: bool = Field(
+        default=False,
+        description="add a no-pretraining cell per encoder: random-init (frozen) and scratch (FT)",
+    )
     reconstruction: ReconstructionConfig = ReconstructionConfig()
     thresholds: ThresholdConfig = ThresholdConfig()
 
@@ -240,10 +267,13 @@ class Variant:
     encoder: Resolved
     masking: Resolved
     losses: tuple[ResolvedLoss, ...]
+    baseline: bool = False  # no pretraining: the encoder stays at its random init
 
     @property
     def config(self) -> dict[str, Any]:
         """The resolved variant as plain data."""
+        if self.baseline:
+            return {"name": self.name, "encoder": self.encoder.config, "baseline": "random-init"}
         return {
             "name": self.name,
             "encoder": self.encoder.config,
@@ -312,19 +342,33 @@ class Suite:
         """The dataset plugin instance."""
         return self.dataset.cls(self.dataset.params)
 
+    def baseline_variants(self) -> list[Variant]:
+        """With ``eval.baselines``: one no-pretraining variant per distinct encoder config."""
+        if not self.config.eval.baselines:
+            return []
+        by_encoder: dict[str, Variant] = {}
+        for v in self.variants:
+            by_encoder.setdefault(json.dumps(v.encoder.config, sort_keys=True), v)
+        single = len(by_encoder) == 1
+        return [
+            replace(v, name="random-init" if single else f"random-init-{v.name}", baseline=True)
+            for v in by_encoder.values()
+        ]
+
     def cells(self) -> list[Cell]:
-        """Every (variant, seed) cell, variant by variant."""
+        """Every (variant, seed) cell, variant by variant, baselines last."""
         cells = []
-        for variant in self.variants:
+        for variant in [*self.variants, *self.baseline_variants()]:
             for seed in self.config.seeds:
                 config = {
                     "format": RESULT_FORMAT,
                     "dataset": self.dataset_config,
-                    "pretrain": self.config.pretrain.model_dump(mode="json"),
                     "variant": variant.config,
                     "eval": self.config.eval.model_dump(mode="json"),
                     "seed": seed,
                 }
+                if not variant.baseline:
+                    config["pretrain"] = self.config.pretrain.model_dump(mode="json")
                 cells.append(Cell(self.name, variant, seed, config, config_hash(config)))
         return cells
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from mae_bench.contract import Loss, LossInputs, Mask, MaskedAutoencoder, MaskingStrategy
 from mae_bench.data import ImageFeeder, index_batches
 from mae_bench.device import autocast, optimizer_options
-from mae_bench.suite import PretrainConfig
+from mae_bench.suite import FinetuneConfig, PretrainConfig
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -33,7 +33,7 @@ class PretrainResult:
         return self.images_seen / self.seconds if self.seconds > 0 else float("nan")
 
 
-def lr_at(step: int, total: int, warmup: int, cfg: PretrainConfig) -> float:
+def lr_at(step: int, total: int, warmup: int, cfg: PretrainConfig | FinetuneConfig) -> float:
     """Linear warmup for ``warmup`` steps, then half-cosine decay from ``lr`` to ``min_lr``."""
     if step < warmup:
         return cfg.lr * (step + 1) / warmup

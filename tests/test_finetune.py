@@ -1,0 +1,136 @@
+"""Fine-tuning protocol and the no-pretraining baselines."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from timm.layers import DropPath
+
+from mae_bench.data import ImageFeeder
+from mae_bench.finetune import Classifier, finetune, label_subset, param_groups, set_drop_path
+from mae_bench.suite import FinetuneConfig, resolve_suite
+from tests.conftest import ROOT, invoke, tiny_suite_data
+
+
+def test_label_subset_is_stratified_and_per_seed():
+    labels = torch.arange(10).repeat_interleave(20)
+    a, b = label_subset(labels, 0.1, seed=0), label_subset(labels, 0.1, seed=1)
+    assert len(a) == 20 and torch.bincount(labels[a], minlength=10).tolist() == [2] * 10
+    assert not torch.equal(a, b) and torch.equal(a, label_subset(labels, 0.1, seed=0))
+    assert torch.equal(label_subset(labels, 1.0, seed=3), torch.arange(200))
+
+
+def _vit(registry, depth=3):
+    info = registry.get("encoder", "vit", "encoder")
+    params = info.cls.Params(patch_size=4, dim=32, depth=depth, heads=2)
+    return info.cls(params, image_size=16, in_chans=3)
+
+
+def test_layer_decay_and_weight_decay_groups(registry):
+    clf = Classifier(_vit(registry), num_classes=5, pool="cls")
+    groups = param_groups(clf, weight_decay=0.05, layer_decay=0.5)
+    scale_of = {}
+    for group in groups:
+        for p in group["params"]:
+            scale_of[id(p)] = (group["lr_scale"], group["weight_decay"])
+    named = dict(clf.named_parameters())
+    assert scale_of[id(named["head.weight"])] == (1.0, 0.05)
+    assert scale_of[id(named["head.bias"])] == (1.0, 0.0)
+    assert scale_of[id(named["model.encoder.blocks.2.mlp.fc1.weight"])][0] == 0.5
+    assert scale_of[id(named["model.encoder.blocks.0.mlp.fc1.weight"])][0] == 0.125
+    assert scale_of[id(named["model.encoder.patch_embed.proj.weight"])][0] == 0.0625
+    assert scale_of[id(named["model.encoder.cls_token"])] == (0.0625, 0.0)
+    covered = {id(p) for g in groups for p in g["params"]}
+    assert covered == {id(p) for p in clf.parameters()}
+
+
+def test_drop_path_rises_linearly(registry):
+    model = _vit(registry, depth=3)
+    set_drop_path(model.encoder, 0.2)
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.encoder.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
+    assert isinstance(model.encoder.blocks[2].drop_path2, DropPath)
+
+
+def test_finetune_learns_from_few_labels(registry):
+    suite = resolve_suite(tiny_suite_data(dataset={"name": "digits", "image_size": 16}), registry)
+    data = suite.build_dataset().load()
+    feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    model = suite.variants[0].build_model(16, 3)  # the MLP: fast
+    cfg = FinetuneConfig(
+        enabled=True, epochs=12, lr=3e-3, warmup_epochs=1, label_fraction=0.3, eval_every=4
+    )
+    metrics, history, probs = finetune(model, data, feeder, cfg, seed=0)
+    assert metrics["ft_acc"] > 0.4  # chance: 0.1
+    assert metrics["ft_train_images"] == pytest.approx(431, abs=1)
+    assert [h["epoch"] for h in history] == list(range(1, 13))
+    assert [h["epoch"] for h in history if "test_acc" in h] == [4, 8, 12]
+    assert history[-1]["test_acc"] == pytest.approx(metrics["ft_acc"])
+    assert (
+        history[-1]["test_acc"] > history[3]["test_acc"]
+        and history[-1]["loss"] < history[0]["loss"]
+    )
+    assert probs.shape == (len(data.test_labels), 10)
+
+
+def test_baseline_cells_skip_pretraining_in_their_key(registry):
+    data = tiny_suite_data()
+    data["eval"]["baselines"] = True
+    cells = resolve_suite(data, registry).cells()
+    assert [c.variant.name for c in cells] == ["mlp", "vit", "random-init-mlp", "random-init-vit"]
+    data["pretrain"]["epochs"] = 9
+    again = resolve_suite(data, registry).cells()
+    assert cells[2].cell_id == again[2].cell_id and cells[0].cell_id != again[0].cell_id
+    data["variants"][1]["encoder"] = dict(data["variants"][0]["encoder"])
+    data["variants"][1]["masking"] = {"name": "random"}
+    same_encoder = resolve_suite(data, registry).cells()
+    assert [c.variant.name for c in same_encoder][-1] == "random-init"
+
+
+def test_suite_with_finetune_and_baselines(tmp_path):
+    suite = ROOT / "suites" / "tiny.yaml"
+    common = ["--out", str(tmp_path / "a"), "--set", "eval.finetune.epochs=2"]
+    result = invoke(
+        "run",
+        str(suite),
+        *common,
+        "--set",
+        "eval.finetune.enabled=true",
+        "--set",
+        "eval.baselines=true",
+    )
+    assert result.exit_code == 0, result.output + str(result.exception)
+    root = tmp_path / "a" / "tiny"
+    runs = pd.read_csv(root / "runs.csv")
+    assert set(runs["variant"]) == {
+        "mlp",
+        "vit",
+        "random-init-mlp",
+        "random-init-vit",
+        "scratch-mlp",
+        "scratch-vit",
+    }
+    rows = runs.set_index("variant")
+    assert pd.isna(rows.loc["random-init-vit", "ft_acc"]) and pd.isna(
+        rows.loc["scratch-vit", "lp_acc"]
+    )
+    assert pd.isna(rows.loc["random-init-vit", "psnr_masked"]) and rows.loc["vit", "ft_acc"] >= 0
+    board = pd.read_csv(root / "leaderboard.csv")
+    assert {"ft_acc", "ft_f1_macro", "ft_auc", "ft_acc_ci95"} <= set(board.columns)
+    # fine-tuning works on a copy: the stored encoder is the pretrained one
+    plain = invoke("run", str(suite), "--out", str(tmp_path / "b"))
+    assert plain.exit_code == 0
+    for name in ("mlp", "vit"):
+        (a,) = (root / "cells").glob(f"{name}-seed0-*")
+        (b,) = (tmp_path / "b" / "tiny" / "cells").glob(f"{name}-seed0-*")
+        wa, wb = load_file(a / "encoder.safetensors"), load_file(b / "encoder.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert (a / "finetune.csv").is_file() and not (b / "finetune.csv").exists()
+    record = json.loads(next((root / "cells").glob("random-init-vit-*/result.json")).read_text())
+    assert record["baseline"] is True and "pretrain" not in record["config"]
+    result = invoke("report", str(root))
+    assert result.exit_code == 0, result.output + str(result.exception)
+    assert (root / "plots" / "finetune_curves.png").stat().st_size > 5_000
