@@ -98,8 +98,10 @@ def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
 
     suite = load_suite(suite_file, load_registry(), overrides)
     cells = suite.cells()
+    baselines = len(suite.baseline_variants())
+    extra = f" + {baselines} baseline(s)" if baselines else ""
     click.echo(
-        f"ok: suite {suite.name!r}: {len(suite.variants)} variants x "
+        f"ok: suite {suite.name!r}: ({len(suite.variants)} variants{extra}) x "
         f"{len(suite.config.seeds)} seeds = {len(cells)} cells"
     )
     if show:

@@ -52,6 +52,23 @@ def optimizer_options(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory measurement (CUDA only; the CPU figure is process-wide)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: CUDA memory allocated since the last reset on CUDA; elsewhere
+    the process's peak resident set size so far (a process-wide high-water mark)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
+
+
 def prepare(device: torch.device) -> None:
     """Per-process settings for the device (TF32 matmuls on CUDA)."""
     if device.type == "cuda":

@@ -17,6 +17,8 @@ METRICS = [
     "psnr_masked", "psnr_full", "hf_error", "lp_acc", "lp_f1_macro", "knn_acc", "ft_acc",
     "ft_f1_macro", "pretrain_s", "imgs_per_s", "params_m",
 ]  # fmt: skip
+# Unprefixed summary columns: from fine-tuning (ft_*) where it ran, else the linear probe.
+HEADLINE = ("f1_macro", "auc", "precision_macro", "recall_macro")
 LOWER_IS_BETTER = {"hf_error", "final_loss"}
 QUALITY = ("psnr", "acc", "f1", "auc", "precision", "recall", "hf_error", "imgs_per_s")
 # Display format by metric-name fragment, first match wins.
@@ -60,6 +62,12 @@ def runs_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     runs = pd.DataFrame(rows)
     if runs.empty:
         return runs
+    for key in HEADLINE:  # the fine-tuned classifier where there is one, else the probe
+        sources = [f"{p}_{key}" for p in ("ft", "lp") if f"{p}_{key}" in runs]
+        if sources:
+            runs[key] = runs[sources[0]]
+            for other in sources[1:]:
+                runs[key] = runs[key].fillna(runs[other])
     head = ["variant", "seed", *ID_COLUMNS[1:]]
     tail = ["config_hash", "cell_id"]
     return runs[[*head, *_metric_columns(runs), *tail]]

@@ -2,11 +2,13 @@
 
 Plots (PNG, under ``<out>/<suite>/plots/``): pretraining loss curves, the leaderboard bar
 chart with 95% intervals, reconstruction grids (same images, same masks for every variant),
-and for binary tasks ROC curves and precision/recall/F1 against the threshold.
+fine-tuning curves (pretrained vs scratch), a t-SNE of frozen features (the best variant vs
+a random init), ROC curves and precision/recall/F1 vs the threshold.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,14 @@ import torch
 from safetensors.torch import load_file
 from sklearn.metrics import roc_curve
 
-from mae_bench.contract import Mask
+from mae_bench.contract import ImageData, Mask, MaskedAutoencoder
 from mae_bench.data import ImageFeeder
-from mae_bench.evaluate import fixed_masks
+from mae_bench.evaluate import extract_features, fixed_masks
 from mae_bench.layers import patch_mask_to_pixels, unpatchify
 from mae_bench.leaderboard import write_leaderboard
 from mae_bench.plugins import Registry
 from mae_bench.results import CellStore, read_suite_record
-from mae_bench.suite import resolve_suite
+from mae_bench.suite import Suite, resolve_suite
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -87,84 +89,104 @@ def plot_finetune_curves(records: list[dict[str, Any]], store: CellStore, out: P
     return _save(grid.figure, out / "finetune_curves.png")
 
 
-def plot_binary_curves(records: list[dict[str, Any]], store: CellStore, out: Path) -> list[Path]:
-    """ROC curves (linear probe) and precision/recall/F1 vs threshold, binary tasks only."""
-    paths = []
-    thresholds = {
-        f"{r['variant']}-seed{r['seed']}": pd.read_csv(p)
-        for r in records
-        if (p := store.path(r["cell_id"]) / "thresholds.csv").is_file()
-    }
-    binary = {k: t for k, t in thresholds.items() if t["class"].nunique() == 1}
-    if not binary:
-        return paths
-    fig, ax = plt.subplots(figsize=(7, 4))
-    long = pd.concat(
-        [
-            t.assign(cell=k).melt(["cell", "threshold"], ["precision", "recall", "f1"])
-            for k, t in binary.items()
-        ]
-    )
-    sns.lineplot(data=long, x="threshold", y="value", hue="variable", style="cell", ax=ax)
-    ax.set(title="Linear probe: precision, recall and F1 vs threshold", ylim=(0, 1.02))
-    paths.append(_save(fig, out / "thresholds.png"))
-    fig, ax = plt.subplots(figsize=(5, 5))
+def plot_roc_and_thresholds(
+    records: list[dict[str, Any]], store: CellStore, out: Path
+) -> list[Path]:
+    """ROC curves and precision/recall/F1 vs threshold of the linear probe, one line per
+    variant (lowest seed). Binary tasks use the positive class; multi-class tasks the
+    micro-averaged one-vs-rest ROC and the class-averaged threshold curves."""
+    first: dict[str, dict[str, Any]] = {}
     for r in records:
-        path = store.path(r["cell_id"]) / "predictions.csv"
-        name = f"{r['variant']}-seed{r['seed']}"
-        if name not in binary or not path.is_file():
-            continue
-        preds = pd.read_csv(path)
-        positive = f"p_{binary[name]['class'].iloc[0]}"
+        has = (store.path(r["cell_id"]) / "predictions.csv").is_file()
+        if has and (r["variant"] not in first or r["seed"] < first[r["variant"]]["seed"]):
+            first[r["variant"]] = r
+    if not first:
+        return []
+    fig_t, ax_t = plt.subplots(figsize=(7, 4))
+    fig_r, ax_r = plt.subplots(figsize=(5, 5))
+    frames = []
+    for name, r in first.items():
+        folder = store.path(r["cell_id"])
+        preds = pd.read_csv(folder / "predictions.csv")
+        probs = preds.filter(like="p_").to_numpy()
         classes = [c.removeprefix("p_") for c in preds.columns if c.startswith("p_")]
-        label = classes.index(positive.removeprefix("p_"))
-        fpr, tpr, _ = roc_curve(preds["label"] == label, preds[positive])
-        ax.plot(fpr, tpr, label=f"{name} (AUC {r['metrics'].get('lp_auc', float('nan')):.3f})")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.set(title="ROC (linear probe)", xlabel="false positive rate", ylabel="true positive rate")
-    ax.legend(fontsize=7)
-    paths.append(_save(fig, out / "roc.png"))
-    return paths
+        table = pd.read_csv(folder / "thresholds.csv")
+        if table["class"].nunique() == 1:  # binary: the positive class
+            k = classes.index(str(table["class"].iloc[0]))
+            fpr, tpr, _ = roc_curve(preds["label"] == k, probs[:, k])
+        else:  # micro-average over classes, one-vs-rest
+            onehot = np.eye(len(classes))[preds["label"].to_numpy()]
+            fpr, tpr, _ = roc_curve(onehot.ravel(), probs.ravel())
+        auc = r["metrics"].get("lp_auc", float("nan"))
+        ax_r.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
+        curves = table.groupby("threshold")[["precision", "recall", "f1"]].mean().reset_index()
+        frames.append(curves.melt("threshold", var_name="score").assign(variant=name))
+    ax_r.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax_r.set(title="ROC (linear probe)", xlabel="false positive rate", ylabel="true positive rate")
+    ax_r.legend(fontsize=7)
+    sns.lineplot(
+        data=pd.concat(frames), x="threshold", y="value", hue="variant", style="score", ax=ax_t
+    )
+    ax_t.set(title="Linear probe: precision, recall and F1 vs threshold", ylim=(0, 1.02))
+    ax_t.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    return [_save(fig_r, out / "roc.png"), _save(fig_t, out / "thresholds.png")]
 
 
-@torch.no_grad()
-def plot_reconstructions(
-    root: Path, records: list[dict[str, Any]], registry: Registry, out: Path, n_images: int = 8
-) -> Path:
-    """Original / masked / each variant's reconstruction, same images and masks for all."""
+@dataclass
+class StoredModels:
+    """A suite's dataset and, per variant (lowest seed), its stored model and feeder."""
+
+    suite: Suite
+    data: ImageData
+    models: dict[str, tuple[MaskedAutoencoder, ImageFeeder, dict[str, Any]]]
+
+
+def load_stored_models(
+    root: Path, records: list[dict[str, Any]], registry: Registry
+) -> StoredModels:
+    """Rebuild every variant's model (baselines included) from its stored weights."""
     record = read_suite_record(root)
     suite = resolve_suite(record["resolved"], registry, source=str(root / "suite.json"))
     data = suite.build_dataset().load()
     ds = suite.config.dataset
     store = CellStore(root)
-    first = {}
+    first: dict[str, dict[str, Any]] = {}
     for r in records:  # one cell per variant: its lowest seed
         if r["variant"] not in first or r["seed"] < first[r["variant"]]["seed"]:
             first[r["variant"]] = r
-    variants = [v for v in suite.variants if v.name in first]  # pretrained ones: baselines skip
-    images = data.test_images[: min(n_images, len(data.test_images))]
-    rows: list[tuple[str, torch.Tensor]] = []
-    for variant in variants:
+    models = {}
+    for variant in [*suite.variants, *suite.baseline_variants()]:
+        if variant.name not in first:
+            continue
         r = first[variant.name]
-        feeder = ImageFeeder(
-            ds.image_size,
-            ds.channels,
-            tuple(r["data"]["mean"]),
-            tuple(r["data"]["std"]),
-            torch.device("cpu"),
-        )
+        mean, std = tuple(r["data"]["mean"]), tuple(r["data"]["std"])
+        feeder = ImageFeeder(ds.image_size, ds.channels, mean, std, torch.device("cpu"))
         model = variant.build_model(ds.image_size, ds.channels).eval()
-        model.encoder.load_state_dict(load_file(store.path(r["cell_id"]) / "encoder.safetensors"))
-        model.decoder.load_state_dict(load_file(store.path(r["cell_id"]) / "decoder.safetensors"))
+        for part in ("encoder", "decoder"):
+            weights = load_file(store.path(r["cell_id"]) / f"{part}.safetensors")
+            getattr(model, part).load_state_dict(weights)
+        models[variant.name] = (model, feeder, r)
+    return StoredModels(suite, data, models)
+
+
+@torch.no_grad()
+def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 8) -> Path:
+    """Original / masked / each variant's reconstruction, same images and masks for all."""
+    ds = stored.suite.config.dataset
+    images = stored.data.test_images[: min(n_images, len(stored.data.test_images))]
+    rows: list[tuple[str, torch.Tensor]] = []
+    for name, (model, feeder, record) in stored.models.items():
+        if record.get("baseline"):
+            continue
         x = feeder(images)
-        mask: Mask = fixed_masks(len(x), model.num_patches, suite.config.eval.reconstruction)
+        mask: Mask = fixed_masks(len(x), model.num_patches, stored.suite.config.eval.reconstruction)
         pred = unpatchify(model(x, mask).pred, model.patch_size, ds.channels)
         pixel_mask = patch_mask_to_pixels(mask.mask, model.patch_size)
         truth = feeder.to_pixels(x)
         if not rows:
             rows += [("original", truth), ("masked", truth * (1 - pixel_mask) + 0.5 * pixel_mask)]
         recon = feeder.to_pixels(pred) * pixel_mask + truth * (1 - pixel_mask)
-        rows.append((variant.name, recon))
+        rows.append((name, recon))
     fig, axes = plt.subplots(
         len(rows), len(images), figsize=(1.2 * len(images), 1.25 * len(rows)), squeeze=False
     )
@@ -178,6 +200,44 @@ def plot_reconstructions(
         axes[i][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle("Reconstructions (visible patches from the input)", fontsize=9)
     return _save(fig, out / "reconstructions.png")
+
+
+def plot_tsne(stored: StoredModels, best: str, out: Path, max_points: int = 2000) -> Path:
+    """t-SNE of frozen test-set features, coloured by label: ``best`` vs a random init.
+
+    The random init is the suite's stored ``random-init`` baseline for the same encoder when
+    there is one, else the same architecture freshly initialised with the cell's seed.
+    """
+    from sklearn.manifold import TSNE
+
+    model, feeder, record = stored.models[best]
+    variant = next(v for v in stored.suite.variants if v.name == best)
+    random_init = next(
+        (
+            m
+            for name, (m, _, r) in stored.models.items()
+            if r.get("baseline") and r["config"]["variant"]["encoder"] == variant.encoder.config
+        ),
+        None,
+    )
+    if random_init is None:
+        torch.manual_seed(record["seed"])
+        ds = stored.suite.config.dataset
+        random_init = variant.build_model(ds.image_size, ds.channels).eval()
+    images = stored.data.test_images[:max_points]
+    labels = stored.data.test_labels[:max_points].numpy()
+    pool = stored.suite.config.eval.linear_probe.pool
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    for ax, (title, m) in zip(axes, ((best, model), ("random init", random_init)), strict=True):
+        feats = extract_features(m, images, feeder, pool).numpy()
+        perplexity = min(30.0, (len(feats) - 1) / 3)
+        xy = TSNE(perplexity=perplexity, init="pca", random_state=0).fit_transform(feats)
+        names = np.array(stored.data.class_names)[labels]
+        sns.scatterplot(x=xy[:, 0], y=xy[:, 1], hue=names, s=10, ax=ax, legend=ax is axes[1])
+        ax.set(title=f"t-SNE of frozen features: {title}", xticks=[], yticks=[])
+    if axes[1].get_legend():
+        axes[1].legend(fontsize=7, markerscale=1.5, bbox_to_anchor=(1.02, 1), loc="upper left")
+    return _save(fig, out / "tsne.png")
 
 
 def render_report(root: Path, registry: Registry) -> list[Path]:
@@ -195,6 +255,14 @@ def render_report(root: Path, registry: Registry) -> list[Path]:
         paths.append(plot_leaderboard(board, primary, out))
     finetune = plot_finetune_curves(records, store, out)
     paths += [finetune] if finetune else []
-    paths += plot_binary_curves(records, store, out)
-    paths.append(plot_reconstructions(root, records, registry, out))
+    paths += plot_roc_and_thresholds(records, store, out)
+    stored = load_stored_models(root, records, registry)
+    paths.append(plot_reconstructions(stored, out))
+    pretrained = [
+        n
+        for n in board["variant"]
+        if n in stored.models and not stored.models[n][2].get("baseline")
+    ]
+    if pretrained:  # the board is ranked: the first pretrained variant is the best
+        paths.append(plot_tsne(stored, pretrained[0], out))
     return paths

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from mae_bench.contract import ImageData, Loss, MaskedAutoencoder, MaskingStrategy, Pool
 from mae_bench.data import ImageFeeder
-from mae_bench.device import device_name, prepare
+from mae_bench.device import device_name, peak_memory_mb, prepare, reset_peak_memory
 from mae_bench.evaluate import (
     extract_features,
     knn_classify,
@@ -30,7 +30,12 @@ from mae_bench.evaluate import (
 )
 from mae_bench.finetune import finetune
 from mae_bench.leaderboard import write_leaderboard
-from mae_bench.metrics import best_thresholds, classification_metrics, threshold_table
+from mae_bench.metrics import (
+    best_thresholds,
+    classification_metrics,
+    confusion,
+    threshold_table,
+)
 from mae_bench.results import RESULT_FILE, SUITE_FILE, CellStore, provenance, write_json
 from mae_bench.suite import Cell, Suite
 from mae_bench.train import PretrainResult, pretrain
@@ -180,6 +185,7 @@ def run_cell(
 ) -> CellOutcome:
     """Pretrain and evaluate one cell."""
     cfg = suite.config
+    reset_peak_memory(feeder.device)
     torch.manual_seed(cell.seed)
     model: MaskedAutoencoder = cell.variant.build_model(feeder.image_size, feeder.channels)
     masking = cell.variant.build_masking()
@@ -207,6 +213,7 @@ def run_cell(
             imgs_per_s=trained.images_per_second,
             final_loss=trained.history[-1]["loss"],
         )
+    metrics["peak_mem_mb"] = peak_memory_mb(feeder.device)
     display.evaluating()
     recon = cfg.eval.reconstruction
     if recon.enabled and not baseline:
@@ -223,6 +230,7 @@ def run_cell(
     features = FeatureCache(model, data, feeder)
     probe, knn = cfg.eval.linear_probe, cfg.eval.knn
     thresholds = predictions = None
+    confusions: dict[str, list[list[int]]] = {}
     if probe.enabled:
         train_x, test_x = features.get(probe.pool)
         lp, probs = linear_probe(
@@ -235,6 +243,7 @@ def run_cell(
             seed=cell.seed,
         )
         metrics.update(lp)
+        confusions["lp"] = confusion(data.test_labels.numpy(), probs.numpy())
         metrics.update(classification_metrics(data.test_labels.numpy(), probs.numpy(), "lp_"))
         predictions = pd.DataFrame(probs.numpy(), columns=[f"p_{c}" for c in data.class_names])
         predictions.insert(0, "label", data.test_labels.numpy())
@@ -253,10 +262,11 @@ def run_cell(
         metrics.update(classification_metrics(data.test_labels.numpy(), probs.numpy(), "knn_"))
     ft_history = None
     if cfg.eval.finetune.enabled:  # on a copy: the stored weights stay the pretrained ones
-        ft, history, _ = finetune(
+        ft, history, ft_probs = finetune(
             copy.deepcopy(model), data, feeder, cfg.eval.finetune, seed=cell.seed
         )
         metrics.update(ft)
+        confusions["ft"] = confusion(data.test_labels.numpy(), ft_probs.numpy())
         ft_history = pd.DataFrame(history)
     record = {
         "cell_id": cell.cell_id,
@@ -271,6 +281,7 @@ def run_cell(
             else describe(model, masking, losses)
         ),
         "baseline": baseline,
+        "confusion": confusions,
         "metrics": metrics,
         "data": {"mean": feeder.mean, "std": feeder.std, "num_classes": data.num_classes},
         "provenance": provenance(device_name(feeder.device)),

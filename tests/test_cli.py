@@ -67,6 +67,9 @@ def test_run_writes_cells_and_leaderboards(finished_run):
         ):
             assert prov[key], key
         assert record["config"]["seed"] == record["seed"]
+        assert record["metrics"]["peak_mem_mb"] > 10
+        matrix = record["confusion"]["lp"]
+        assert len(matrix) == 4 and sum(map(sum, matrix)) == 64  # tiny: 4 classes, 64 tests
         assert cell.name.endswith(record["config_hash"][:10])
         assert load_file(cell / "encoder.safetensors")
     runs = pd.read_csv(root / "runs.csv")
@@ -75,7 +78,19 @@ def test_run_writes_cells_and_leaderboards(finished_run):
     positions = [list(board.columns).index(c) for c in LEADERBOARD_COLUMNS]
     assert positions == sorted(positions)  # all there, in this order
     assert "lp_acc_std" in board.columns and "psnr_masked_std" in board.columns
-    for column in ("psnr_full", "hf_error", "knn_acc", "lp_f1_macro", "lp_auc", "lp_acc_ci95"):
+    for column in (
+        "psnr_full",
+        "hf_error",
+        "knn_acc",
+        "lp_f1_macro",
+        "lp_auc",
+        "lp_acc_ci95",
+        "f1_macro",
+        "auc",
+        "precision_macro",
+        "recall_macro",
+        "f1_macro_std",
+    ):
         assert column in board.columns, column
     assert board["rank"].tolist() == [1, 2]
     assert len(list((root / "thresholds").glob("*-seed*.csv"))) == 4
@@ -122,7 +137,14 @@ def test_report_regenerates_tables_and_plots(finished_run):
     result = invoke("report", str(root))
     assert result.exit_code == 0, result.output + str(result.exception)
     plots = {p.name: p.stat().st_size for p in (root / "plots").glob("*.png")}
-    assert set(plots) == {"loss_curves.png", "leaderboard_lp_acc.png", "reconstructions.png"}
+    assert set(plots) == {
+        "loss_curves.png",
+        "leaderboard_lp_acc.png",
+        "reconstructions.png",
+        "tsne.png",
+        "roc.png",
+        "thresholds.png",
+    }
     assert all(size > 5_000 for size in plots.values())
     assert (root / "leaderboard.csv").is_file()
     from PIL import Image
@@ -236,7 +258,7 @@ def test_missing_suite_and_bad_yaml_and_bad_set(tmp_path):
 def test_validate_show_prints_resolved_suite():
     result = invoke("validate", str(ROOT / "suites" / "quick.yaml"), "--show")
     assert result.exit_code == 0, result.output
-    assert "ok: suite 'quick': 7 variants x 1 seeds = 7 cells" in result.stdout
+    assert "ok: suite 'quick': (7 variants + 2 baseline(s)) x 3 seeds = 27 cells" in result.stdout
     resolved = yaml.safe_load(result.stdout.split("\n", 1)[1])
     assert resolved["variants"][1]["masking"] == {"name": "random", "ratio": 0.75}
 

@@ -118,6 +118,10 @@ def test_suite_with_finetune_and_baselines(tmp_path):
         rows.loc["scratch-vit", "lp_acc"]
     )
     assert pd.isna(rows.loc["random-init-vit", "psnr_masked"]) and rows.loc["vit", "ft_acc"] >= 0
+    # headline columns: fine-tuning where it ran, else the linear probe
+    assert rows.loc["vit", "f1_macro"] == rows.loc["vit", "ft_f1_macro"]
+    assert rows.loc["scratch-vit", "auc"] == rows.loc["scratch-vit", "ft_auc"]
+    assert rows.loc["random-init-vit", "f1_macro"] == rows.loc["random-init-vit", "lp_f1_macro"]
     board = pd.read_csv(root / "leaderboard.csv")
     assert {"ft_acc", "ft_f1_macro", "ft_auc", "ft_acc_ci95"} <= set(board.columns)
     # fine-tuning works on a copy: the stored encoder is the pretrained one
@@ -134,3 +138,4 @@ def test_suite_with_finetune_and_baselines(tmp_path):
     result = invoke("report", str(root))
     assert result.exit_code == 0, result.output + str(result.exception)
     assert (root / "plots" / "finetune_curves.png").stat().st_size > 5_000
+    assert (root / "plots" / "tsne.png").stat().st_size > 5_000
