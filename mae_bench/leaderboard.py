@@ -100,13 +100,11 @@ def leaderboard_table(runs: pd.DataFrame, primary: str = "lp_acc") -> pd.DataFra
     grouped = runs.groupby("variant", sort=False)
     board = grouped[ID_COLUMNS[1:]].first()
     board["seeds"] = grouped["seed"].count()
-    for metric in metrics:
-        board[metric] = grouped[metric].mean()
-    for metric in metrics:  # spreads after the means, so the CSV reads left to right
-        board[f"{metric}_std"] = grouped[metric].std(ddof=1)
-    for metric in metrics:
-        board[f"{metric}_ci95"] = ci95_halfwidth(board[f"{metric}_std"], board["seeds"])
-    board = board.reset_index()
+    means = grouped[metrics].mean()
+    stds = grouped[metrics].std(ddof=1)  # spreads after the means: the CSV reads left to right
+    cis = stds.apply(lambda column: ci95_halfwidth(column, board["seeds"]))
+    parts = [board, means, stds.add_suffix("_std"), cis.add_suffix("_ci95")]
+    board = pd.concat(parts, axis=1).reset_index()
     if primary in board:
         board = board.sort_values(
             primary, ascending=not higher_is_better(primary), kind="stable", na_position="last"

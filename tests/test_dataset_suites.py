@@ -19,6 +19,8 @@ SMALL = [
     "eval.linear_probe.epochs=2",
     "--set",
     "eval.reconstruction.num_images=8",
+    "--set",
+    "eval.finetune.epochs=1",
 ]
 
 
@@ -39,7 +41,10 @@ def run_suite(name, out, *overrides):
 
 def finished(out, suite):
     runs = pd.read_csv(out / suite / "runs.csv")
-    assert runs["lp_acc"].between(0, 1).all() and (runs["psnr_masked"] > 0).all()
+    pretrained = runs[runs["psnr_masked"].notna()]
+    assert len(pretrained) and pretrained["lp_acc"].between(0, 1).all()
+    assert (pretrained["psnr_masked"] > 0).all()
+    assert runs["lp_acc"].dropna().between(0, 1).all()
     return runs
 
 
@@ -47,7 +52,8 @@ def test_stl10_suite(tmp_path):
     write_stl10(tmp_path / "data")
     run_suite("stl10", tmp_path / "out", "--set", f"dataset.root={tmp_path / 'data'}")
     runs = finished(tmp_path / "out", "stl10")
-    assert sorted(runs["variant"]) == ["mae-improved", "mae-original"]
+    assert sorted(runs["variant"]) == ["mae-improved", "mae-original", "random-init", "scratch"]
+    assert runs["ft_acc"].notna().sum() == 3  # the two variants and scratch
 
 
 def test_stl10_vitb_suite_shrunk(tmp_path):
@@ -66,7 +72,7 @@ def test_stl10_vitb_suite_shrunk(tmp_path):
         "--set",
         "variants.vitb-l1.encoder.decoder_depth=1",
     )
-    (cell,) = (tmp_path / "out" / "stl10-vitb" / "cells").iterdir()
+    (cell,) = (tmp_path / "out" / "stl10-vitb" / "cells").glob("vitb-l1-*")
     record = json.loads((cell / "result.json").read_text())
     assert record["components"]["encoder"] == "timm(vit_base_patch16_224)"
     assert record["config"]["dataset"]["pretrain_split"] == "train+unlabeled"
@@ -83,7 +89,11 @@ def test_cifar10_suite(tmp_path):
         "variants=[{name: vit, encoder: {name: vit, patch_size: 4, dim: 32, "
         "depth: 1, heads: 2, decoder_dim: 32, decoder_depth: 1}}]",
     )
-    assert len(finished(tmp_path / "out", "cifar10")) == 1
+    assert sorted(finished(tmp_path / "out", "cifar10")["variant"]) == [
+        "random-init",
+        "scratch",
+        "vit",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -102,7 +112,7 @@ def test_imagefolder_suites(tmp_path, suite, classes):
         f"dataset.cache_dir={tmp_path / 'cache'}",
     )
     runs = finished(out, suite.replace("_", "-"))
-    assert len(runs) == (2 if suite == "cats_dogs" else 1)
+    assert len(runs) == (2 if suite == "cats_dogs" else 1) + (4 if suite == "cats_dogs" else 2)
     md = (out / suite.replace("_", "-") / "leaderboard.md").read_text()
     positive = "dog" if suite == "cats_dogs" else "abnormal"
     assert "## Threshold analysis" in md and f"(positive: {positive})" in md
