@@ -231,6 +231,7 @@ def run_cell(
     probe, knn = cfg.eval.linear_probe, cfg.eval.knn
     thresholds = predictions = None
     confusions: dict[str, list[list[int]]] = {}
+    test_y = data.test_labels.numpy()
     if probe.enabled:
         train_x, test_x = features.get(probe.pool)
         lp, probs = linear_probe(
@@ -243,10 +244,10 @@ def run_cell(
             seed=cell.seed,
         )
         metrics.update(lp)
-        confusions["lp"] = confusion(data.test_labels.numpy(), probs.numpy())
-        metrics.update(classification_metrics(data.test_labels.numpy(), probs.numpy(), "lp_"))
+        confusions["lp"] = confusion(test_y, probs.numpy())
+        metrics.update(classification_metrics(test_y, probs.numpy(), "lp_"))
         predictions = pd.DataFrame(probs.numpy(), columns=[f"p_{c}" for c in data.class_names])
-        predictions.insert(0, "label", data.test_labels.numpy())
+        predictions.insert(0, "label", test_y)
         thresholds, best = threshold_analysis(data, probs, cfg.eval.thresholds.values())
         metrics.update({f"lp_{k}": v for k, v in best.items()})
     if knn.enabled:
@@ -259,14 +260,14 @@ def run_cell(
             k=knn.k,
             temperature=knn.temperature,
         )
-        metrics.update(classification_metrics(data.test_labels.numpy(), probs.numpy(), "knn_"))
+        metrics.update(classification_metrics(test_y, probs.numpy(), "knn_"))
     ft_history = None
     if cfg.eval.finetune.enabled:  # on a copy: the stored weights stay the pretrained ones
         ft, history, ft_probs = finetune(
             copy.deepcopy(model), data, feeder, cfg.eval.finetune, seed=cell.seed
         )
         metrics.update(ft)
-        confusions["ft"] = confusion(data.test_labels.numpy(), ft_probs.numpy())
+        confusions["ft"] = confusion(test_y, ft_probs.numpy())
         ft_history = pd.DataFrame(history)
     record = {
         "cell_id": cell.cell_id,
