@@ -34,6 +34,11 @@ def higher_is_better(metric: str) -> bool:
     return metric not in LOWER_IS_BETTER
 
 
+def scratch_name(baseline_variant: str) -> str:
+    """The leaderboard name of a baseline cell's fine-tuning (from-scratch) row."""
+    return baseline_variant.replace("random-init", "scratch")
+
+
 def _baseline_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
     """A no-pretraining cell as two rows: ``random-init`` (frozen features, no ft_*) and
     ``scratch`` (the fine-tuning recipe from random init: ft_* only)."""
@@ -42,7 +47,7 @@ def _baseline_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
     if not finetuned:
         return [frozen]
     ids = {k: v for k, v in row.items() if not isinstance(v, float) or k == "params_m"}
-    scratch = {**ids, **finetuned, "variant": row["variant"].replace("random-init", "scratch")}
+    scratch = {**ids, **finetuned, "variant": scratch_name(row["variant"])}
     return [frozen, scratch]
 
 

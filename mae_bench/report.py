@@ -24,10 +24,19 @@ from mae_bench.contract import ImageData, Mask, MaskedAutoencoder
 from mae_bench.data import ImageFeeder
 from mae_bench.evaluate import extract_features, fixed_masks
 from mae_bench.layers import patch_mask_to_pixels, unpatchify
-from mae_bench.leaderboard import write_leaderboard
+from mae_bench.leaderboard import scratch_name, write_leaderboard
 from mae_bench.plugins import Registry
 from mae_bench.results import CellStore, read_suite_record
 from mae_bench.suite import Suite, resolve_suite
+
+
+def lowest_seed_cells(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One record per variant: the cell with its lowest seed, in record order."""
+    first: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r["variant"] not in first or r["seed"] < first[r["variant"]]["seed"]:
+            first[r["variant"]] = r
+    return first
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -68,8 +77,8 @@ def plot_finetune_curves(records: list[dict[str, Any]], store: CellStore, out: P
     for r in records:
         path = store.path(r["cell_id"]) / "finetune.csv"
         if path.is_file():
-            name = r["variant"].replace("random-init", "scratch") if r.get("baseline") else None
-            frames.append(pd.read_csv(path).assign(variant=name or r["variant"], seed=r["seed"]))
+            name = scratch_name(r["variant"]) if r.get("baseline") else r["variant"]
+            frames.append(pd.read_csv(path).assign(variant=name, seed=r["seed"]))
     if not frames:
         return None
     data = pd.concat(frames, ignore_index=True).dropna(subset=["test_acc"])
@@ -95,11 +104,10 @@ def plot_roc_and_thresholds(
     """ROC curves and precision/recall/F1 vs threshold of the linear probe, one line per
     variant (lowest seed). Binary tasks use the positive class; multi-class tasks the
     micro-averaged one-vs-rest ROC and the class-averaged threshold curves."""
-    first: dict[str, dict[str, Any]] = {}
-    for r in records:
-        has = (store.path(r["cell_id"]) / "predictions.csv").is_file()
-        if has and (r["variant"] not in first or r["seed"] < first[r["variant"]]["seed"]):
-            first[r["variant"]] = r
+    with_predictions = [
+        r for r in records if (store.path(r["cell_id"]) / "predictions.csv").is_file()
+    ]
+    first = lowest_seed_cells(with_predictions)
     if not first:
         return []
     fig_t, ax_t = plt.subplots(figsize=(7, 4))
@@ -150,10 +158,7 @@ def load_stored_models(
     data = suite.build_dataset().load()
     ds = suite.config.dataset
     store = CellStore(root)
-    first: dict[str, dict[str, Any]] = {}
-    for r in records:  # one cell per variant: its lowest seed
-        if r["variant"] not in first or r["seed"] < first[r["variant"]]["seed"]:
-            first[r["variant"]] = r
+    first = lowest_seed_cells(records)
     models = {}
     for variant in [*suite.variants, *suite.baseline_variants()]:
         if variant.name not in first:

@@ -26,6 +26,11 @@ def _hint(archive: str, folder: str) -> str:
     )
 
 
+def _text(value: Any) -> Any:
+    """A Python-2 ``str`` read as bytes, decoded; anything else as is."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def read_batch(path: Path, dataset: str, hint: str) -> dict[str, Any]:
     """One pickled batch, keys decoded to str."""
     require_file(path, dataset, hint)
@@ -34,7 +39,7 @@ def read_batch(path: Path, dataset: str, hint: str) -> dict[str, Any]:
             raw = pickle.load(handle, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise UserError(f"{dataset}: {path} is not a readable CIFAR batch ({exc})") from None
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    return {_text(k): v for k, v in raw.items()}
 
 
 def batch_images(batch: dict[str, Any], path: Path, dataset: str) -> torch.Tensor:
@@ -65,7 +70,7 @@ class CIFAR10Dataset(Dataset):
 
     def _label_names(self, folder: Path, hint: str) -> list[str]:
         meta = read_batch(folder / "batches.meta", self.name, hint)
-        return [n.decode() if isinstance(n, bytes) else n for n in meta["label_names"]]
+        return [_text(n) for n in meta["label_names"]]
 
     def _split(self, folder: Path, files: tuple[str, ...], hint: str):
         images, labels = [], []
@@ -125,7 +130,7 @@ class CIFAR100Dataset(CIFAR10Dataset):
     def _label_names(self, folder: Path, hint: str) -> list[str]:
         meta = read_batch(folder / "meta", self.name, hint)
         names = meta[f"{self.params.labels}_label_names"]
-        return [n.decode() if isinstance(n, bytes) else n for n in names]
+        return [_text(n) for n in names]
 
 
 @hookimpl
