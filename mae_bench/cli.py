@@ -74,6 +74,7 @@ def run(suite_file: str, out_dir: str, device: str, overrides: tuple[str, ...]) 
     from mae_bench.suite import load_suite
 
     suite = load_suite(suite_file, load_registry(), overrides)
+    _warn(suite.warnings)
     torch_device = resolve_device(device)
     try:
         summary = run_suite(suite, Path(out_dir), torch_device)
@@ -83,8 +84,16 @@ def run(suite_file: str, out_dir: str, device: str, overrides: tuple[str, ...]) 
     click.echo(leaderboard_markdown(summary.leaderboard, title=suite.name))
     click.echo(f"results: {summary.root}", err=True)
     if summary.failed:
-        click.echo(f"{len(summary.failed)} cell(s) failed: {', '.join(summary.failed)}", err=True)
+        click.echo(f"{len(summary.failed)} cell(s) failed (a re-run retries them):", err=True)
+        for cell_id, path in summary.failed.items():
+            reason = path.read_text(encoding="utf-8").splitlines()[0]
+            click.echo(f"  {cell_id}: {reason} (traceback: {path})", err=True)
         sys.exit(1)
+
+
+def _warn(warnings: tuple[str, ...]) -> None:
+    for warning in warnings:
+        click.echo(click.style(f"warning: {warning}", fg="yellow"), err=True)
 
 
 @cli.command()
@@ -97,6 +106,7 @@ def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
     from mae_bench.suite import load_suite
 
     suite = load_suite(suite_file, load_registry(), overrides)
+    _warn(suite.warnings)
     cells = suite.cells()
     baselines = len(suite.baseline_variants())
     extra = f" + {baselines} baseline(s)" if baselines else ""
@@ -173,6 +183,35 @@ def report(results_dir: str) -> None:
     for path in paths:
         click.echo(str(path))
     click.echo(f"{len(paths)} plots written", err=True)
+
+
+@cli.command()
+@click.argument("cell_dir", metavar="CELL_DIR", type=click.Path())
+@click.argument("out_file", metavar="OUT")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["timm"]),
+    default="timm",
+    show_default=True,
+    help="Layout of the written weights.",
+)
+@_user_errors
+def export(cell_dir: str, out_file: str, fmt: str) -> None:
+    """Write a finished cell's encoder for another library (OUT: a .safetensors file).
+
+    Prints the call that loads it, e.g. timm.create_model(..., pretrained=True,
+    pretrained_cfg_overlay=dict(file=OUT)); the arguments are also saved as OUT.json.
+    """
+    from mae_bench.export import export_cell
+
+    out, kwargs = export_cell(Path(cell_dir), Path(out_file), fmt, load_registry())
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "model_name")
+    click.echo(
+        f"import timm\nmodel = timm.create_model({kwargs['model_name']!r}, pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file={str(out)!r}), {args})"
+    )
+    click.echo(f"written: {out} and {out}.json", err=True)
 
 
 def main() -> None:

@@ -12,13 +12,19 @@ Plugins depend on this module and ``mae_bench.layers``; the core never imports a
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from timm.layers import DropPath
+from timm.models import group_parameters
+from timm.models.vision_transformer import Block
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from mae_bench.layers import patchify, random_mask
@@ -40,11 +46,6 @@ class Mask:
     ids_keep: Tensor  # (B, K) indices of visible patches, in encoder order
     ids_restore: Tensor  # (B, L) inverse permutation, to put tokens back in patch order
     mask: Tensor  # (B, L) float, 1 = masked, 0 = visible
-
-    @property
-    def ratio(self) -> float:
-        """Fraction of masked patches."""
-        return float(self.mask.mean())
 
 
 class MaskingStrategy(ABC):
@@ -88,7 +89,6 @@ class MAEOutput:
 
     pred: Tensor  # (B, L, p*p*C) reconstruction of every patch
     latent: Tensor  # (B, prefix + K, D) encoder tokens of the visible patches
-    embedding: Tensor  # (B, D) pooled encoder embedding of the visible patches
 
 
 class MaskedAutoencoder(nn.Module, ABC):
@@ -151,7 +151,86 @@ class MaskedAutoencoder(nn.Module, ABC):
         """Encode the visible patches, decode all of them."""
         latent = self.forward_encoder(imgs, mask.ids_keep)
         pred = self.forward_decoder(latent, mask.ids_restore)
-        return MAEOutput(pred=pred, latent=latent, embedding=self.pool(latent))
+        return MAEOutput(pred=pred, latent=latent)
+
+    # ----------------------------------------------------------- what the model knows of itself
+    def no_weight_decay(self) -> set[str]:
+        """Qualified names of the parameters trained without weight decay (tokens, positions).
+
+        By default the union of ``encoder.no_weight_decay()`` and ``decoder.no_weight_decay()``
+        (timm's convention, names relative to the submodule) where they define it; 1-D
+        parameters (biases, norms) never get weight decay anyway.
+        """
+        names = set()
+        for part in ("encoder", "decoder"):
+            module = getattr(self, part, None)
+            if module is not None and hasattr(module, "no_weight_decay"):
+                names |= {f"{part}.{n}" for n in module.no_weight_decay()}
+        return names
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups of the whole model for pretraining: weight decay except on
+        ``no_weight_decay()`` and 1-D parameters."""
+        return param_groups_weight_decay(
+            self, weight_decay, no_weight_decay_list=sorted(self.no_weight_decay())
+        )
+
+    def encoder_param_groups(self, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups of the encoder alone for fine-tuning, each with an ``lr_scale``.
+
+        Layers come from the encoder's timm-style ``group_matcher`` (stem, ``blocks.N``; the
+        final norm merged with the last block, as timm groups it); the classifier head sits
+        one layer above, at scale 1. Block ``i`` of ``depth`` gets
+        ``layer_decay ** (depth - i)`` (the last block ``layer_decay``, as in the official
+        MAE), the stem ``layer_decay ** (depth + 1)``. Encoders without a ``group_matcher``
+        get one scale, 1. No weight decay on 1-D parameters and ``no_weight_decay()`` names.
+        """
+        encoder = self.encoder
+        no_decay = set(getattr(encoder, "no_weight_decay", set)())
+        layer_of: dict[str, int] = {}
+        if hasattr(encoder, "group_matcher"):
+            layer_of = group_parameters(encoder, encoder.group_matcher(coarse=False), reverse=True)
+        top = max(layer_of.values(), default=-1) + 1
+        groups: dict[tuple[float, bool], dict[str, Any]] = {}
+        for name, param in encoder.named_parameters():
+            if not param.requires_grad:
+                continue
+            scale = layer_decay ** (top - layer_of.get(name, top))
+            skip_decay = param.ndim <= 1 or name in no_decay
+            decay = 0.0 if skip_decay else weight_decay
+            group = groups.setdefault(
+                (scale, skip_decay), {"params": [], "weight_decay": decay, "lr_scale": scale}
+            )
+            group["params"].append(param)
+        return list(groups.values())
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth on the encoder's timm ``Block``s, rising linearly to ``rate`` at the
+        last block; override for encoders built from other blocks."""
+        blocks = [m for m in self.encoder.modules() if isinstance(m, Block)]
+        for i, block in enumerate(blocks):
+            r = rate * i / max(1, len(blocks) - 1)
+            block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
+            block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
+
+    def without_decoder(self) -> MaskedAutoencoder:
+        """A deep copy holding the encoder only (for fine-tuning: the decoder is not trained)."""
+        clone = copy.deepcopy(self)
+        clone.decoder = None
+        return clone
+
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Map a checkpoint of another layout (e.g. an official release) to this model's
+        ``state_dict`` keys; by default the keys are taken as they are."""
+        return state_dict
+
+    def export_state_dict(self, fmt: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The encoder's weights in another library's layout, and the keyword arguments that
+        build the matching model there (``timm.create_model(**kwargs)`` for ``timm``).
+
+        Raise ``ValueError`` for a format the model cannot be exported to.
+        """
+        raise ValueError(f"the {self.name!r} encoder cannot be exported to {fmt!r}")
 
     def forward_features(self, imgs: Tensor, pool: Pool = "cls") -> Tensor:
         """Frozen-feature extraction for probes: every patch visible, pooled to (B, D)."""
@@ -164,6 +243,10 @@ class MaskedAutoencoder(nn.Module, ABC):
 
 
 # --------------------------------------------------------------------------- losses
+def _mean_pool(latent: Tensor, pool: Pool) -> Tensor:
+    return latent.mean(dim=1)
+
+
 @dataclass(frozen=True)
 class LossInputs:
     """Everything a loss may look at for one batch."""
@@ -171,13 +254,18 @@ class LossInputs:
     imgs: Tensor  # (B, C, H, W) normalized model input
     pred: Tensor  # (B, L, p*p*C)
     mask: Tensor  # (B, L), 1 = masked
-    embedding: Tensor  # (B, D) pooled encoder embedding of the visible patches
+    latent: Tensor  # (B, prefix + K, D) encoder tokens of the visible patches
     patch_size: int
+    pooler: Callable[[Tensor, Pool], Tensor] = _mean_pool  # the model's ``pool``
 
     @cached_property
     def target(self) -> Tensor:
         """The input cut into patches, (B, L, p*p*C), in the layout of ``pred``."""
         return patchify(self.imgs, self.patch_size)
+
+    def embedding(self, pool: Pool = "mean") -> Tensor:
+        """(B, D) encoder embedding of the visible patches, pooled as the model pools."""
+        return self.pooler(self.latent, pool)
 
 
 class Loss(ABC):
@@ -191,9 +279,18 @@ class Loss(ABC):
         self.params = params
 
     @property
-    def normalizes_target(self) -> bool:
-        """True when the model learns per-patch normalized pixels rather than pixels."""
-        return False
+    def prediction_space(self) -> str | None:
+        """What this loss trains ``pred`` to be: ``"pixels"`` (the patches of the normalized
+        input, the default), another name (``"norm_pix"``: per-patch normalized pixels), or
+        None for a term that does not read ``pred`` (a regularizer). The losses of one variant
+        must agree; a suite mixing spaces is refused at validation."""
+        return "pixels"
+
+    def to_input_space(self, pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """Map ``pred`` (B, L, p*p*C) to the normalized input space, for reconstruction
+        metrics and pictures. ``target`` is the input patchified; only its visible patches
+        (``mask`` 0) may be used: a masked patch's content is what is being predicted."""
+        return pred
 
     @abstractmethod
     def __call__(self, inputs: LossInputs) -> Tensor:
@@ -202,6 +299,20 @@ class Loss(ABC):
     def summary(self) -> str:
         """Short human-readable description for leaderboards."""
         return self.name
+
+
+def prediction_loss(losses: list[Loss]) -> Loss | None:
+    """The first of a variant's losses that reads ``pred``: it says what predictions mean and
+    maps them back to the input space. ``ValueError`` if the losses disagree on it."""
+    readers = [loss for loss in losses if loss.prediction_space is not None]
+    spaces = {loss.summary(): loss.prediction_space for loss in readers}
+    if len(set(spaces.values())) > 1:
+        described = ", ".join(f"{name} trains them as {space}" for name, space in spaces.items())
+        raise ValueError(
+            f"the loss terms disagree on what the model predicts ({described}); "
+            "use terms of one prediction space"
+        )
+    return readers[0] if readers else None
 
 
 # --------------------------------------------------------------------------- datasets
@@ -290,6 +401,12 @@ class Dataset(ABC):
 
     def __init__(self, params: Params) -> None:
         self.params = params
+
+    @property
+    def pretrain_sees_test(self) -> bool:
+        """True when the pretraining images (which also fit the normalisation) include the
+        test images: results are then optimistic, warned about and marked in leaderboards."""
+        return False
 
     @abstractmethod
     def load(self) -> ImageData:

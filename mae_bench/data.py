@@ -89,8 +89,8 @@ class ImageFeeder:
     ) -> Tensor:
         """Random resized crop and horizontal flip of a whole batch at once, to [0, 1] pixels.
 
-        Crops follow torchvision's RandomResizedCrop (area fraction in ``crop_scale``,
-        log-uniform aspect ratio, clamped to the image). Crop, resize to ``image_size`` (PIL's
+        Crops are drawn as torchvision's RandomResizedCrop draws them (:func:`sample_crops`).
+        Crop, resize to ``image_size`` (PIL's
         bilinear filter: linear when enlarging, an antialiasing triangle when shrinking) and
         flip are one linear map per axis, applied to the whole batch as two matrix products.
         Random numbers come from ``generator`` on the CPU, so runs are reproducible.
@@ -101,14 +101,7 @@ class ImageFeeder:
         x0, y0 = torch.zeros(b), torch.zeros(b)
         cw, ch = torch.full((b,), float(w)), torch.full((b,), float(h))
         if cfg.crop_scale:
-            lo, hi = cfg.crop_scale
-            area = h * w * (lo + (hi - lo) * torch.rand(b, generator=generator))
-            log_lo, log_hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
-            ratio = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(b, generator=generator))
-            cw = (area * ratio).sqrt().clamp(1, w)
-            ch = (area / ratio).sqrt().clamp(1, h)
-            x0 = (w - cw) * torch.rand(b, generator=generator)
-            y0 = (h - ch) * torch.rand(b, generator=generator)
+            x0, y0, cw, ch = sample_crops(b, h, w, cfg.crop_scale, cfg.crop_ratio, generator)
         rows = resample_weights(y0, ch, h, self.image_size)
         cols = resample_weights(x0, cw, w, self.image_size)
         if cfg.hflip:
@@ -135,6 +128,50 @@ class ImageFeeder:
         """Normalized model-space images -> [0, 1] pixels (clamped)."""
         mean, std = self._stats(x)
         return (x * std + mean).clamp(0.0, 1.0)
+
+
+def sample_crops(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None = None,
+    tries: int = 10,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``n`` crop boxes ``(x0, y0, w, h)`` drawn as torchvision's ``RandomResizedCrop``.
+
+    Per crop: up to ``tries`` draws of an area fraction (uniform in ``scale``) and a
+    log-uniform aspect ratio, sides rounded to whole pixels; the first that fits the image is
+    placed uniformly at random (whole-pixel offsets). When none fits, the fallback centre
+    crop: the whole image, narrowed to the nearest allowed aspect ratio. Vectorised: all
+    tries are drawn at once from ``generator`` (CPU).
+    """
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, generator=generator))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, tries, generator=generator))
+    cand_w = (target * aspect).sqrt().round()
+    cand_h = (target / aspect).sqrt().round()
+    fits = (cand_w > 0) & (cand_w <= width) & (cand_h > 0) & (cand_h <= height)
+    first = fits.float().argmax(dim=1, keepdim=True)  # first fitting try (0 when none fits)
+    found = fits.any(dim=1)
+    cw = cand_w.gather(1, first).squeeze(1)
+    ch = cand_h.gather(1, first).squeeze(1)
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fallback_w, fallback_h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fallback_w, fallback_h = round(height * ratio[1]), height
+    else:
+        fallback_w, fallback_h = width, height
+    cw = torch.where(found, cw, torch.full_like(cw, fallback_w))
+    ch = torch.where(found, ch, torch.full_like(ch, fallback_h))
+    # torch.randint's upper bound is per call: draw uniforms and floor them per crop
+    u = torch.rand(n, 2, generator=generator)
+    x0 = torch.where(found, (u[:, 0] * (width - cw + 1)).floor(), (width - cw) // 2)
+    y0 = torch.where(found, (u[:, 1] * (height - ch + 1)).floor(), (height - ch) // 2)
+    return x0, y0, cw, ch
 
 
 def resample_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:

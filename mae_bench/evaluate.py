@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mae_bench.contract import Mask, MaskedAutoencoder, Pool
+from mae_bench.contract import Loss, Mask, MaskedAutoencoder, Pool
 from mae_bench.data import ImageFeeder, index_batches
 from mae_bench.device import autocast
-from mae_bench.layers import laplacian, patch_mask_to_pixels, patchify, random_mask, unpatchify
+from mae_bench.layers import (
+    masked_laplacian_error,
+    patch_mask_to_pixels,
+    patchify,
+    random_mask,
+    unpatchify,
+)
 from mae_bench.suite import LinearProbeConfig, ReconstructionConfig
 
 
@@ -40,7 +47,10 @@ def linear_probe(
 ) -> tuple[dict[str, float], Tensor]:
     """The MAE linear-probe head (BatchNorm without affine, then linear) on cached features.
 
-    Returns ``{"lp_acc", "lp_train_acc"}`` and the test-set class probabilities (N, K).
+    The BatchNorm normalises with batch statistics while training, and at test time with the
+    exact mean and variance of all the training features (not a momentum-averaged estimate,
+    which lags far behind on short probes). Returns ``{"lp_acc", "lp_train_acc"}`` and the
+    test-set class probabilities (N, K).
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -65,6 +75,9 @@ def linear_probe(
             loss.backward()
             optimizer.step()
             schedule.step()
+    norm = head[0]
+    norm.running_mean.copy_(train_x.mean(dim=0))
+    norm.running_var.copy_(train_x.var(dim=0))
     head.eval()
     with torch.no_grad():
         train_acc = (head(train_x).argmax(1) == train_y).float().mean().item()
@@ -97,6 +110,24 @@ def knn_classify(
     return torch.cat(out)
 
 
+def evaluation_sample(labels: Tensor, n: int, seed: int = 0) -> Tensor:
+    """Sorted indices of a fixed-seed, class-stratified sample of ``n`` labelled images (all
+    when ``n`` covers them): the same images for every variant, every class represented in
+    proportion even when a dataset stores its images sorted by class."""
+    if n >= len(labels):
+        return torch.arange(len(labels))
+    from sklearn.model_selection import train_test_split
+
+    index = np.arange(len(labels))
+    try:
+        keep, _ = train_test_split(
+            index, train_size=n, stratify=labels.numpy(), random_state=seed
+        )
+    except ValueError:  # a class too small to stratify: a plain fixed-seed sample
+        keep = np.random.default_rng(seed).choice(len(labels), n, replace=False)
+    return torch.from_numpy(np.sort(keep))
+
+
 def fixed_masks(n: int, num_patches: int, cfg: ReconstructionConfig) -> Mask:
     """The evaluation masks: the same for every variant with the same patch grid."""
     generator = torch.Generator().manual_seed(cfg.mask_seed)
@@ -108,43 +139,50 @@ def _psnr(mse: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def reconstruct(
+    model: MaskedAutoencoder, x: Tensor, mask: Mask, decoder_loss: Loss | None
+) -> Tensor:
+    """The model's prediction of every patch of normalized ``x``, as a normalized image
+    (B, C, H, W): mapped back from the loss's prediction space (``to_input_space``), which
+    may use the visible patches of ``x`` only."""
+    with autocast(x.device):
+        pred = model(x, mask).pred.float()
+    if decoder_loss is not None:
+        pred = decoder_loss.to_input_space(pred, patchify(x, model.patch_size), mask.mask)
+    return unpatchify(pred, model.patch_size, x.shape[1])
+
+
+@torch.no_grad()
 def reconstruction_quality(
     model: MaskedAutoencoder,
     images: Tensor,
     feeder: ImageFeeder,
     cfg: ReconstructionConfig,
     *,
-    normalized_target: bool,
+    decoder_loss: Loss | None,
     mean_image: Tensor,
 ) -> dict[str, float]:
     """Reconstruction quality on held-out images, pixels in [0, 1], means over images.
 
-    ``psnr_masked``: PSNR over the masked patches. ``psnr_full``: PSNR of the raw prediction of
-    every patch, visible ones included. ``hf_error``: mean squared difference of the Laplacian
-    (high-frequency content) of the reconstruction (visible patches from the input, masked
-    ones predicted) and of the input, over the masked pixels.
+    ``images`` are the evaluation sample (:func:`evaluation_sample`), masked with
+    :func:`fixed_masks`: the same for every variant. ``psnr_masked``: PSNR over the masked
+    patches. ``psnr_full``: PSNR of the raw prediction of every patch, visible ones included.
+    ``hf_error``: :func:`mae_bench.layers.masked_laplacian_error` (the ``laplacian`` loss's
+    definition) of the reconstruction, in pixels.
 
-    ``normalized_target``: the model predicts per-patch normalized pixels (``norm_pix``); its
-    output is mapped back with each target patch's mean and std, as the MAE authors do to
-    visualise such models. ``mean_image`` ([0, 1], C x H x W) gives the PSNR of predicting the
-    mean training image, a floor every useful model must clear.
+    ``decoder_loss`` maps predictions back to the input (``Loss.to_input_space``): for
+    ``mse(norm_pix)`` a masked patch is de-normalised with the image's visible-patch
+    statistics, never with its own. ``mean_image`` ([0, 1], C x H x W) gives the PSNR of
+    predicting the mean training image, a floor every useful model must clear.
     """
     model.eval()
-    images = images[: cfg.num_images]
     masks = fixed_masks(len(images), model.num_patches, cfg)
     p = model.patch_size
     psnr_model, psnr_mean, psnr_full, hf_error = [], [], [], []
     for idx in index_batches(len(images), cfg.batch_size):
         x = feeder(images[idx])
         mask = Mask(*(t[idx].to(x.device) for t in (masks.ids_keep, masks.ids_restore, masks.mask)))
-        with autocast(feeder.device):
-            pred = model(x, mask).pred.float()
-        if normalized_target:
-            target = patchify(x, p)
-            mean = target.mean(dim=-1, keepdim=True)
-            std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
-            pred = pred * std + mean
-        recon = feeder.to_pixels(unpatchify(pred, p, x.shape[1]))
+        recon = feeder.to_pixels(reconstruct(model, x, mask, decoder_loss))
         truth = feeder.to_pixels(x)
         pixel_mask = patch_mask_to_pixels(mask.mask, p)
         denom = pixel_mask.sum(dim=(1, 2, 3)) * x.shape[1]
@@ -152,9 +190,7 @@ def reconstruction_quality(
             mse = (((guess - truth) ** 2) * pixel_mask).sum(dim=(1, 2, 3)) / denom
             out.append(_psnr(mse).cpu())
         psnr_full.append(_psnr(((recon - truth) ** 2).mean(dim=(1, 2, 3))).cpu())
-        composite = recon * pixel_mask + truth * (1 - pixel_mask)
-        hf = (laplacian(composite) - laplacian(truth)) ** 2
-        hf_error.append(((hf * pixel_mask).sum(dim=(1, 2, 3)) / denom).cpu())
+        hf_error.append(masked_laplacian_error(recon, truth, pixel_mask).cpu())
     return {
         "psnr_masked": torch.cat(psnr_model).mean().item(),
         "psnr_full": torch.cat(psnr_full).mean().item(),

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import torch
-from timm.layers import DropPath
-from timm.models.vision_transformer import Block
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from mae_bench.contract import ImageData, MaskedAutoencoder, Pool
@@ -18,24 +16,33 @@ from mae_bench.metrics import classification_metrics
 from mae_bench.suite import FinetuneConfig
 from mae_bench.train import lr_at
 
-_BLOCK = re.compile(r"blocks\.(\d+)\.")
-_EMBEDDING = ("patch_embed", "cls_token", "pos_embed", "reg_token")
-
 
 class Classifier(nn.Module):
-    """An MAE's encoder (all patches visible, pooled) followed by a normalized linear head."""
+    """An MAE's encoder (all patches visible, pooled) followed by a normalized linear head.
+
+    Holds the encoder only (``model.without_decoder()``); the head is created on the
+    encoder's device.
+    """
 
     def __init__(self, model: MaskedAutoencoder, num_classes: int, pool: Pool) -> None:
         super().__init__()
-        self.model = model
+        self.model = model.without_decoder()
         self.pool = pool
-        self.norm = nn.LayerNorm(model.embed_dim)
-        self.head = nn.Linear(model.embed_dim, num_classes)
+        device = next(self.model.parameters()).device
+        self.norm = nn.LayerNorm(model.embed_dim, device=device)
+        self.head = nn.Linear(model.embed_dim, num_classes, device=device)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.norm(self.model.forward_features(x, self.pool)))
+
+    def param_groups(self, weight_decay: float, layer_decay: float) -> list[dict[str, object]]:
+        """The encoder's own groups (layer-wise lr decay, as the model defines them) and the
+        head and its norm at the full lr (no weight decay on 1-D parameters)."""
+        head = nn.ModuleDict({"norm": self.norm, "head": self.head})
+        top = [{**g, "lr_scale": 1.0} for g in param_groups_weight_decay(head, weight_decay)]
+        return [*self.model.encoder_param_groups(weight_decay, layer_decay), *top]
 
 
 def label_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
@@ -53,49 +60,6 @@ def label_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
     except ValueError:  # a class too small to stratify
         keep = np.random.default_rng(seed).choice(len(y), n_keep, replace=False)
     return torch.from_numpy(np.sort(keep))
-
-
-def set_drop_path(encoder: nn.Module, rate: float) -> None:
-    """Stochastic depth on the encoder's timm blocks, rising linearly to ``rate``."""
-    blocks = [m for m in encoder.modules() if isinstance(m, Block)]
-    for i, block in enumerate(blocks):
-        r = rate * i / max(1, len(blocks) - 1)
-        block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
-        block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
-
-
-def param_groups(
-    classifier: Classifier, weight_decay: float, layer_decay: float
-) -> list[dict[str, object]]:
-    """AdamW groups: no decay on 1-D params and tokens; lr scaled per block (layer decay).
-
-    Block ``i`` of the encoder gets ``layer_decay ** (depth + 1 - (i + 1))``; embeddings get
-    the smallest scale, everything after the blocks (norms, head) the full lr. Encoders
-    without ``blocks.N`` parameters (the MLP) get one scale.
-    """
-    names = [n for n, p in classifier.named_parameters() if p.requires_grad]
-    depth = max((int(m.group(1)) + 1 for n in names if (m := _BLOCK.search(n))), default=0)
-    groups: dict[tuple[int, bool], dict[str, object]] = {}
-    for name, param in classifier.named_parameters():
-        if not param.requires_grad:
-            continue
-        match = _BLOCK.search(name)
-        if match:
-            layer = int(match.group(1)) + 1
-        elif name.startswith("model.") and any(e in name for e in _EMBEDDING):
-            layer = 0
-        else:
-            layer = depth + 1
-        no_decay = param.ndim <= 1 or any(t in name for t in ("cls_token", "pos_embed"))
-        key = (layer, no_decay)
-        if key not in groups:
-            groups[key] = {
-                "params": [],
-                "weight_decay": 0.0 if no_decay else weight_decay,
-                "lr_scale": layer_decay ** (depth + 1 - layer),
-            }
-        groups[key]["params"].append(param)
-    return list(groups.values())
 
 
 @torch.no_grad()
@@ -117,7 +81,8 @@ def finetune(
     *,
     seed: int,
 ) -> tuple[dict[str, float], list[dict[str, float]], Tensor]:
-    """Fine-tune ``model``'s encoder on a label fraction; (ft_* metrics, history, test probs).
+    """Fine-tune a copy of ``model``'s encoder (on ``feeder.device``) on a label fraction;
+    returns (ft_* metrics, history, test probs); ``model`` itself is left untouched.
 
     The history has the training loss and the test accuracy and macro F1 after every epoch.
     """
@@ -125,9 +90,9 @@ def finetune(
     torch.manual_seed(seed)
     subset = label_subset(data.train_labels, cfg.label_fraction, seed)
     images, labels = data.train_images[subset], data.train_labels[subset]
-    set_drop_path(model.encoder, cfg.drop_path)
-    classifier = Classifier(model, data.num_classes, cfg.pool).to(device)
-    groups = param_groups(classifier, cfg.weight_decay, cfg.layer_decay)
+    classifier = Classifier(model, data.num_classes, cfg.pool)
+    classifier.model.set_drop_path(cfg.drop_path)
+    groups = classifier.param_groups(cfg.weight_decay, cfg.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, **optimizer_options(device))
     bs = min(cfg.batch_size, len(images))
     steps_per_epoch = math.ceil(len(images) / bs)

@@ -7,12 +7,15 @@ row-major order over the grid.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+"""The LayerNorm of the official MAE (and of timm's ViTs): eps 1e-6."""
 
 
 def patchify(imgs: Tensor, patch_size: int) -> Tensor:
@@ -75,10 +78,27 @@ def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
 
 
 def sincos_pos_embed(dim: int, grid_size: int) -> Tensor:
-    """Fixed 2D sine-cosine position embedding, (grid_size**2, dim), row-major over the grid."""
+    """Fixed 2D sine-cosine position embedding, (grid_size**2, dim), row-major over the grid.
+
+    Channels in the official MAE order: ``[sin x, cos x, sin y, cos y]`` with ``x`` the column
+    and ``y`` the row of the patch, frequencies ``1 / 10000 ** (k / (dim / 4))``, computed in
+    float64 as the official numpy code does, so official checkpoints' positions match exactly.
+    """
     if dim % 4:
         raise ValueError(f"embedding dim {dim} must be divisible by 4 for 2D sin-cos positions")
-    return build_sincos2d_pos_embed([grid_size, grid_size], dim=dim)
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_size, dtype=torch.float64),
+        torch.arange(grid_size, dtype=torch.float64),
+        indexing="ij",
+    )
+
+    def axis(pos: Tensor) -> Tensor:
+        angles = pos.flatten()[:, None] * omega[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([axis(cols), axis(rows)], dim=1).float()
 
 
 def laplacian(imgs: Tensor) -> Tensor:
@@ -87,6 +107,25 @@ def laplacian(imgs: Tensor) -> Tensor:
     c = imgs.shape[1]
     weight = kernel.expand(c, 1, 3, 3)
     return F.conv2d(F.pad(imgs, (1, 1, 1, 1), mode="replicate"), weight, groups=c)
+
+
+def masked_laplacian_error(
+    recon: Tensor, truth: Tensor, pixel_mask: Tensor, squared: bool = True
+) -> Tensor:
+    """Per-image high-frequency error of a reconstruction over its masked pixels, (B,).
+
+    The reconstruction is first made a composite: ``recon`` on masked pixels, ``truth`` on
+    visible ones, so the filter at a masked patch's border reads the true visible pixels and
+    no gradient reaches the predictions of visible patches. Then the Laplacian of the
+    composite is compared with the Laplacian of ``truth`` (squared or absolute difference),
+    averaged over masked pixels and channels. The training loss ``laplacian`` and the metric
+    ``hf_error`` are both this function.
+    """
+    composite = recon * pixel_mask + truth * (1 - pixel_mask)
+    diff = laplacian(composite) - laplacian(truth)
+    err = diff**2 if squared else diff.abs()
+    denom = (pixel_mask.sum(dim=(1, 2, 3)) * truth.shape[1]).clamp_min(1.0)
+    return (err * pixel_mask).sum(dim=(1, 2, 3)) / denom
 
 
 def init_mae_weights(module: nn.Module) -> None:
@@ -129,14 +168,18 @@ class MAEDecoder(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(dim, grid)[None], persistent=False)
         self.blocks = nn.Sequential(
             *[
-                Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
+                Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
                 for _ in range(depth)
             ]
         )
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.norm = LayerNorm(dim)
         self.pred = nn.Linear(dim, patch_size * patch_size * in_chans)
         self.apply(init_mae_weights)
         nn.init.normal_(self.mask_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay (timm's convention)."""
+        return {"mask_token"}
 
     def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         """(B, prefix + K, D_enc), (B, L) -> (B, L, p*p*C)."""

@@ -40,7 +40,7 @@ KIND_PLURALS = {
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 # Suite keys the core reads beside a component's own parameters: a Params may not use them.
 RESERVED_KEYS = {
-    "encoder": {"name"},
+    "encoder": {"name", "init_from"},
     "masking": {"name"},
     "loss": {"name", "weight"},
     "dataset": {"name", "image_size", "channels"},

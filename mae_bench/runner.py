@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,10 +19,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import save_file
 
+from mae_bench.checkpoints import load_weights
 from mae_bench.contract import ImageData, Loss, MaskedAutoencoder, MaskingStrategy, Pool
 from mae_bench.data import ImageFeeder
 from mae_bench.device import device_name, peak_memory_mb, prepare, reset_peak_memory
 from mae_bench.evaluate import (
+    evaluation_sample,
     extract_features,
     knn_classify,
     linear_probe,
@@ -36,7 +38,14 @@ from mae_bench.metrics import (
     confusion,
     threshold_table,
 )
-from mae_bench.results import RESULT_FILE, SUITE_FILE, CellStore, provenance, write_json
+from mae_bench.results import (
+    RESULT_FILE,
+    SUITE_FILE,
+    CellStore,
+    atomic_write_text,
+    provenance,
+    write_json,
+)
 from mae_bench.suite import Cell, Suite
 from mae_bench.train import PretrainResult, pretrain
 
@@ -48,7 +57,7 @@ class RunSummary:
     root: Path
     finished: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, Path] = field(default_factory=dict)  # cell id -> its traceback file
     leaderboard: pd.DataFrame | None = None
 
 
@@ -183,11 +192,19 @@ def run_cell(
     mean_image: torch.Tensor,
     display: _Display,
 ) -> CellOutcome:
-    """Pretrain and evaluate one cell."""
+    """Pretrain and evaluate one cell.
+
+    The model is built on the CPU, loaded from ``init_from`` if the variant says so, and
+    moved to ``feeder.device`` here, once: every later stage (pretraining, probes,
+    fine-tuning, reconstruction) runs it where it is.
+    """
     cfg = suite.config
     reset_peak_memory(feeder.device)
     torch.manual_seed(cell.seed)
     model: MaskedAutoencoder = cell.variant.build_model(feeder.image_size, feeder.channels)
+    if cell.variant.init_from:
+        load_weights(model, Path(cell.variant.init_from))
+    model.to(feeder.device)
     masking = cell.variant.build_masking()
     losses = cell.variant.build_losses()
     baseline = cell.variant.baseline
@@ -217,13 +234,14 @@ def run_cell(
     display.evaluating()
     recon = cfg.eval.reconstruction
     if recon.enabled and not baseline:
+        sample = evaluation_sample(data.test_labels, recon.num_images, recon.mask_seed)
         metrics.update(
             reconstruction_quality(
                 model,
-                data.test_images,
+                data.test_images[sample],
                 feeder,
                 recon,
-                normalized_target=any(loss.normalizes_target for loss, _ in losses),
+                decoder_loss=cell.variant.decoder_loss(),
                 mean_image=mean_image,
             )
         )
@@ -263,9 +281,7 @@ def run_cell(
         metrics.update(classification_metrics(test_y, probs.numpy(), "knn_"))
     ft_history = None
     if cfg.eval.finetune.enabled:  # on a copy: the stored weights stay the pretrained ones
-        ft, history, ft_probs = finetune(
-            copy.deepcopy(model), data, feeder, cfg.eval.finetune, seed=cell.seed
-        )
+        ft, history, ft_probs = finetune(model, data, feeder, cfg.eval.finetune, seed=cell.seed)
         metrics.update(ft)
         confusions["ft"] = confusion(test_y, ft_probs.numpy())
         ft_history = pd.DataFrame(history)
@@ -284,7 +300,12 @@ def run_cell(
         "baseline": baseline,
         "confusion": confusions,
         "metrics": metrics,
-        "data": {"mean": feeder.mean, "std": feeder.std, "num_classes": data.num_classes},
+        "data": {
+            "mean": feeder.mean,
+            "std": feeder.std,
+            "num_classes": data.num_classes,
+            "pretrain_sees_test": suite.build_dataset().pretrain_sees_test,
+        },
         "provenance": provenance(device_name(feeder.device)),
     }
     return CellOutcome(record, model, trained.history, thresholds, predictions, ft_history)
@@ -325,11 +346,16 @@ def run_suite(
                 start = time.perf_counter()
                 try:
                     out = run_cell(cell, suite, data, feeder, mean_image, display)
-                except FloatingPointError as exc:
-                    summary.failed[cell.cell_id] = str(exc)
-                    display.end_cell(f"[red]FAILED[/red] {cell.cell_id}: {exc}")
+                except Exception as exc:  # one cell's failure is that cell's, not the suite's
+                    path = _record_failure(root, cell, exc)
+                    summary.failed[cell.cell_id] = path
+                    display.end_cell(f"[red]FAILED[/red] {cell.cell_id}: {failure_line(exc)}")
+                    del exc
+                    if device.type == "cuda":  # give a failed cell's memory back
+                        torch.cuda.empty_cache()
                     continue
                 _store_cell(store, cell, out)
+                (root / FAILED_DIR / f"{cell.cell_id}.log").unlink(missing_ok=True)
                 summary.finished.append(cell.cell_id)
                 m = out.record["metrics"]
                 shown = "  ".join(
@@ -345,6 +371,28 @@ def run_suite(
         root, records, title=suite.name, primary=suite.config.primary_metric
     )
     return summary
+
+
+FAILED_DIR = "failed"
+
+
+def failure_line(exc: BaseException) -> str:
+    """One line saying why a cell failed, with a hint for the failures that have one."""
+    line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if isinstance(exc, torch.OutOfMemoryError):
+        line += (
+            " (hint: lower pretrain.batch_size or eval.finetune.batch_size with --set, or use a "
+            "smaller encoder)"
+        )
+    return line
+
+
+def _record_failure(root: Path, cell: Cell, exc: BaseException) -> Path:
+    """Write the cell's traceback to ``failed/<cell id>.log`` (a re-run retries the cell)."""
+    path = root / FAILED_DIR / f"{cell.cell_id}.log"
+    text = "".join(traceback.format_exception(exc))
+    atomic_write_text(path, f"{failure_line(exc)}\n\n{text}")
+    return path
 
 
 def _store_cell(store: CellStore, cell: Cell, out: CellOutcome) -> None:

@@ -27,11 +27,19 @@ from pydantic import (
     model_validator,
 )
 
-from mae_bench.contract import Dataset, Loss, MaskedAutoencoder, MaskingStrategy, Params
+from mae_bench.checkpoints import checkpoint_digest, load_weights
+from mae_bench.contract import (
+    Dataset,
+    Loss,
+    MaskedAutoencoder,
+    MaskingStrategy,
+    Params,
+    prediction_loss,
+)
 from mae_bench.errors import ConfigError, UserError
 from mae_bench.plugins import Registry
 
-RESULT_FORMAT = 1
+RESULT_FORMAT = 2  # 2: fixed metrics (issue "numbers you can trust"); format-1 cells re-run
 SafeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=80)]
 
 
@@ -55,6 +63,16 @@ class ComponentRef(BaseModel):
     def params(self) -> dict[str, Any]:
         """The keys meant for the plugin's ``Params``."""
         return dict(self.model_extra or {})
+
+
+class EncoderRef(ComponentRef):
+    """The encoder plugin, optionally starting from a checkpoint instead of a random init."""
+
+    init_from: str | None = Field(
+        default=None,
+        description="a mae-bench cell folder, a .safetensors or a .pth checkpoint "
+        "(official MAE releases included) to initialise the model from",
+    )
 
 
 class DatasetRef(ComponentRef):
@@ -201,7 +219,7 @@ class VariantConfig(_Strict):
     """One MAE variant: encoder x masking x loss."""
 
     name: SafeName
-    encoder: ComponentRef
+    encoder: EncoderRef
     masking: ComponentRef = ComponentRef(name="random")
     loss: list[LossRef] = Field(default_factory=lambda: [LossRef(name="mse")], min_length=1)
 
@@ -268,22 +286,31 @@ class Variant:
     masking: Resolved
     losses: tuple[ResolvedLoss, ...]
     baseline: bool = False  # no pretraining: the encoder stays at its random init
+    init_from: str | None = None  # checkpoint the model starts from
+    init_digest: str | None = None  # SHA-256 of that checkpoint's files
 
     @property
     def config(self) -> dict[str, Any]:
         """The resolved variant as plain data."""
         if self.baseline:
             return {"name": self.name, "encoder": self.encoder.config, "baseline": "random-init"}
+        encoder = dict(self.encoder.config)
+        if self.init_from:
+            encoder.update(init_from=self.init_from, init_sha256=self.init_digest)
         return {
             "name": self.name,
-            "encoder": self.encoder.config,
+            "encoder": encoder,
             "masking": self.masking.config,
             "loss": [{**t.component.config, "weight": t.weight} for t in self.losses],
         }
 
     def build_model(self, image_size: int, in_chans: int) -> MaskedAutoencoder:
-        """A fresh model (initialised from the current torch seed)."""
+        """A fresh model (initialised from the current torch seed; not from ``init_from``)."""
         return self.encoder.cls(self.encoder.params, image_size=image_size, in_chans=in_chans)
+
+    def decoder_loss(self) -> Loss | None:
+        """The loss that says what the model's predictions mean (see ``prediction_loss``)."""
+        return prediction_loss([loss for loss, _ in self.build_losses()])
 
     def build_masking(self) -> MaskingStrategy:
         """The masking strategy."""
@@ -318,6 +345,7 @@ class Suite:
     dataset: Resolved
     variants: tuple[Variant, ...]
     source: str
+    warnings: tuple[str, ...] = ()  # valid, but the user should know (e.g. test leakage)
 
     @property
     def name(self) -> str:
@@ -351,7 +379,13 @@ class Suite:
             by_encoder.setdefault(json.dumps(v.encoder.config, sort_keys=True), v)
         single = len(by_encoder) == 1
         return [
-            replace(v, name="random-init" if single else f"random-init-{v.name}", baseline=True)
+            replace(
+                v,
+                name="random-init" if single else f"random-init-{v.name}",
+                baseline=True,
+                init_from=None,
+                init_digest=None,
+            )
             for v in by_encoder.values()
         ]
 
@@ -441,17 +475,42 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
         )
         variant = Variant(v.name, encoder, masking, losses)
         try:
-            variant.build_model(ds.image_size, ds.channels)
+            model = variant.build_model(ds.image_size, ds.channels)
         except ValueError as exc:
             raise ConfigError(f"{path}.encoder", str(exc), source) from None
-        builders = (("masking", variant.build_masking), ("loss", variant.build_losses))
+        builders = (
+            ("masking", variant.build_masking),
+            ("loss", variant.build_losses),
+            ("loss", variant.decoder_loss),
+        )
         for field_name, build in builders:
             try:
                 build()
             except ValueError as exc:
                 raise ConfigError(f"{path}.{field_name}", str(exc), source) from None
+        if v.encoder.init_from:
+            checkpoint = Path(v.encoder.init_from)
+            try:
+                load_weights(model, checkpoint)  # fails here, before anything runs
+                digest = checkpoint_digest(checkpoint)
+            except UserError as exc:
+                raise ConfigError(f"{path}.encoder.init_from", str(exc), source) from None
+            variant = replace(variant, init_from=v.encoder.init_from, init_digest=digest)
         variants.append(variant)
-    return Suite(config=config, dataset=dataset, variants=tuple(variants), source=source)
+    warnings = []
+    if dataset.cls(dataset.params).pretrain_sees_test:
+        warnings.append(
+            f"{source}: dataset: pretraining (and the input normalisation) sees the test "
+            "images: every result is optimistic, and marked `pretrain_sees_test` in the "
+            "leaderboard"
+        )
+    return Suite(
+        config=config,
+        dataset=dataset,
+        variants=tuple(variants),
+        source=source,
+        warnings=tuple(warnings),
+    )
 
 
 # --------------------------------------------------------------------------- files

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from timm.optim import param_groups_weight_decay
 from torch import Tensor
 
 from mae_bench.contract import Loss, LossInputs, Mask, MaskedAutoencoder, MaskingStrategy
@@ -58,10 +57,9 @@ def loss_terms(
 def make_optimizer(
     model: MaskedAutoencoder, cfg: PretrainConfig, device: torch.device
 ) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases, norms and tokens; fused on CUDA."""
-    groups = param_groups_weight_decay(
-        model, cfg.weight_decay, no_weight_decay_list=("cls_token", "mask_token", "pos_embed")
-    )
+    """AdamW without weight decay on biases, norms and the model's ``no_weight_decay()``
+    tokens; fused on CUDA."""
+    groups = model.param_groups(cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **optimizer_options(device))
 
 
@@ -76,7 +74,9 @@ def train_step(
     """One optimisation step on a batch; returns the detached loss and its terms."""
     with autocast(x.device):
         out = model(x, mask)
-    inputs = LossInputs(x, out.pred.float(), mask.mask, out.embedding.float(), model.patch_size)
+    inputs = LossInputs(
+        x, out.pred.float(), mask.mask, out.latent.float(), model.patch_size, model.pool
+    )
     loss, terms = loss_terms(losses, inputs)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -97,9 +97,10 @@ def pretrain(
     seed: int,
     on_epoch: EpochCallback | None = None,
 ) -> PretrainResult:
-    """Pretrain ``model`` on uint8 ``images``; deterministic on CPU for a given seed."""
+    """Pretrain ``model`` (already on ``feeder.device``) on uint8 ``images``; deterministic on
+    CPU for a given seed. The logged ``mask_ratio`` is the fraction of patches actually masked."""
     device = feeder.device
-    model.to(device).train()
+    model.train()
     optimizer = make_optimizer(model, cfg, device)
     order_gen = torch.Generator().manual_seed(seed)
     mask_gen = torch.Generator().manual_seed(seed + 1_000_003)
@@ -113,7 +114,6 @@ def pretrain(
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         sums: dict[str, Tensor] = {}
-        ratios = 0.0
         for idx in index_batches(len(images), bs, generator=order_gen, drop_last=True):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, cfg)
@@ -125,13 +125,12 @@ def pretrain(
             loss, terms = train_step(model, x, mask, losses, optimizer, cfg.grad_clip)
             step += 1
             result.images_seen += len(x)
-            ratios += masking.ratio_at(progress)
-            for key, value in {"loss": loss, **terms}.items():
+            drawn = mask.mask.detach().float().mean()
+            for key, value in {"loss": loss, **terms, "mask_ratio": drawn}.items():
                 sums[key] = sums[key] + value if key in sums else value  # no sync per step
         if not math.isfinite(float(sums["loss"])):
             raise FloatingPointError(f"the pretraining loss diverged in epoch {epoch + 1}")
         row = {"epoch": epoch + 1, **{k: float(v) / steps_per_epoch for k, v in sums.items()}}
-        row["mask_ratio"] = ratios / steps_per_epoch
         row["lr"] = optimizer.param_groups[0]["lr"]
         result.history.append(row)
         if on_epoch:

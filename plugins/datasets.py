@@ -27,6 +27,10 @@ class DigitsDataset(Dataset):
     name = "digits"
     Params = DigitsParams
 
+    @property
+    def pretrain_sees_test(self) -> bool:
+        return self.params.pretrain_split == "all"
+
     def load(self) -> ImageData:
         from sklearn.datasets import load_digits  # imported here: slow, and only needed here
         from sklearn.model_selection import train_test_split

@@ -136,6 +136,10 @@ class ImageFolderDataset(Dataset):
         pretrain = images if p.pretrain_split == "all" and not p.test_root else train_x
         return ImageData(pretrain, train_x, train_y, test_x, test_y, classes, positive)
 
+    @property
+    def pretrain_sees_test(self) -> bool:
+        return self.params.pretrain_split == "all" and not self.params.test_root
+
     def _split(self, labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         from sklearn.model_selection import train_test_split
 

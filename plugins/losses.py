@@ -11,7 +11,8 @@ from pydantic import PositiveFloat
 from torch import Tensor
 
 from mae_bench import Loss, LossInputs, Params, hookimpl
-from mae_bench.layers import laplacian, patch_mask_to_pixels, unpatchify
+from mae_bench.contract import Pool
+from mae_bench.layers import masked_laplacian_error, patch_mask_to_pixels, unpatchify
 
 
 def _masked_mean(per_patch: Tensor, mask: Tensor) -> Tensor:
@@ -26,6 +27,13 @@ class MSEParams(Params):
     masked_only: bool = True
 
 
+def _patch_stats(target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-patch mean and std (as the official MAE's ``norm_pix_loss``), (B, L, 1) each."""
+    mean = target.mean(dim=-1, keepdim=True)
+    std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+    return mean, std
+
+
 class MSELoss(Loss):
     """Mean squared error of the pixels of the masked patches."""
 
@@ -33,15 +41,29 @@ class MSELoss(Loss):
     Params = MSEParams
 
     @property
-    def normalizes_target(self) -> bool:
-        return self.params.norm_pix
+    def prediction_space(self) -> str:
+        return "norm_pix" if self.params.norm_pix else "pixels"
+
+    def to_input_space(self, pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+        """With ``norm_pix``, a visible patch is de-normalised with its own statistics and a
+        masked patch with the image's average visible-patch mean and std: statistics the
+        model could know. The masked patches' own statistics are never used."""
+        if not self.params.norm_pix:
+            return pred
+        mean, std = _patch_stats(target)
+        visible = (1 - mask)[..., None]
+        count = visible.sum(dim=1, keepdim=True).clamp_min(1.0)
+        image_mean = (mean * visible).sum(dim=1, keepdim=True) / count
+        image_std = (std * visible).sum(dim=1, keepdim=True) / count
+        known_mean = torch.where(visible.bool(), mean, image_mean)
+        known_std = torch.where(visible.bool(), std, image_std)
+        return pred * known_std + known_mean
 
     def __call__(self, inputs: LossInputs) -> Tensor:
         target = inputs.target
         if self.params.norm_pix:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
+            mean, std = _patch_stats(target)
+            target = (target - mean) / std
         per_patch = ((inputs.pred - target) ** 2).mean(dim=-1)
         if not self.params.masked_only:
             return per_patch.mean()
@@ -77,24 +99,34 @@ class LaplacianParams(Params):
 
 
 class LaplacianLoss(Loss):
-    """Masked high-frequency loss: Laplacian of the reconstruction vs of the target image."""
+    """Masked high-frequency loss: Laplacian of the reconstruction vs of the target image.
+
+    The reconstruction is the prediction on masked patches and the input on visible ones
+    (the definition of the ``hf_error`` metric), so only masked predictions get gradients.
+    Predictions are pixels: combining it with ``mse(norm_pix)`` is refused at validation.
+    """
 
     name = "laplacian"
     Params = LaplacianParams
 
     def __call__(self, inputs: LossInputs) -> Tensor:
-        channels = inputs.imgs.shape[1]
-        recon = unpatchify(inputs.pred, inputs.patch_size, channels)
-        diff = laplacian(recon) - laplacian(inputs.imgs)
-        err = diff.abs() if self.params.distance == "l1" else diff**2
+        recon = unpatchify(inputs.pred, inputs.patch_size, inputs.imgs.shape[1])
         pixel_mask = patch_mask_to_pixels(inputs.mask, inputs.patch_size)
-        return (err * pixel_mask).sum() / (pixel_mask.sum() * channels).clamp_min(1.0)
+        squared = self.params.distance == "l2"
+        per_image = masked_laplacian_error(recon, inputs.imgs, pixel_mask, squared=squared)
+        weights = pixel_mask.sum(dim=(1, 2, 3))  # every masked pixel counts once
+        return (per_image * weights).sum() / weights.sum().clamp_min(1.0)
+
+    def summary(self) -> str:
+        return "laplacian" if self.params.distance == "l2" else "laplacian(l1)"
 
 
 class UniformityParams(Params):
-    """``t``: temperature of the Gaussian potential (Wang & Isola use 2)."""
+    """``t``: temperature of the Gaussian potential (Wang & Isola use 2); ``pool``: which
+    embedding it spreads (``mean`` of the patch tokens, as the probes read it, or ``cls``)."""
 
     t: PositiveFloat = 2.0
+    pool: Pool = "mean"
 
 
 class UniformityLoss(Loss):
@@ -103,12 +135,19 @@ class UniformityLoss(Loss):
     name = "uniformity"
     Params = UniformityParams
 
+    @property
+    def prediction_space(self) -> None:
+        return None  # reads the embedding only
+
     def __call__(self, inputs: LossInputs) -> Tensor:
-        z = F.normalize(inputs.embedding.float(), dim=-1)
+        z = F.normalize(inputs.embedding(self.params.pool).float(), dim=-1)
         if len(z) < 2:
             return z.new_zeros(())
         sq_dist = torch.pdist(z, p=2).pow(2)
         return torch.logsumexp(-self.params.t * sq_dist, dim=0) - math.log(sq_dist.numel())
+
+    def summary(self) -> str:
+        return f"uniformity({self.params.pool})"
 
 
 @hookimpl

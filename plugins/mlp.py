@@ -64,6 +64,10 @@ class MLPDecoder(nn.Module):
         self.mlp = _mlp(sizes)
         self.patch_dim = patch_dim
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay (timm's convention)."""
+        return {"mask_token"}
+
     def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         b, k, d = latent.shape
         mask_tokens = self.mask_token.expand(b, ids_restore.shape[1] - k, d)

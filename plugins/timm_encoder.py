@@ -86,6 +86,21 @@ class TimmMAE(MaskedAutoencoder):
     def summary(self) -> str:
         return f"timm({self.params.model})"
 
+    def export_state_dict(self, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``timm``: the encoder is a timm model already; its weights as they are."""
+        if fmt != "timm":
+            return super().export_state_dict(fmt)
+        vit = self.encoder
+        weights = {k: v.detach().cpu() for k, v in vit.state_dict().items()}
+        kwargs = {
+            "model_name": self.params.model,
+            "img_size": self.image_size,
+            "in_chans": self.in_chans,
+            "num_classes": 0,
+            **self.params.model_args,
+        }
+        return weights, kwargs
+
 
 @hookimpl
 def register_encoders(register):

@@ -1,6 +1,14 @@
-"""The MAE ViT (He et al. 2021): encoder on visible patches only, light decoder, mask tokens."""
+"""The MAE ViT (He et al. 2021): encoder on visible patches only, light decoder, mask tokens.
+
+Parameter names, initialisation, LayerNorm eps and the 2D sin-cos positions follow the
+official ``models_mae.py``, so its checkpoints load (``adapt_state_dict``) and an encoder
+exports to timm's ``VisionTransformer`` unchanged (``export_state_dict``).
+"""
 
 from __future__ import annotations
+
+import re
+from typing import Any
 
 import torch
 from pydantic import PositiveFloat, PositiveInt, model_validator
@@ -9,7 +17,31 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from mae_bench import MaskedAutoencoder, Params, hookimpl
-from mae_bench.layers import MAEDecoder, gather_tokens, init_mae_weights, sincos_pos_embed
+from mae_bench.layers import (
+    LayerNorm,
+    MAEDecoder,
+    gather_tokens,
+    init_mae_weights,
+    sincos_pos_embed,
+)
+
+# Official MAE checkpoint keys -> ours (the encoder's keys are the same, under ``encoder.``).
+_OFFICIAL_DECODER = [
+    (re.compile(r"^mask_token$"), "decoder.mask_token"),
+    (re.compile(r"^decoder_embed\."), "decoder.embed."),
+    (re.compile(r"^decoder_blocks\."), "decoder.blocks."),
+    (re.compile(r"^decoder_norm\."), "decoder.norm."),
+    (re.compile(r"^decoder_pred\."), "decoder.pred."),
+]
+_OFFICIAL_ENCODER = re.compile(r"^(cls_token|patch_embed\.|blocks\.|norm\.)")
+# timm's registered ViTs by (embed dim, depth, heads): the name passed to timm.create_model.
+_TIMM_NAMES = {
+    (192, 12, 3): "vit_tiny_patch16_224",
+    (384, 12, 6): "vit_small_patch16_224",
+    (768, 12, 12): "vit_base_patch16_224",
+    (1024, 24, 16): "vit_large_patch16_224",
+    (1280, 32, 16): "vit_huge_patch14_224",
+}
 
 
 class ViTParams(Params):
@@ -45,15 +77,26 @@ class ViTEncoder(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(p.dim, grid)[None], persistent=False)
         self.blocks = nn.Sequential(
             *[
-                Block(p.dim, p.heads, p.mlp_ratio, qkv_bias=True, norm_layer=nn.LayerNorm)
+                Block(p.dim, p.heads, p.mlp_ratio, qkv_bias=True, norm_layer=LayerNorm)
                 for _ in range(p.depth)
             ]
         )
-        self.norm = nn.LayerNorm(p.dim, eps=1e-6)
+        self.norm = LayerNorm(p.dim)
         self.apply(init_mae_weights)
         w = self.patch_embed.proj.weight.data  # init the patch projection like a linear layer
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay (timm's convention)."""
+        return {"cls_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's layer grouping: the stem, then one group per block, then the final norm."""
+        return {
+            "stem": r"^cls_token|patch_embed",
+            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
 
     def forward(self, imgs: Tensor, ids_keep: Tensor) -> Tensor:
         """(B, C, H, W), (B, K) -> (B, 1 + K, D)."""
@@ -90,6 +133,63 @@ class ViTMAE(MaskedAutoencoder):
     def summary(self) -> str:
         p = self.params
         return f"vit(p{p.patch_size},d{p.dim}x{p.depth})"
+
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Accept our own keys (``encoder.*``, ``decoder.*``) or the official MAE's
+        (``patch_embed.proj``, ``cls_token``, ``blocks.N``, ``norm``, ``decoder_*``,
+        ``mask_token``); the fixed position embeddings are checked, not loaded."""
+        out = {}
+        for key, value in state_dict.items():
+            if key.startswith(("encoder.", "decoder.")):
+                out[key] = value
+            elif key in ("pos_embed", "decoder_pos_embed"):
+                self._check_positions(key, value)
+            elif _OFFICIAL_ENCODER.match(key):
+                out[f"encoder.{key}"] = value
+            else:
+                for pattern, ours in _OFFICIAL_DECODER:
+                    if pattern.match(key):
+                        out[pattern.sub(ours, key)] = value
+                        break
+                else:
+                    out[key] = value  # unknown: reported by the loader as unexpected
+        return out
+
+    def _check_positions(self, key: str, value: Tensor) -> None:
+        module = self.encoder if key == "pos_embed" else self.decoder
+        ours = module.pos_embed[0].cpu()
+        theirs = value.reshape(-1, value.shape[-1]).float()[-len(ours) :]
+        if theirs.shape != ours.shape or not torch.allclose(theirs, ours, atol=1e-4):
+            raise ValueError(
+                f"{key}: the checkpoint's position embedding {tuple(value.shape)} is not the "
+                f"fixed 2D sin-cos embedding of this model ({tuple(ours.shape)} patches x dim)"
+            )
+
+    def export_state_dict(self, fmt: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``timm``: the encoder as timm's ``VisionTransformer`` (cls token with a zero
+        position, LayerNorm eps 1e-6, qkv bias), loadable with ``strict=True``."""
+        if fmt != "timm":
+            return super().export_state_dict(fmt)
+        p = self.params
+        enc = self.encoder
+        weights = {
+            k: v for k, v in enc.state_dict().items() if not k.startswith("pos_embed")
+        }
+        weights["pos_embed"] = torch.cat(
+            [torch.zeros(1, 1, p.dim), enc.pos_embed.detach().cpu()], dim=1
+        )
+        kwargs = {
+            "model_name": _TIMM_NAMES.get((p.dim, p.depth, p.heads), "vit_base_patch16_224"),
+            "img_size": self.image_size,
+            "patch_size": p.patch_size,
+            "in_chans": self.in_chans,
+            "embed_dim": p.dim,
+            "depth": p.depth,
+            "num_heads": p.heads,
+            "mlp_ratio": p.mlp_ratio,
+            "num_classes": 0,
+        }
+        return weights, kwargs
 
 
 @hookimpl

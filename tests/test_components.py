@@ -45,14 +45,14 @@ def test_curriculum_reaches_end_at_until_and_masks_accordingly(registry):
     assert early.mask.sum(1).tolist() == [4, 4] and late.mask.sum(1).tolist() == [12, 12]
 
 
-def _inputs(pred=None, seed=0, embedding=None):
+def _inputs(pred=None, seed=0, latent=None):
     g = torch.Generator().manual_seed(seed)
     imgs = torch.randn(2, 3, 8, 8, generator=g)
     target = patchify(imgs, 4)
     pred = target.clone() if pred is None else pred
     mask = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
-    emb = torch.randn(2, 8, generator=g) if embedding is None else embedding
-    return LossInputs(imgs=imgs, pred=pred, mask=mask, embedding=emb, patch_size=4)
+    latent = torch.randn(2, 3, 8, generator=g) if latent is None else latent
+    return LossInputs(imgs=imgs, pred=pred, mask=mask, latent=latent, patch_size=4)
 
 
 def test_mse_only_counts_masked_patches(registry):
@@ -71,7 +71,7 @@ def test_mse_norm_pix_target(registry):
     t = base.target
     normalized = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
     loss = make(registry, "loss", "mse", norm_pix=True)
-    assert loss.normalizes_target
+    assert loss.prediction_space == "norm_pix"
     assert loss(_inputs(normalized)).item() == pytest.approx(0.0, abs=1e-10)
     assert loss(_inputs(t * 3 + 5)).item() > 1.0  # raw pixels are not the target
 
@@ -102,6 +102,6 @@ def test_uniformity_matches_definition(registry):
     expected = math.log(
         sum(math.exp(-2 * float((z[i] - z[j]).pow(2).sum())) for i, j in pairs) / len(pairs)
     )
-    assert loss(_inputs(embedding=emb)).item() == pytest.approx(expected, rel=1e-5)
-    collapsed = loss(_inputs(embedding=torch.ones(6, 5))).item()
+    assert loss(_inputs(latent=emb[:, None])).item() == pytest.approx(expected, rel=1e-5)
+    collapsed = loss(_inputs(latent=torch.ones(6, 1, 5))).item()
     assert collapsed == pytest.approx(0.0, abs=1e-6)  # all identical: the worst value

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from timm.layers import DropPath
 
 from mae_bench.data import ImageFeeder
-from mae_bench.finetune import Classifier, finetune, label_subset, param_groups, set_drop_path
+from mae_bench.finetune import Classifier, finetune, label_subset
 from mae_bench.suite import FinetuneConfig, resolve_suite
 from tests.conftest import ROOT, invoke, tiny_suite_data
 
@@ -22,15 +22,38 @@ def test_label_subset_is_stratified_and_per_seed():
     assert torch.equal(label_subset(labels, 1.0, seed=3), torch.arange(200))
 
 
-def _vit(registry, depth=3):
+def _vit(registry, depth=3, decoder_depth=2):
     info = registry.get("encoder", "vit", "encoder")
-    params = info.cls.Params(patch_size=4, dim=32, depth=depth, heads=2)
+    params = info.cls.Params(
+        patch_size=4, dim=32, depth=depth, heads=2, decoder_depth=decoder_depth
+    )
     return info.cls(params, image_size=16, in_chans=3)
+
+
+def _scales(clf, groups):
+    scale_of = {}
+    for group in groups:
+        for p in group["params"]:
+            scale_of[id(p)] = (group["lr_scale"], group["weight_decay"])
+    return {name: scale_of[id(p)] for name, p in clf.named_parameters()}
+
+
+def test_layer_decay_counts_encoder_blocks_only(registry):
+    """Encoder depth 2, decoder depth 4: the last encoder block gets layer_decay ** 1."""
+    clf = Classifier(_vit(registry, depth=2, decoder_depth=4), num_classes=5, pool="mean")
+    assert not any("decoder" in name for name, _ in clf.named_parameters())
+    scales = _scales(clf, clf.param_groups(weight_decay=0.05, layer_decay=0.5))
+    assert scales["model.encoder.blocks.1.attn.qkv.weight"] == (0.5, 0.05)
+    assert scales["model.encoder.blocks.0.attn.qkv.weight"] == (0.25, 0.05)
+    assert scales["model.encoder.norm.weight"] == (0.5, 0.0)  # grouped with the last block
+    assert scales["model.encoder.patch_embed.proj.weight"] == (0.125, 0.05)
+    assert scales["model.encoder.cls_token"] == (0.125, 0.0)
+    assert scales["head.weight"] == (1.0, 0.05) and scales["norm.weight"] == (1.0, 0.0)
 
 
 def test_layer_decay_and_weight_decay_groups(registry):
     clf = Classifier(_vit(registry), num_classes=5, pool="cls")
-    groups = param_groups(clf, weight_decay=0.05, layer_decay=0.5)
+    groups = clf.param_groups(weight_decay=0.05, layer_decay=0.5)
     scale_of = {}
     for group in groups:
         for p in group["params"]:
@@ -48,7 +71,7 @@ def test_layer_decay_and_weight_decay_groups(registry):
 
 def test_drop_path_rises_linearly(registry):
     model = _vit(registry, depth=3)
-    set_drop_path(model.encoder, 0.2)
+    model.set_drop_path(0.2)
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.encoder.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2])
     assert isinstance(model.encoder.blocks[2].drop_path2, DropPath)

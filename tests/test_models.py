@@ -41,7 +41,7 @@ def test_forward_shapes(registry, name, params):
     out = model(x, mask)
     assert out.pred.shape == (3, 16, 4 * 4 * 3)
     assert out.latent.shape == (3, model.num_prefix_tokens + 4, model.embed_dim)
-    assert out.embedding.shape == (3, model.embed_dim)
+    assert model.pool(out.latent, "mean").shape == (3, model.embed_dim)
     assert model.forward_features(x, "mean").shape == (3, model.embed_dim)
     out.pred.sum().backward()
 

@@ -1,0 +1,118 @@
+"""Reading model weights from checkpoints (never executing code) and exporting encoders.
+
+A checkpoint is a mae-bench cell folder (``encoder.safetensors`` and ``decoder.safetensors``),
+a ``.safetensors`` file, or a PyTorch ``.pth``/``.pt`` file read with
+``torch.load(weights_only=True)``: a pickle that holds anything but tensors and plain
+containers is refused. The model maps foreign layouts itself
+(``MaskedAutoencoder.adapt_state_dict``, e.g. the official MAE release's keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from mae_bench.contract import MaskedAutoencoder
+from mae_bench.errors import UserError
+
+WEIGHT_FILES = ("encoder.safetensors", "decoder.safetensors")
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The files a checkpoint consists of; UserError if there are none."""
+    if path.is_dir():
+        files = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+        if not files or files[0].name != WEIGHT_FILES[0]:
+            raise UserError(f"{path}: not a mae-bench cell folder (no {WEIGHT_FILES[0]})")
+        return files
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return [path]
+
+
+def checkpoint_digest(path: Path) -> str:
+    """SHA-256 of a checkpoint's files, so a result records exactly which weights it used."""
+    digest = hashlib.sha256()
+    for file in checkpoint_files(path):
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint by name, on the CPU; UserError naming the file if it
+    cannot be read safely."""
+    files = checkpoint_files(path)
+    if path.is_dir():
+        return {
+            f"{file.name.removesuffix('.safetensors')}.{k}": v
+            for file in files
+            for k, v in _safetensors(file).items()
+        }
+    if path.suffix == ".safetensors":
+        return _safetensors(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # official MAE `args`
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[-1][:200]
+        raise UserError(
+            f"{path}: refused: the checkpoint holds Python objects other than tensors, and "
+            f"loading it could run code ({reason}). Save its state_dict alone, or as "
+            "safetensors."
+        ) from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    for key in ("model", "state_dict"):  # {"model": state_dict, ...} as official releases
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise UserError(f"{path}: expected a state dict of tensors (or {{'model': ...}})")
+    return obj
+
+
+def _safetensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def load_weights(model: MaskedAutoencoder, path: Path) -> list[str]:
+    """Load a checkpoint into ``model``; returns the decoder keys it lacked (an encoder-only
+    release such as ``mae_pretrain_vit_base.pth``: the decoder keeps its fresh init).
+
+    UserError if an encoder weight is missing, a key is unknown or a shape differs.
+    """
+    try:
+        state = model.adapt_state_dict(read_state_dict(path))
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state))
+    missing_encoder = [k for k in missing if not k.startswith("decoder.")]
+    wrong = [
+        f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    for problem, keys in (
+        ("keys this model does not have", unexpected),
+        ("encoder weights missing", missing_encoder),
+        ("shapes that differ", wrong),
+    ):
+        if keys:
+            shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+            raise UserError(f"{path}: does not fit the {model.summary()} model: {problem}: {shown}")
+    model.load_state_dict(state, strict=False)
+    return [k for k in missing if k.startswith("decoder.")]
