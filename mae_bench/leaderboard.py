@@ -59,6 +59,7 @@ def runs_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             "variant": r["variant"],
             "seed": r["seed"],
             **r["components"],
+            "pretrain_sees_test": bool(r.get("data", {}).get("pretrain_sees_test", False)),
             **r["metrics"],
             "config_hash": r["config_hash"],
             "cell_id": r["cell_id"],
@@ -73,14 +74,16 @@ def runs_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             runs[key] = runs[sources[0]]
             for other in sources[1:]:
                 runs[key] = runs[key].fillna(runs[other])
-    head = ["variant", "seed", *ID_COLUMNS[1:]]
+    head = ["variant", "seed", *ID_COLUMNS[1:], "pretrain_sees_test"]
     tail = ["config_hash", "cell_id"]
     return runs[[*head, *_metric_columns(runs), *tail]]
 
 
 def _metric_columns(runs: pd.DataFrame) -> list[str]:
     numeric = [
-        c for c in runs.columns if c not in ("seed",) and pd.api.types.is_numeric_dtype(runs[c])
+        c
+        for c in runs.columns
+        if c not in ("seed", "pretrain_sees_test") and pd.api.types.is_numeric_dtype(runs[c])
     ]
     return [m for m in METRICS if m in numeric] + [m for m in numeric if m not in METRICS]
 
@@ -103,7 +106,7 @@ def leaderboard_table(runs: pd.DataFrame, primary: str = "lp_acc") -> pd.DataFra
         return pd.DataFrame(columns=[*ID_COLUMNS, "seeds"])
     metrics = _metric_columns(runs)
     grouped = runs.groupby("variant", sort=False)
-    board = grouped[ID_COLUMNS[1:]].first()
+    board = grouped[[c for c in (*ID_COLUMNS[1:], "pretrain_sees_test") if c in runs]].first()
     board["seeds"] = grouped["seed"].count()
     means = grouped[metrics].mean()
     stds = grouped[metrics].std(ddof=1)  # spreads after the means: the CSV reads left to right
@@ -142,9 +145,14 @@ def leaderboard_markdown(board: pd.DataFrame, title: str = "") -> str:
         table["variant"] = [
             f"{name} ≈" if overlap is True and rank > 1 else name
             for name, overlap, rank in zip(
-                board["variant"], board["overlaps_leader"], board["rank"], strict=True
+                table["variant"], board["overlaps_leader"], board["rank"], strict=True
             )
         ]
+    leaked = board.get("pretrain_sees_test", pd.Series(False, index=board.index)).astype(bool)
+    table["variant"] = [
+        f"{name} †" if leak else name
+        for name, leak in zip(table["variant"], leaked, strict=True)
+    ]
     for metric in shown:
         cells = [
             _format(metric, mean, std)
@@ -164,6 +172,8 @@ def leaderboard_markdown(board: pd.DataFrame, title: str = "") -> str:
         "\nmean ± std over seeds; **bold**: best; ≈: 95% interval on the ranking metric "
         "overlaps the leader's.\n"
     )
+    if leaked.any():
+        note += "†: pretrained on the test images too (`pretrain_sees_test`): optimistic.\n"
     return f"{heading}{body}\n{note}"
 
 

@@ -22,8 +22,8 @@ from sklearn.metrics import roc_curve
 
 from mae_bench.contract import ImageData, Mask, MaskedAutoencoder
 from mae_bench.data import ImageFeeder
-from mae_bench.evaluate import extract_features, fixed_masks
-from mae_bench.layers import patch_mask_to_pixels, unpatchify
+from mae_bench.evaluate import evaluation_sample, extract_features, fixed_masks, reconstruct
+from mae_bench.layers import patch_mask_to_pixels
 from mae_bench.leaderboard import scratch_name, write_leaderboard
 from mae_bench.plugins import Registry
 from mae_bench.results import CellStore, read_suite_record
@@ -176,16 +176,23 @@ def load_stored_models(
 
 @torch.no_grad()
 def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 8) -> Path:
-    """Original / masked / each variant's reconstruction, same images and masks for all."""
-    ds = stored.suite.config.dataset
-    images = stored.data.test_images[: min(n_images, len(stored.data.test_images))]
+    """Original / masked / each variant's reconstruction, same images and masks for all.
+
+    The images are a fixed-seed stratified sample of the test set (one of every class where
+    ``n_images`` allows); predictions are mapped to pixels by the variant's own loss
+    (``Loss.to_input_space``: ``norm_pix`` predictions are de-normalised from visible
+    patches only)."""
+    recon_cfg = stored.suite.config.eval.reconstruction
+    sample = evaluation_sample(stored.data.test_labels, n_images, recon_cfg.mask_seed)
+    images = stored.data.test_images[sample]
+    variants = {v.name: v for v in stored.suite.variants}
     rows: list[tuple[str, torch.Tensor]] = []
     for name, (model, feeder, record) in stored.models.items():
         if record.get("baseline"):
             continue
         x = feeder(images)
-        mask: Mask = fixed_masks(len(x), model.num_patches, stored.suite.config.eval.reconstruction)
-        pred = unpatchify(model(x, mask).pred, model.patch_size, ds.channels)
+        mask: Mask = fixed_masks(len(x), model.num_patches, recon_cfg)
+        pred = reconstruct(model, x, mask, variants[name].decoder_loss())
         pixel_mask = patch_mask_to_pixels(mask.mask, model.patch_size)
         truth = feeder.to_pixels(x)
         if not rows:
@@ -229,8 +236,9 @@ def plot_tsne(stored: StoredModels, best: str, out: Path, max_points: int = 2000
         torch.manual_seed(record["seed"])
         ds = stored.suite.config.dataset
         random_init = variant.build_model(ds.image_size, ds.channels).eval()
-    images = stored.data.test_images[:max_points]
-    labels = stored.data.test_labels[:max_points].numpy()
+    sample = evaluation_sample(stored.data.test_labels, max_points)
+    images = stored.data.test_images[sample]
+    labels = stored.data.test_labels[sample].numpy()
     pool = stored.suite.config.eval.linear_probe.pool
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, (title, m) in zip(axes, ((best, model), ("random init", random_init)), strict=True):

@@ -27,7 +27,7 @@ def _pretrain(suite, variant: int, device: torch.device):
     feeder = ImageFeeder.fit(ds.pretrain, image_size=16, channels=3, device=device)
     v = suite.variants[variant]
     torch.manual_seed(0)
-    model = v.build_model(16, 3)
+    model = v.build_model(16, 3).to(device)
     masking, losses = v.build_masking(), v.build_losses()
     result = pretrain(model, ds.pretrain, feeder, masking, losses, suite.config.pretrain, seed=0)
     return ds, model, result
