@@ -175,7 +175,7 @@ def load_stored_models(
 
 
 @torch.no_grad()
-def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 8) -> Path:
+def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 10) -> Path:
     """Original / masked / each variant's reconstruction, same images and masks for all.
 
     The images are a fixed-seed stratified sample of the test set (one of every class where
