@@ -350,7 +350,7 @@ def run_suite(
                     path = _record_failure(root, cell, exc)
                     summary.failed[cell.cell_id] = path
                     display.end_cell(f"[red]FAILED[/red] {cell.cell_id}: {failure_line(exc)}")
-                    del exc
+                    del exc  # drop the traceback's frames (and the cell's tensors) now
                     if device.type == "cuda":  # give a failed cell's memory back
                         torch.cuda.empty_cache()
                     continue
@@ -378,7 +378,8 @@ FAILED_DIR = "failed"
 
 def failure_line(exc: BaseException) -> str:
     """One line saying why a cell failed, with a hint for the failures that have one."""
-    line = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    message = str(exc).strip()
+    line = f"{type(exc).__name__}: {message.splitlines()[0] if message else ''}"
     if isinstance(exc, torch.OutOfMemoryError):
         line += (
             " (hint: lower pretrain.batch_size or eval.finetune.batch_size with --set, or use a "

@@ -214,3 +214,23 @@ def test_a_cell_of_ours_initialises_another_suite(vit_cell, tmp_path):
     assert encoder["init_from"] == str(vit_cell) and len(encoder["init_sha256"]) == 64
     not_a_cell = invoke("export", str(tmp_path / "tiny"), str(tmp_path / "x.safetensors"))
     assert not_a_cell.exit_code == 2 and "not a finished mae-bench cell" in not_a_cell.stderr
+
+
+def test_timm_encoder_exports_its_own_weights(registry, tmp_path):
+    from safetensors.torch import save_file
+
+    info = registry.get("encoder", "timm", "encoder")
+    params = info.cls.Params(model="vit_tiny_patch16_224", model_args={"patch_size": 4, "depth": 2})
+    model = info.cls(params, image_size=16, in_chans=3).eval()
+    weights, kwargs = model.export_state_dict("timm")
+    path = tmp_path / "timm.safetensors"
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    vit = timm.create_model(
+        kwargs.pop("model_name"), pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+        **kwargs,
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(vit.forward_features(x)[:, 0], model.forward_features(x, "cls"))
+    with pytest.raises(ValueError, match="cannot be exported to 'onnx'"):
+        model.export_state_dict("onnx")

@@ -5,6 +5,7 @@ BatchNorm, crop sampling, evaluation sample, test leakage, weight decay, logged 
 import dataclasses
 import io
 
+import pandas as pd
 import pytest
 import torch
 from rich.console import Console
@@ -315,3 +316,17 @@ def test_logged_mask_ratio_is_the_drawn_one(registry):
     assert result.history[0]["mask_ratio"] == pytest.approx(5 / 16)
     assert not hasattr(Mask, "ratio")
 
+
+
+def test_norm_pix_variant_runs_and_reports(tmp_path):
+    """End to end: the leaderboard's PSNR and the report's grid both map norm_pix back."""
+    result = invoke(
+        "run", "suites/tiny.yaml", "--out", str(tmp_path),
+        "--set", "variants.vit.loss=[{name: mse, norm_pix: true}, {name: uniformity}]",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    runs = pd.read_csv(tmp_path / "tiny" / "runs.csv").set_index("variant")
+    assert runs.loc["vit", "loss"] == "mse(norm_pix) + uniformity(mean)"
+    assert 5 < runs.loc["vit", "psnr_masked"] < 40
+    assert invoke("report", str(tmp_path / "tiny")).exit_code == 0
+    assert (tmp_path / "tiny" / "plots" / "reconstructions.png").is_file()
