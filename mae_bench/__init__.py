@@ -16,7 +16,7 @@ from mae_bench.contract import (
     MaskingStrategy,
     Params,
 )
-from mae_bench.errors import ConfigError, UserError
+from mae_bench.errors import ConfigError, MaeBenchWarning, UserError
 from mae_bench.hookspecs import hookimpl
 
 try:
@@ -31,6 +31,7 @@ __all__ = [
     "Loss",
     "LossInputs",
     "MAEOutput",
+    "MaeBenchWarning",
     "Mask",
     "MaskedAutoencoder",
     "MaskingStrategy",

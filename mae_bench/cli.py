@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,35 @@ import click
 import yaml
 
 from mae_bench import __version__
-from mae_bench.errors import UserError
+from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.plugins import KIND_PLURALS, load_registry
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143  # SIGTERM (what SLURM and `kill` send)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it stops as cleanly as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _print_warning(text: str) -> None:
+    click.echo(click.style(f"warning: {text}", fg="yellow"), err=True)
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """mae-bench's own warnings as one ``warning: ...`` line; others as Python prints them."""
+    if issubclass(category, MaeBenchWarning):
+        _print_warning(str(message))
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -46,6 +73,7 @@ set_option = click.option(
 @click.version_option(__version__, prog_name="mae-bench")
 def cli() -> None:
     """Benchmark Masked Autoencoder variants: encoders x masking x losses x datasets."""
+    warnings.showwarning = _show_warning
 
 
 @cli.command()
@@ -64,9 +92,17 @@ def cli() -> None:
     show_default=True,
     help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.",
 )
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="If OUT/<suite name>/ holds another suite's results, move them aside instead of "
+    "refusing to run.",
+)
 @set_option
 @_user_errors
-def run(suite_file: str, out_dir: str, device: str, overrides: tuple[str, ...]) -> None:
+def run(
+    suite_file: str, out_dir: str, device: str, replace: bool, overrides: tuple[str, ...]
+) -> None:
     """Run a suite: pretrain and evaluate every (variant, seed) cell not yet finished."""
     from mae_bench.device import resolve_device
     from mae_bench.leaderboard import leaderboard_markdown
@@ -74,26 +110,30 @@ def run(suite_file: str, out_dir: str, device: str, overrides: tuple[str, ...]) 
     from mae_bench.suite import load_suite
 
     suite = load_suite(suite_file, load_registry(), overrides)
-    _warn(suite.warnings)
+    for warning in suite.warnings:
+        _print_warning(warning)
     torch_device = resolve_device(device)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        summary = run_suite(suite, Path(out_dir), torch_device)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted: finished cells are kept; run again to resume", err=True)
-        sys.exit(130)
+        summary = run_suite(suite, Path(out_dir), torch_device, replace=replace)
+    except KeyboardInterrupt as exc:
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        click.echo(
+            f"\n{what}: finished cells are kept under {Path(out_dir) / suite.name}, nothing "
+            "half-written; run the same command again to resume",
+            err=True,
+        )
+        sys.exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     click.echo(leaderboard_markdown(summary.leaderboard, title=suite.name))
     click.echo(f"results: {summary.root}", err=True)
     if summary.failed:
         click.echo(f"{len(summary.failed)} cell(s) failed (a re-run retries them):", err=True)
-        for cell_id, path in summary.failed.items():
-            reason = path.read_text(encoding="utf-8").splitlines()[0]
-            click.echo(f"  {cell_id}: {reason} (traceback: {path})", err=True)
+        for cell_id, failure in summary.failed.items():
+            where = f" (traceback: {failure.log})" if failure.log else ""
+            click.echo(f"  {cell_id}: {failure.reason}{where}", err=True)
         sys.exit(1)
-
-
-def _warn(warnings: tuple[str, ...]) -> None:
-    for warning in warnings:
-        click.echo(click.style(f"warning: {warning}", fg="yellow"), err=True)
 
 
 @cli.command()
@@ -106,7 +146,8 @@ def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
     from mae_bench.suite import load_suite
 
     suite = load_suite(suite_file, load_registry(), overrides)
-    _warn(suite.warnings)
+    for warning in suite.warnings:
+        _print_warning(warning)
     cells = suite.cells()
     baselines = len(suite.baseline_variants())
     extra = f" + {baselines} baseline(s)" if baselines else ""
@@ -165,7 +206,7 @@ def leaderboard(results_dir: str) -> None:
     record = read_suite_record(root)
     store = CellStore(root)
     ids = [c["cell_id"] for c in record["cells"]]
-    done = [store.load(i) for i in ids if store.is_done(i)]
+    done = list(store.finished(ids, repair=False).values())
     primary = record["resolved"].get("primary_metric", "lp_acc")
     board = write_leaderboard(root, done, title=record["name"], primary=primary)
     click.echo(leaderboard_markdown(board, title=record["name"]))

@@ -17,10 +17,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from timm.layers import DropPath
 from timm.models import group_parameters
 from timm.models.vision_transformer import Block
@@ -30,12 +30,15 @@ from torch import Tensor, nn
 from mae_bench.layers import patchify, random_mask
 
 Pool = Literal["cls", "mean"]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+"""A random seed: what torch, numpy and scikit-learn all accept."""
 
 
 class Params(BaseModel):
-    """Base of every component's parameter model: unknown keys are errors, values immutable."""
+    """Base of every component's parameter model: unknown keys are errors, values immutable,
+    infinities and NaN refused."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- masking

@@ -21,9 +21,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise UserError(
-            f"--device: unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)"
-        ) from None
+            f"--device: unknown or unsupported device {name!r} (use auto, cpu, cuda, cuda:N "
+            "or mps)"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device: CUDA was requested but is not available on this machine")
     if device.type == "mps" and not torch.backends.mps.is_available():

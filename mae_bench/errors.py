@@ -16,3 +16,8 @@ class ConfigError(UserError):
         self.source = source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{field}: {message}" if field else f"{where}{message}")
+
+
+class MaeBenchWarning(UserWarning):
+    """Something the user should know that does not stop the run (a damaged file skipped or
+    rebuilt, a leaky split); the CLI prints it as one ``warning: ...`` line."""

@@ -97,16 +97,18 @@ def knn_classify(
     temperature: float = 0.07,
     batch_size: int = 1024,
 ) -> Tensor:
-    """Weighted k-NN (DINO): cosine similarity, votes weighted by exp(sim / T); probs (N, K)."""
+    """Weighted k-NN (DINO): cosine similarity, votes weighted by exp(sim / T); probs (N, K).
+
+    The weights are normalised over the k neighbours as a softmax of sim / T, which is the
+    same vote without overflow at small temperatures.
+    """
     train = F.normalize(train_x.float(), dim=1)
     k = min(k, len(train))
     out = []
     for chunk in F.normalize(test_x.float(), dim=1).split(batch_size):
         sim, idx = (chunk @ train.T).topk(k, dim=1)
-        votes = torch.zeros(len(chunk), num_classes).scatter_add_(
-            1, train_y[idx], (sim / temperature).exp()
-        )
-        out.append(votes / votes.sum(dim=1, keepdim=True))
+        weights = (sim / temperature).softmax(dim=1)
+        out.append(torch.zeros(len(chunk), num_classes).scatter_add_(1, train_y[idx], weights))
     return torch.cat(out)
 
 

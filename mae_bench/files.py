@@ -1,7 +1,9 @@
-"""Helpers for dataset plugins that read files: clear errors and memory-mapped images."""
+"""File helpers for the core and for plugins: clear errors, memory-mapped images, and the
+permissions of files made through ``tempfile``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +44,16 @@ def memmap_uint8(path: Path, item_shape: tuple[int, ...], dataset: str, hint: st
 def as_uint8_images(array: np.ndarray) -> torch.Tensor:
     """A (N, C, H, W) uint8 tensor sharing memory with ``array`` (memory maps included)."""
     return torch.from_numpy(array)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def grant_umask(path: Path | str, folder: bool = False) -> None:
+    """Give a file made by ``mkstemp`` (0600) or a folder made by ``mkdtemp`` (0700) the
+    permissions a plain ``open``/``mkdir`` would have under the current umask, so results
+    on a shared filesystem are readable by the team as the umask intends."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())

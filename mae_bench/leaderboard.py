@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from mae_bench.results import atomic_write_text
+from mae_bench.results import atomic_write_text, read_table
 
 ID_COLUMNS = ["variant", "encoder", "masking", "loss"]
 # Metrics shown first (and in the Markdown table), in this order; other numeric metrics follow.
@@ -195,11 +195,11 @@ def write_leaderboard(
     board = leaderboard_table(runs, primary)
     tables = {}
     for record in records:
-        path = root / "cells" / record["cell_id"] / "thresholds.csv"
-        if path.is_file():
+        table = read_table(root / "cells" / record["cell_id"] / "thresholds.csv")
+        if table is not None:
             name = f"{record['variant']}-seed{record['seed']}"
-            tables[name] = pd.read_csv(path)
-            atomic_write_text(root / "thresholds" / f"{name}.csv", path.read_text())
+            tables[name] = table
+            atomic_write_text(root / "thresholds" / f"{name}.csv", table.to_csv(index=False))
     markdown = leaderboard_markdown(board, title)
     binary = {k: t for k, t in tables.items() if t["class"].nunique() == 1}
     if binary:

@@ -92,7 +92,8 @@ def best_thresholds(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
             "youden_j": float("nan"),
         }
     precision, recall, pr_thresholds = skm.precision_recall_curve(y_true, scores)
-    f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(total), where=total > 0)
     best = int(np.argmax(f1[:-1]))  # the last PR point has no threshold
     fpr, tpr, roc_thresholds = skm.roc_curve(y_true, scores)
     j = tpr - fpr

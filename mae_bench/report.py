@@ -8,6 +8,7 @@ a random init), ROC curves and precision/recall/F1 vs the threshold.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,16 +18,17 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
-from safetensors.torch import load_file
 from sklearn.metrics import roc_curve
 
+from mae_bench.checkpoints import load_weights
 from mae_bench.contract import ImageData, Mask, MaskedAutoencoder
 from mae_bench.data import ImageFeeder
+from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.evaluate import evaluation_sample, extract_features, fixed_masks, reconstruct
 from mae_bench.layers import patch_mask_to_pixels
 from mae_bench.leaderboard import scratch_name, write_leaderboard
 from mae_bench.plugins import Registry
-from mae_bench.results import CellStore, read_suite_record
+from mae_bench.results import CellStore, read_suite_record, read_table
 from mae_bench.suite import Suite, resolve_suite
 
 
@@ -48,12 +50,21 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def plot_loss_curves(records: list[dict[str, Any]], store: CellStore, out: Path) -> Path:
+def plot_loss_curves(records: list[dict[str, Any]], store: CellStore, out: Path) -> Path | None:
     """Pretraining loss per epoch, one line per variant (band: spread over seeds)."""
     frames = []
     for r in records:
-        history = pd.read_csv(store.path(r["cell_id"]) / "history.csv")
+        if r.get("baseline"):
+            continue
+        path = store.path(r["cell_id"]) / "history.csv"
+        history = read_table(path)
+        if history is None or "loss" not in history:
+            if history is not None or not path.exists():
+                warnings.warn(f"{path}: no loss history: skipped", MaeBenchWarning, 2)
+            continue
         frames.append(history.assign(variant=r["variant"], seed=r["seed"]))
+    if not frames:
+        return None
     data = pd.concat(frames, ignore_index=True)
     fig, ax = plt.subplots(figsize=(7, 4))
     sns.lineplot(data=data, x="epoch", y="loss", hue="variant", errorbar="sd", ax=ax)
@@ -75,10 +86,10 @@ def plot_finetune_curves(records: list[dict[str, Any]], store: CellStore, out: P
     """Fine-tuning test accuracy and macro F1 per epoch: pretrained variants vs scratch."""
     frames = []
     for r in records:
-        path = store.path(r["cell_id"]) / "finetune.csv"
-        if path.is_file():
+        table = read_table(store.path(r["cell_id"]) / "finetune.csv")
+        if table is not None:
             name = scratch_name(r["variant"]) if r.get("baseline") else r["variant"]
-            frames.append(pd.read_csv(path).assign(variant=name, seed=r["seed"]))
+            frames.append(table.assign(variant=name, seed=r["seed"]))
     if not frames:
         return None
     data = pd.concat(frames, ignore_index=True).dropna(subset=["test_acc"])
@@ -115,10 +126,12 @@ def plot_roc_and_thresholds(
     frames = []
     for name, r in first.items():
         folder = store.path(r["cell_id"])
-        preds = pd.read_csv(folder / "predictions.csv")
+        preds = read_table(folder / "predictions.csv")
+        table = read_table(folder / "thresholds.csv")
+        if preds is None or table is None:
+            continue
         probs = preds.filter(like="p_").to_numpy()
         classes = [c.removeprefix("p_") for c in preds.columns if c.startswith("p_")]
-        table = pd.read_csv(folder / "thresholds.csv")
         if table["class"].nunique() == 1:  # binary: the positive class
             k = classes.index(str(table["class"].iloc[0]))
             fpr, tpr, _ = roc_curve(preds["label"] == k, probs[:, k])
@@ -129,6 +142,10 @@ def plot_roc_and_thresholds(
         ax_r.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
         curves = table.groupby("threshold")[["precision", "recall", "f1"]].mean().reset_index()
         frames.append(curves.melt("threshold", var_name="score").assign(variant=name))
+    if not frames:
+        plt.close(fig_r)
+        plt.close(fig_t)
+        return []
     ax_r.plot([0, 1], [0, 1], color="grey", linestyle=":")
     ax_r.set(title="ROC (linear probe)", xlabel="false positive rate", ylabel="true positive rate")
     ax_r.legend(fontsize=7)
@@ -167,15 +184,17 @@ def load_stored_models(
         mean, std = tuple(r["data"]["mean"]), tuple(r["data"]["std"])
         feeder = ImageFeeder(ds.image_size, ds.channels, mean, std, torch.device("cpu"))
         model = variant.build_model(ds.image_size, ds.channels).eval()
-        for part in ("encoder", "decoder"):
-            weights = load_file(store.path(r["cell_id"]) / f"{part}.safetensors")
-            getattr(model, part).load_state_dict(weights)
+        try:
+            load_weights(model, store.path(r["cell_id"]))
+        except UserError as exc:
+            warnings.warn(f"damaged weights: {exc}: {variant.name} skipped", MaeBenchWarning, 2)
+            continue
         models[variant.name] = (model, feeder, r)
     return StoredModels(suite, data, models)
 
 
 @torch.no_grad()
-def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 10) -> Path:
+def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 10) -> Path | None:
     """Original / masked / each variant's reconstruction, same images and masks for all.
 
     The images are a fixed-seed stratified sample of the test set (one of every class where
@@ -199,6 +218,8 @@ def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 10) ->
             rows += [("original", truth), ("masked", truth * (1 - pixel_mask) + 0.5 * pixel_mask)]
         recon = feeder.to_pixels(pred) * pixel_mask + truth * (1 - pixel_mask)
         rows.append((name, recon))
+    if not rows:
+        return None
     fig, axes = plt.subplots(
         len(rows), len(images), figsize=(1.2 * len(images), 1.25 * len(rows)), squeeze=False
     )
@@ -257,20 +278,22 @@ def render_report(root: Path, registry: Registry) -> list[Path]:
     """Rewrite the tables and every plot of a suite's results folder."""
     record = read_suite_record(root)
     store = CellStore(root)
-    records = [store.load(c["cell_id"]) for c in record["cells"] if store.is_done(c["cell_id"])]
+    records = list(store.finished([c["cell_id"] for c in record["cells"]], repair=False).values())
     primary = record["resolved"].get("primary_metric", "lp_acc")
     board = write_leaderboard(root, records, title=record["name"], primary=primary)
     if not records:
         return []
     out = root / "plots"
-    paths = [plot_loss_curves(records, store, out)]
+    losses = plot_loss_curves(records, store, out)
+    paths = [losses] if losses else []
     if primary in board:
         paths.append(plot_leaderboard(board, primary, out))
     finetune = plot_finetune_curves(records, store, out)
     paths += [finetune] if finetune else []
     paths += plot_roc_and_thresholds(records, store, out)
     stored = load_stored_models(root, records, registry)
-    paths.append(plot_reconstructions(stored, out))
+    grid = plot_reconstructions(stored, out)
+    paths += [grid] if grid else []
     pretrained = [
         n
         for n in board["variant"]

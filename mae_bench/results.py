@@ -4,53 +4,104 @@ Layout under ``<out>/<suite>/``::
 
     suite.json                      resolved suite and the ids of its cells
     cells/<variant>-seed<k>-<hash>/ result.json, history.csv, encoder/decoder.safetensors
+    cells/.damaged/                 cells whose record did not load, kept for inspection
+    failed/<cell id>.log            why a cell failed (removed once it succeeds)
     runs.csv, leaderboard.csv, leaderboard.md
 
-A cell folder is assembled under a temporary name and renamed into place, so it exists
-complete or not at all; a re-run skips every cell whose folder exists.
+A cell folder is assembled under a temporary name (holding this host and process id) and
+renamed into place, so it exists complete or not at all, and a finished cell is never
+replaced. A re-run skips every cell whose ``result.json`` loads and validates; one that does
+not is moved to ``cells/.damaged/`` and recomputed. Temporary folders left by a killed run
+are removed by the next. Files and folders get the permissions the umask allows (not
+0600/0700), so a teammate or a job under another account can read them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+import warnings
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import timm
 import torch
 
 import mae_bench
-from mae_bench.errors import UserError
+from mae_bench.errors import MaeBenchWarning, UserError
+from mae_bench.files import grant_umask
 
 RESULT_FILE = "result.json"
 SUITE_FILE = "suite.json"
+DAMAGED_DIR = ".damaged"
+RECORD_KEYS = {
+    "cell_id": str,
+    "variant": str,
+    "seed": int,
+    "config_hash": str,
+    "config": dict,
+    "components": dict,
+    "metrics": dict,
+    "provenance": dict,
+}
+STALE_FOREIGN_TMP_S = 24 * 3600  # another host's temporary folder older than this is stale
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    """Write ``text`` to ``path`` via a temporary file in the same folder, flushed to disk
+    (fsync) before the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        grant_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def strict_json(data: Any) -> Any:
+    """``data`` with every NaN or infinite float replaced by None (JSON has no NaN)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [strict_json(v) for v in data]
+    return data
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Atomically write pretty JSON."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, allow_nan=True) + "\n")
+    """Atomically write pretty, strict JSON (NaN and infinities as null)."""
+    text = json.dumps(strict_json(data), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(path, text + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; ``ValueError`` naming the problem if it is not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text ({exc.reason})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
 
 
 @cache
@@ -89,6 +140,39 @@ def provenance(device_name: str) -> dict[str, str]:
     }
 
 
+def read_table(path: Path) -> pd.DataFrame | None:
+    """A stored CSV table; None if there is none, or (with a warning naming the file) if it
+    is empty, truncated or garbled."""
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
+        warnings.warn(f"damaged table {path} ({exc}): skipped", MaeBenchWarning, stacklevel=2)
+        return None
+    return table
+
+
+class DamagedCell(Exception):
+    """A cell folder whose ``result.json`` does not load or validate."""
+
+
+def validate_record(record: Any, cell_id: str) -> dict[str, Any]:
+    """``record`` if it is a complete result of ``cell_id``, else ``ValueError`` saying why."""
+    if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    for key, kind in RECORD_KEYS.items():
+        if not isinstance(record.get(key), kind):
+            raise ValueError(f"field {key!r} is missing or not a {kind.__name__}")
+    if record["cell_id"] != cell_id:
+        raise ValueError(f"it is the record of cell {record['cell_id']!r}")
+    numbers = int | float | None
+    bad = [k for k, v in record["metrics"].items() if not isinstance(v, numbers)]
+    if bad:
+        raise ValueError(f"metrics {', '.join(bad)} are not numbers")
+    return record
+
+
 class CellStore:
     """The finished cells of one suite's results folder."""
 
@@ -100,38 +184,168 @@ class CellStore:
         """Folder of a cell."""
         return self.cells_dir / cell_id
 
+    def read(self, cell_id: str) -> dict[str, Any] | None:
+        """The cell's validated record; None if it has none; ``DamagedCell`` if it does not
+        load or validate."""
+        path = self.path(cell_id) / RESULT_FILE
+        if not path.is_file():
+            return None
+        try:
+            return validate_record(read_json(path), cell_id)
+        except (ValueError, OSError) as exc:
+            raise DamagedCell(f"{path}: {exc}") from None
+
     def is_done(self, cell_id: str) -> bool:
-        """True when the cell's results are complete on disk."""
-        return (self.path(cell_id) / RESULT_FILE).is_file()
+        """True when the cell's results are complete and valid on disk."""
+        try:
+            return self.read(cell_id) is not None
+        except DamagedCell:
+            return False
+
+    def load(self, cell_id: str) -> dict[str, Any]:
+        """The stored ``result.json`` of a finished cell."""
+        record = self.read(cell_id)
+        if record is None:
+            raise DamagedCell(f"{self.path(cell_id) / RESULT_FILE}: missing")
+        return record
+
+    def finished(self, cell_ids: Iterable[str], *, repair: bool) -> dict[str, dict[str, Any]]:
+        """The records of the finished cells among ``cell_ids``, in order.
+
+        A damaged record is warned about, naming its file; with ``repair`` (a run) its folder
+        is also moved to ``cells/.damaged/`` so that the cell is recomputed.
+        """
+        out = {}
+        for cell_id in cell_ids:
+            try:
+                record = self.read(cell_id)
+            except DamagedCell as exc:
+                action = "skipped"
+                if repair:
+                    action = f"moved to {self._set_aside(cell_id)} and recomputed"
+                warnings.warn(f"damaged result {exc}: {action}", MaeBenchWarning, stacklevel=2)
+                continue
+            if record is not None:
+                out[cell_id] = record
+        return out
+
+    def _set_aside(self, cell_id: str) -> Path:
+        """Move a cell folder to ``cells/.damaged/`` (kept for inspection)."""
+        target = self.cells_dir / DAMAGED_DIR / f"{cell_id}.{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        while target.exists():
+            target = target.with_name(target.name + "_")
+        os.replace(self.path(cell_id), target)
+        return target
+
+    def clean_stale_tmp(self) -> list[Path]:
+        """Remove temporary cell folders whose writer is gone: this host's dead processes,
+        another host's after a day, and those of unknown origin; returns what it removed."""
+        removed = []
+        if not self.cells_dir.is_dir():
+            return removed
+        host, now = _host(), time.time()
+        for tmp in self.cells_dir.glob(".*.tmp"):
+            parts = tmp.name[1:-4].rsplit(".", 3)
+            owner_host, pid = (parts[1], parts[2]) if len(parts) == 4 else ("", "")
+            if owner_host == host and pid.isdigit():
+                stale = not _alive(int(pid))
+            elif owner_host and pid.isdigit():
+                stale = now - tmp.stat().st_mtime > STALE_FOREIGN_TMP_S
+            else:
+                stale = True
+            if stale:
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        return removed
 
     def write(self, cell_id: str, write_files: Callable[[Path], None]) -> Path:
-        """Let ``write_files`` fill a temporary folder, then move it into place atomically."""
+        """Let ``write_files`` fill a temporary folder, then rename it into place.
+
+        A finished cell is never replaced (if another writer finished it first, ours is
+        dropped); an unfinished or damaged folder in the way is moved to ``cells/.damaged/``.
+        """
         self.cells_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.cells_dir, prefix=f".{cell_id}.", suffix=".tmp"))
+        prefix = f".{cell_id}.{_host()}.{os.getpid()}."
+        tmp = Path(tempfile.mkdtemp(dir=self.cells_dir, prefix=prefix, suffix=".tmp"))
         final = self.path(cell_id)
         try:
+            grant_umask(tmp, folder=True)
             write_files(tmp)
             if not (tmp / RESULT_FILE).is_file():
                 raise RuntimeError(f"cell {cell_id} wrote no {RESULT_FILE}")
-            if final.exists():  # an older, incomplete attempt (no result.json)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            if final.exists() and not self.is_done(cell_id):
+                self._set_aside(cell_id)
+            try:
+                os.rename(tmp, final)  # fails if a finished folder is there: never replaced
+            except OSError:
+                if not self.is_done(cell_id):
+                    raise
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return final
 
-    def load(self, cell_id: str) -> dict[str, Any]:
-        """The stored ``result.json`` of a finished cell."""
-        return json.loads((self.path(cell_id) / RESULT_FILE).read_text(encoding="utf-8"))
+    def check_writable(self, needed_bytes: int) -> None:
+        """Fail now, not after hours of training, if results cannot be written here: the
+        folder must be creatable and writable, and its disk must have ``needed_bytes`` free."""
+        where = self.cells_dir
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=where, prefix=".write-probe.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(b"\0" * (1 << 20))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            finally:
+                Path(probe).unlink(missing_ok=True)
+        except OSError as exc:
+            for folder in (self.cells_dir, self.root):  # leave nothing behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty
+            raise UserError(
+                f"--out: cannot write results under {self.root} ({exc.strerror or exc}); "
+                "choose another --out"
+            ) from None
+        free = shutil.disk_usage(where).free
+        if free < needed_bytes:
+            raise UserError(
+                f"--out: {self.root} is on a disk with {free / 2**20:.0f} MiB free; the "
+                f"results of this run need about {needed_bytes / 2**20:.0f} MiB"
+            )
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "_") or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_suite_record(root: Path) -> dict[str, Any]:
-    """The ``suite.json`` of a results folder, or a UserError naming the missing file."""
+    """The ``suite.json`` of a results folder, or a UserError naming the file and the problem."""
     path = root / SUITE_FILE
     if not path.is_file():
         raise UserError(f"{root} is not a mae-bench results folder: {path} is missing")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+        record = read_json(path)
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+        if not isinstance(record.get("name"), str) or not isinstance(record.get("resolved"), dict):
+            raise ValueError("no suite 'name' and 'resolved' suite")
+        cells = record.get("cells")
+        if not isinstance(cells, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("cell_id"), str) for c in cells
+        ):
+            raise ValueError("'cells' is not a list of cells with a 'cell_id'")
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path}: damaged or not a mae-bench suite record: {exc}") from None
+    return record

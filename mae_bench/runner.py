@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from mae_bench.checkpoints import load_weights
 from mae_bench.contract import ImageData, Loss, MaskedAutoencoder, MaskingStrategy, Pool
 from mae_bench.data import ImageFeeder
 from mae_bench.device import device_name, peak_memory_mb, prepare, reset_peak_memory
+from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.evaluate import (
     evaluation_sample,
     extract_features,
@@ -44,6 +48,7 @@ from mae_bench.results import (
     CellStore,
     atomic_write_text,
     provenance,
+    read_suite_record,
     write_json,
 )
 from mae_bench.suite import Cell, Suite
@@ -57,7 +62,7 @@ class RunSummary:
     root: Path
     finished: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    failed: dict[str, Path] = field(default_factory=dict)  # cell id -> its traceback file
+    failed: dict[str, CellFailure] = field(default_factory=dict)
     leaderboard: pd.DataFrame | None = None
 
 
@@ -312,18 +317,29 @@ def run_cell(
 
 
 def run_suite(
-    suite: Suite, out_dir: Path, device: torch.device, console: Console | None = None
+    suite: Suite,
+    out_dir: Path,
+    device: torch.device,
+    console: Console | None = None,
+    *,
+    replace: bool = False,
 ) -> RunSummary:
-    """Run every unfinished cell of ``suite`` and write the leaderboard; resumable."""
+    """Run every unfinished cell of ``suite`` and write the leaderboard; resumable.
+
+    Before any training: a results folder holding another suite's finished cells is refused
+    (``replace`` moves it aside instead), damaged cells are set aside to be recomputed,
+    stale temporary folders are removed, and the output is probed for writing and free space.
+    """
     console = console or Console(stderr=True)
     root = out_dir / suite.name
-    store = CellStore(root)
     cells = suite.cells()
+    _claim_folder(root, suite, cells, replace)
+    store = CellStore(root)
+    store.clean_stale_tmp()
     summary = RunSummary(root=root)
-    pending = []
-    for cell in cells:
-        (summary.skipped if store.is_done(cell.cell_id) else pending).append(cell)
-    summary.skipped = [c.cell_id for c in summary.skipped]
+    done = store.finished([c.cell_id for c in cells], repair=True)
+    pending = [c for c in cells if c.cell_id not in done]
+    summary.skipped = [c.cell_id for c in cells if c.cell_id in done]
     if summary.skipped:
         console.print(f"{len(summary.skipped)} of {len(cells)} cells already finished: skipped")
     if pending:
@@ -331,6 +347,7 @@ def run_suite(
         ds = suite.config.dataset
         console.print(f"loading dataset {ds.name} ...", highlight=False)
         data = suite.build_dataset().load()  # a missing dataset fails here, before any write
+        store.check_writable(sum(_result_bytes(c, suite) for c in pending))
         feeder = ImageFeeder.fit(
             data.pretrain, image_size=ds.image_size, channels=ds.channels, device=device
         )
@@ -346,15 +363,15 @@ def run_suite(
                 start = time.perf_counter()
                 try:
                     out = run_cell(cell, suite, data, feeder, mean_image, display)
+                    _store_cell(store, cell, out)
                 except Exception as exc:  # one cell's failure is that cell's, not the suite's
-                    path = _record_failure(root, cell, exc)
-                    summary.failed[cell.cell_id] = path
-                    display.end_cell(f"[red]FAILED[/red] {cell.cell_id}: {failure_line(exc)}")
+                    failure = _record_failure(root, cell, exc)
+                    summary.failed[cell.cell_id] = failure
+                    display.end_cell(f"[red]FAILED[/red] {cell.cell_id}: {failure.reason}")
                     del exc  # drop the traceback's frames (and the cell's tensors) now
                     if device.type == "cuda":  # give a failed cell's memory back
                         torch.cuda.empty_cache()
                     continue
-                _store_cell(store, cell, out)
                 (root / FAILED_DIR / f"{cell.cell_id}.log").unlink(missing_ok=True)
                 summary.finished.append(cell.cell_id)
                 m = out.record["metrics"]
@@ -366,14 +383,60 @@ def run_suite(
                     f"({time.perf_counter() - start:.0f} s)"
                 )
     _write_suite_record(root, suite, cells)
-    records = [store.load(c.cell_id) for c in cells if store.is_done(c.cell_id)]
+    records = list(store.finished([c.cell_id for c in cells], repair=False).values())
     summary.leaderboard = write_leaderboard(
         root, records, title=suite.name, primary=suite.config.primary_metric
     )
     return summary
 
 
+def _claim_folder(root: Path, suite: Suite, cells: list[Cell], replace: bool) -> None:
+    """Refuse to write into a results folder whose finished cells all belong to another
+    suite (another suite of the same name, or this one with every setting changed): the
+    leaderboard would silently lose them. ``replace`` moves such a folder aside."""
+    if not (root / SUITE_FILE).exists():
+        return
+    try:
+        old = read_suite_record(root)
+    except UserError as exc:
+        warnings.warn(f"{exc}: it is rewritten", MaeBenchWarning, stacklevel=2)
+        return
+    store = CellStore(root)
+    finished = [c["cell_id"] for c in old["cells"] if store.path(c["cell_id"]).is_dir()]
+    ours = {c.cell_id for c in cells}
+    if old["name"] == suite.name and (not finished or ours & set(finished)):
+        return
+    aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    if replace:
+        os.replace(root, aside)
+        warnings.warn(f"moved the previous results {root} to {aside}", MaeBenchWarning, 2)
+        return
+    raise UserError(
+        f"--out: {root} holds the results of another suite ({old['name']!r} from "
+        f"{old.get('source', '?')}: {len(finished)} finished cells, none of them part of this "
+        "suite, e.g. every setting changed); writing here would orphan them. Use another "
+        f"--out, or --replace to move them aside to {aside.name}"
+    )
+
+
+def _result_bytes(cell: Cell, suite: Suite) -> int:
+    """About what a cell's folder takes on disk: its weights, plus 1 MiB of tables."""
+    ds = suite.config.dataset
+    with torch.device("meta"):
+        model = cell.variant.build_model(ds.image_size, ds.channels)
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return weights + (1 << 20)
+
+
 FAILED_DIR = "failed"
+
+
+@dataclass(frozen=True)
+class CellFailure:
+    """Why a cell failed, and where its traceback is (None if it could not be written)."""
+
+    reason: str
+    log: Path | None
 
 
 def failure_line(exc: BaseException) -> str:
@@ -385,15 +448,21 @@ def failure_line(exc: BaseException) -> str:
             " (hint: lower pretrain.batch_size or eval.finetune.batch_size with --set, or use a "
             "smaller encoder)"
         )
+    elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        line += " (the disk holding the results is full: free space, then run again)"
     return line
 
 
-def _record_failure(root: Path, cell: Cell, exc: BaseException) -> Path:
+def _record_failure(root: Path, cell: Cell, exc: BaseException) -> CellFailure:
     """Write the cell's traceback to ``failed/<cell id>.log`` (a re-run retries the cell)."""
+    reason = failure_line(exc)
     path = root / FAILED_DIR / f"{cell.cell_id}.log"
     text = "".join(traceback.format_exception(exc))
-    atomic_write_text(path, f"{failure_line(exc)}\n\n{text}")
-    return path
+    try:
+        atomic_write_text(path, f"{reason}\n\n{text}")
+    except OSError:  # e.g. the disk is full: the reason is still reported
+        return CellFailure(reason, None)
+    return CellFailure(reason, path)
 
 
 def _store_cell(store: CellStore, cell: Cell, out: CellOutcome) -> None:

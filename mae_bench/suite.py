@@ -34,6 +34,7 @@ from mae_bench.contract import (
     MaskedAutoencoder,
     MaskingStrategy,
     Params,
+    Seed,
     prediction_loss,
 )
 from mae_bench.errors import ConfigError, UserError
@@ -44,13 +45,13 @@ SafeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_le
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ComponentRef(BaseModel):
     """``{name: ..., <plugin params>...}``: the plugin validates the extra keys."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     name: str
 
     @model_validator(mode="before")
@@ -197,7 +198,7 @@ class ReconstructionConfig(_Strict):
     enabled: bool = True
     num_images: PositiveInt = 512
     mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
-    mask_seed: int = 0
+    mask_seed: Seed = 0
     batch_size: PositiveInt = 256
 
 
@@ -238,7 +239,7 @@ class SuiteConfig(_Strict):
     pretrain: PretrainConfig
     variants: list[VariantConfig] = Field(min_length=1)
     eval: EvalConfig = EvalConfig()
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     primary_metric: str = "lp_acc"
 
     @field_validator("variants")
@@ -520,7 +521,15 @@ def read_suite_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"suite file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the suite as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the suite file ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -9,6 +9,7 @@ import torch
 from pydantic import Field, PositiveInt
 
 from mae_bench import Dataset, ImageData, Params, hookimpl
+from mae_bench.contract import Seed
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
 
@@ -17,7 +18,7 @@ class DigitsParams(Params):
     """Stratified train/test split of the 1,797 images; pretraining on the train images."""
 
     test_fraction: Fraction = 0.2
-    split_seed: int = 0
+    split_seed: Seed = 0
     pretrain_split: Literal["train", "all"] = "train"
 
 
@@ -67,7 +68,7 @@ class SyntheticParams(Params):
     n_train: PositiveInt = 256
     n_test: PositiveInt = 128
     noise: Annotated[float, Field(ge=0, le=1)] = 0.1
-    seed: int = 0
+    seed: Seed = 0
 
 
 class SyntheticDataset(Dataset):

@@ -2,7 +2,13 @@
 
 Images are decoded once, resized (shorter side) and centre-cropped to ``size``, and cached as
 a uint8 array on disk, so later runs start at once. The cache key covers every file's path,
-size and modification time, so changing the folder re-decodes it.
+size and modification time, so changing the folder re-decodes it; a damaged cache file is
+decoded again.
+
+Every image becomes 8-bit RGB by its mode (:func:`to_rgb`): 16-bit images are scaled by their
+bit depth (0..65535 -> 0..255), float images by their value range (0..1 as is, otherwise
+min..max), transparent images are composited over black, CMYK is converted with
+``(255 - C) * (255 - K) / 255`` per channel; nothing is clipped.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,10 +24,11 @@ import numpy as np
 import torch
 from pydantic import Field, PositiveInt
 
-from mae_bench import Dataset, ImageData, Params, UserError, hookimpl
-from mae_bench.files import require_dir
+from mae_bench import Dataset, ImageData, MaeBenchWarning, Params, UserError, hookimpl
+from mae_bench.contract import Seed
+from mae_bench.files import grant_umask, require_dir
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: decoding by image mode (16-bit and float images no longer clipped)
 HINT = "Expected <root>/<class name>/<image files>, one folder per class."
 
 
@@ -30,7 +38,7 @@ class ImageFolderParams(Params):
     root: str
     test_root: str | None = None
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
-    split_seed: int = 0
+    split_seed: Seed = 0
     size: PositiveInt = 64
     positive_class: str | None = None
     pretrain_split: Literal["train", "all"] = "train"
@@ -47,7 +55,11 @@ def discover(root: Path) -> tuple[list[str], list[Path], list[int]]:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     require_dir(root, "imagefolder", HINT)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    entries = [d for d in root.iterdir() if not d.name.startswith(".")]
+    for entry in entries:
+        if entry.is_symlink():
+            check_class_link(root, entry)
+    classes = sorted(d.name for d in entries if d.is_dir())
     if not classes:
         raise UserError(f"imagefolder: no class folders in {root}. {HINT}")
     files, labels = [], []
@@ -63,6 +75,67 @@ def discover(root: Path) -> tuple[list[str], list[Path], list[int]]:
     return classes, files, labels
 
 
+def check_class_link(root: Path, link: Path) -> None:
+    """A class folder that is a symlink must lead to a folder strictly inside ``root``:
+    a loop, a dangling link, a link to the root (or above it, which would read the other
+    classes again) or out of it is refused."""
+    try:
+        target = link.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:
+        raise UserError(
+            f"imagefolder: class folder {link} is a symlink that loops or leads nowhere "
+            f"({exc.__class__.__name__}); remove it or point it at a folder inside {root}"
+        ) from None
+    top = root.resolve()
+    if target.is_dir() and top not in target.parents:
+        where = "the dataset root or above it" if target in (top, *top.parents) else "outside it"
+        raise UserError(
+            f"imagefolder: class folder {link} is a symlink to {target}, {where}: refusing "
+            f"to read classes through it (it would repeat or mix in other images); use a "
+            f"real folder or a link to a folder inside {root}"
+        )
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")  # by bit depth; "I" beyond 65535: range
+_ALPHA = ("LA", "La", "PA", "RGBA", "RGBa")
+
+
+def _rescale(values: np.ndarray, top: float | None) -> np.ndarray:
+    """Values to 0..255: divided by ``top`` (a bit depth's maximum) when they fit under it,
+    else stretched from their own min..max (a constant image becomes 0)."""
+    values = np.nan_to_num(values.astype(np.float64))
+    low, high = float(values.min()), float(values.max())
+    if top is not None and low >= 0 and high <= top:
+        return values * (255.0 / top)
+    return (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+
+
+def to_rgb(img):
+    """A PIL image of any mode as 8-bit RGB, without clipping high-bit-depth values."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        return to_rgb(img.convert("RGBA" if "transparency" in img.info else "RGB"))
+    if mode in _ALPHA:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float64)
+        array = rgba[..., :3] * (rgba[..., 3:] / 255.0)  # over black
+    elif mode == "CMYK":
+        cmyk = np.asarray(img, dtype=np.float64)
+        array = (255.0 - cmyk[..., :3]) * (255.0 - cmyk[..., 3:]) / 255.0
+    elif mode in _SIXTEEN_BIT or mode == "I":  # "I": 16-bit PNG data in 32-bit integers
+        array = _rescale(np.asarray(img), 65535.0)
+    elif mode == "F":
+        array = _rescale(np.asarray(img), 1.0)
+    else:  # L, 1, YCbCr, LAB, HSV: PIL's own conversion is exact
+        return img.convert("RGB")
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "RGB")
+
+
 def decode(path: Path, size: int) -> np.ndarray:
     """One image as (3, size, size) uint8: RGB, shorter side resized, centre-cropped."""
     from PIL import Image, UnidentifiedImageError
@@ -70,7 +143,7 @@ def decode(path: Path, size: int) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = to_rgb(img)
             img = TF.center_crop(TF.resize(img, size), [size, size])
             return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
     except (UnidentifiedImageError, OSError) as exc:
@@ -78,23 +151,44 @@ def decode(path: Path, size: int) -> np.ndarray:
 
 
 def cached_images(files: list[Path], size: int, cache_dir: Path) -> torch.Tensor:
-    """Decode ``files`` once into a cached (N, 3, size, size) uint8 array, memory-mapped."""
+    """Decode ``files`` once into a cached (N, 3, size, size) uint8 array, memory-mapped.
+
+    A cache file that does not load as that array (truncated, empty, garbled) is reported
+    and decoded again.
+    """
     key = hashlib.sha256(f"v{CACHE_VERSION} {size}".encode())
     for f in files:
         stat = f.stat()
         key.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     path = cache_dir / f"imagefolder-{key.hexdigest()[:20]}.npy"
-    if not path.is_file():
-        from rich.progress import track
+    shape = (len(files), 3, size, size)
+    if path.is_file():
+        try:
+            cached = np.load(path, mmap_mode="c")
+            if cached.shape == shape and cached.dtype == np.uint8:
+                return torch.from_numpy(cached)
+            problem = f"holds {cached.dtype} {cached.shape}, not uint8 {shape}"
+        except (ValueError, OSError, EOFError) as exc:
+            problem = str(exc) or type(exc).__name__
+        warnings.warn(
+            f"imagefolder: decode cache {path} is damaged ({problem}): decoding the images again",
+            MaeBenchWarning,
+            stacklevel=2,
+        )
+    from rich.progress import track
 
-        array = np.empty((len(files), 3, size, size), dtype=np.uint8)
-        for i, f in enumerate(track(files, description="decoding images", transient=True)):
-            array[i] = decode(f, size)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
+    array = np.empty(shape, dtype=np.uint8)
+    for i, f in enumerate(track(files, description="decoding images", transient=True)):
+        array[i] = decode(f, size)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
+    try:
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, array)
+        grant_umask(tmp)
         os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return torch.from_numpy(np.load(path, mmap_mode="c"))
 
 
