@@ -106,6 +106,7 @@ def run(
     """Run a suite: pretrain and evaluate every (variant, seed) cell not yet finished."""
     from mae_bench.device import resolve_device
     from mae_bench.leaderboard import leaderboard_markdown
+    from mae_bench.memory import check_memory
     from mae_bench.runner import run_suite
     from mae_bench.suite import load_suite
 
@@ -113,6 +114,7 @@ def run(
     for warning in suite.warnings:
         _print_warning(warning)
     torch_device = resolve_device(device)
+    check_memory(suite, torch_device)  # before anything is loaded or written
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         summary = run_suite(suite, Path(out_dir), torch_device, replace=replace)
@@ -143,11 +145,16 @@ def run(
 @_user_errors
 def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
     """Check a suite file against the schema and the plugins, without running it."""
+    from mae_bench.device import resolve_device
+    from mae_bench.memory import memory_problem
     from mae_bench.suite import load_suite
 
     suite = load_suite(suite_file, load_registry(), overrides)
     for warning in suite.warnings:
         _print_warning(warning)
+    problem = memory_problem(suite, resolve_device("auto"))
+    if problem:  # it may be run elsewhere: `run` refuses on the device it runs on
+        _print_warning(f"{problem} (on this machine; `run` refuses it here)")
     cells = suite.cells()
     baselines = len(suite.baseline_variants())
     extra = f" + {baselines} baseline(s)" if baselines else ""

@@ -41,7 +41,7 @@ class ImageFeeder:
         total = torch.zeros(channels, dtype=torch.float64)
         squares = torch.zeros(channels, dtype=torch.float64)
         count = 0
-        for idx in sample_indices(len(images), max_images).split(1024):
+        for idx in sample_indices(len(images), max_images).split(unit.chunk(images)):
             x = unit.pixels(images[idx]).double()
             total += x.sum(dim=(0, 2, 3))
             squares += x.pow(2).sum(dim=(0, 2, 3))
@@ -54,9 +54,16 @@ class ImageFeeder:
         """Mean of (up to ``max_images``) images in [0, 1] pixels, (C, H, W) on the CPU."""
         total = torch.zeros(self.channels, self.image_size, self.image_size, dtype=torch.float64)
         idx_all = sample_indices(len(images), max_images)
-        for idx in idx_all.split(1024):
+        for idx in idx_all.split(self.chunk(images)):
             total += self.pixels(images[idx]).double().sum(dim=0).cpu()
         return (total / len(idx_all)).float()
+
+    def chunk(self, images: Images, budget: int = 256 << 20) -> int:
+        """Images per chunk of a statistics pass: at most 1024, within ``budget`` bytes of
+        float64 pixels (stored and resized sizes), so large images never exhaust memory."""
+        side = max(self.image_size, *images.shape[-2:])
+        per_image = 8 * max(self.channels, images.shape[1]) * side * side
+        return max(1, min(1024, budget // per_image))
 
     def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)

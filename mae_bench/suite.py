@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 import yaml
 from pydantic import (
     BaseModel,
@@ -475,8 +476,9 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
             for j, t in enumerate(v.loss)
         )
         variant = Variant(v.name, encoder, masking, losses)
-        try:
-            model = variant.build_model(ds.image_size, ds.channels)
+        try:  # shapes only (no memory): a huge model is caught by the memory check
+            with torch.device("cpu" if v.encoder.init_from else "meta"):
+                model = variant.build_model(ds.image_size, ds.channels)
         except ValueError as exc:
             raise ConfigError(f"{path}.encoder", str(exc), source) from None
         builders = (

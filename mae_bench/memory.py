@@ -1,0 +1,87 @@
+"""What a suite's pretraining step needs in memory, measured without allocating it.
+
+Each variant's model is built on PyTorch's ``meta`` device (shapes, no data) and one
+pretraining step's forward pass and losses run there; autograd's saved-tensor hooks add up
+what the backward pass would keep. With the weights, their gradients and AdamW's two moments,
+and the input batch, that is the step's footprint. A suite that cannot fit in the memory of
+the device it would run on is refused before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mae_bench.contract import LossInputs, Mask
+from mae_bench.errors import UserError
+from mae_bench.suite import Suite, Variant
+from mae_bench.train import loss_terms
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def pretrain_step_bytes(variant: Variant, suite: Suite) -> int:
+    """Bytes one pretraining step of ``variant`` needs (weights x 4 for gradients and AdamW,
+    the batch, and the activations kept for backward), at the lowest mask ratio it uses."""
+    ds, cfg = suite.config.dataset, suite.config.pretrain
+    with torch.device("meta"):
+        model = variant.build_model(ds.image_size, ds.channels)
+    masking, losses = variant.build_masking(), variant.build_losses()
+    x = torch.empty(cfg.batch_size, ds.channels, ds.image_size, ds.image_size, device="meta")
+    weights = sum(_bytes(p) for p in model.parameters() if p.requires_grad)
+    peak = 0
+    for progress in (0.0, 1.0):  # a curriculum's lowest ratio keeps the most tokens
+        drawn = masking(len(x), model.num_patches, progress=progress)
+        mask = Mask(*(t.to("meta") for t in (drawn.ids_keep, drawn.ids_restore, drawn.mask)))
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += _bytes(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x, mask)
+            inputs = LossInputs(
+                x, out.pred.float(), mask.mask, out.latent.float(), model.patch_size, model.pool
+            )
+            loss_terms(losses, inputs)
+        peak = max(peak, saved)
+    return 4 * weights + 3 * _bytes(x) + peak
+
+
+def memory_budget(device: torch.device) -> tuple[int, str]:
+    """Total memory of ``device`` in bytes, and what it is (for messages)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        return props.total_memory, f"the {props.name}'s"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total, "this machine's"
+
+
+def memory_problem(suite: Suite, device: torch.device) -> str | None:
+    """Why ``suite``'s pretraining step cannot fit on ``device`` (with the figures), or None."""
+    budget, whose = memory_budget(device)
+    ds, cfg = suite.config.dataset, suite.config.pretrain
+    for i, variant in enumerate(suite.variants):
+        need = pretrain_step_bytes(variant, suite)
+        if need > budget:
+            return (
+                f"{suite.source}: variants[{i}] ({variant.name}): one pretraining step needs "
+                f"about {need / 2**30:,.1f} GiB (batch {cfg.batch_size} at "
+                f"{ds.image_size}x{ds.image_size}: weights, gradients, AdamW state and "
+                f"activations), more than {whose} {budget / 2**30:,.1f} GiB of memory; lower "
+                "dataset.image_size, pretrain.batch_size or the model size"
+            )
+    return None
+
+
+def check_memory(suite: Suite, device: torch.device) -> None:
+    """Refuse, with the figures, a suite whose pretraining step cannot fit on ``device``."""
+    problem = memory_problem(suite, device)
+    if problem:
+        raise UserError(problem)
