@@ -381,3 +381,24 @@ def test_sigterm_keeps_finished_cells_and_says_how_to_resume(tmp_path):
     kept = [p for p in cells.iterdir() if not p.name.startswith(".")]
     assert kept and all((p / "result.json").is_file() for p in kept)
     assert not list(cells.glob(".*.tmp"))
+
+
+def test_sigterm_while_a_cell_folder_is_written_leaves_nothing_half_written(
+    tmp_path, monkeypatch
+):
+    real = mae_bench.runner.write_json
+
+    def write_then_get_killed(path, data):
+        if path.name == "result.json" and data["variant"] == "vit":
+            os.kill(os.getpid(), signal.SIGTERM)  # the real signal, mid-write
+        real(path, data)
+
+    monkeypatch.setattr(mae_bench.runner, "write_json", write_then_get_killed)
+    suite = _suite(tmp_path)
+    result = invoke("run", str(suite), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 143 and "terminated (SIGTERM)" in result.stderr
+    cells = tmp_path / "out" / "tiny" / "cells"
+    assert [p.name.split("-")[0] for p in cells.iterdir()] == ["mlp"]  # no .tmp, no vit
+    monkeypatch.undo()
+    again = invoke("run", str(suite), "--out", str(tmp_path / "out"))
+    assert again.exit_code == 0 and "1 of 2 cells already finished" in again.stderr
