@@ -7,6 +7,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from mae_bench.contract import (
     Dataset,
+    EvalContext,
+    EvalResult,
+    Evaluator,
     ImageData,
     Loss,
     LossInputs,
@@ -14,6 +17,7 @@ from mae_bench.contract import (
     Mask,
     MaskedAutoencoder,
     MaskingStrategy,
+    Metric,
     Params,
 )
 from mae_bench.errors import ConfigError, MaeBenchWarning, UserError
@@ -27,6 +31,9 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "ConfigError",
     "Dataset",
+    "EvalContext",
+    "EvalResult",
+    "Evaluator",
     "ImageData",
     "Loss",
     "LossInputs",
@@ -35,6 +42,7 @@ __all__ = [
     "Mask",
     "MaskedAutoencoder",
     "MaskingStrategy",
+    "Metric",
     "Params",
     "UserError",
     "__version__",

@@ -105,7 +105,6 @@ def run(
 ) -> None:
     """Run a suite: pretrain and evaluate every (variant, seed) cell not yet finished."""
     from mae_bench.device import resolve_device
-    from mae_bench.leaderboard import leaderboard_markdown
     from mae_bench.memory import check_memory
     from mae_bench.runner import run_suite
     from mae_bench.suite import load_suite
@@ -128,7 +127,7 @@ def run(
         sys.exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    click.echo(leaderboard_markdown(summary.leaderboard, title=suite.name))
+    click.echo(summary.markdown)
     click.echo(f"results: {summary.root}", err=True)
     if summary.failed:
         click.echo(f"{len(summary.failed)} cell(s) failed (a re-run retries them):", err=True)
@@ -196,7 +195,7 @@ def plugins(as_json: bool) -> None:
         for kind in KIND_PLURALS:
             comps = [c for c in p.components if c.kind == kind]
             for c in comps:
-                click.echo(f"  {kind:8} {c.name:12} {c.description}")
+                click.echo(f"  {kind:9} {c.name:14} {c.description}")
         for error in p.errors:
             click.echo(click.style(f"  error: {error}", fg="red"))
 
@@ -206,7 +205,7 @@ def plugins(as_json: bool) -> None:
 @_user_errors
 def leaderboard(results_dir: str) -> None:
     """Re-render runs.csv and leaderboard.csv/.md of a suite's results folder."""
-    from mae_bench.leaderboard import leaderboard_markdown, write_leaderboard
+    from mae_bench.leaderboard import write_leaderboard
     from mae_bench.results import CellStore, read_suite_record
 
     root = Path(results_dir)
@@ -215,8 +214,8 @@ def leaderboard(results_dir: str) -> None:
     ids = [c["cell_id"] for c in record["cells"]]
     done = list(store.finished(ids, repair=False).values())
     primary = record["resolved"].get("primary_metric", "lp_acc")
-    board = write_leaderboard(root, done, title=record["name"], primary=primary)
-    click.echo(leaderboard_markdown(board, title=record["name"]))
+    _, markdown = write_leaderboard(root, done, title=record["name"], primary=primary)
+    click.echo(markdown)
     click.echo(f"{len(done)} of {len(ids)} cells finished; written under {root}", err=True)
 
 

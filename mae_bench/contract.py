@@ -1,7 +1,7 @@
 """The small public contract every component implements.
 
-Four kinds of component plug into mae-bench: encoders (whole masked autoencoders),
-masking strategies, losses and datasets. Each is a class with
+Five kinds of component plug into mae-bench: encoders (whole masked autoencoders),
+masking strategies, losses, datasets and evaluators. Each is a class with
 
 - ``name``: the string a suite uses to select it (``encoder: {name: vit}``),
 - ``Params``: a pydantic model (subclass of :class:`Params`) validating its YAML parameters,
@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,6 +28,12 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from mae_bench.layers import patchify, random_mask
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from mae_bench.data import ImageFeeder
+    from mae_bench.evaluate import FeatureCache
 
 Pool = Literal["cls", "mean"]
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
@@ -420,9 +426,102 @@ class Dataset(ABC):
         return self.name
 
 
+# --------------------------------------------------------------------------- evaluators
+@dataclass(frozen=True)
+class Metric:
+    """How a metric an evaluator reports is shown and ranked."""
+
+    description: str
+    higher_is_better: bool = True
+    fmt: str = "{:.3f}"  # display format of its mean and std
+    headline: bool = False  # a column of the Markdown leaderboard
+    summary: str | None = None  # an unprefixed summary column it can fill (e.g. "f1_macro")
+    compare: bool = True  # its best value is marked in leaderboards
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data, stored with each result so tables render without the plugin."""
+        return {
+            "description": self.description,
+            "higher_is_better": self.higher_is_better,
+            "fmt": self.fmt,
+            "headline": self.headline,
+            "summary": self.summary,
+            "compare": self.compare,
+        }
+
+
+@dataclass
+class EvalContext:
+    """What an evaluator receives for one cell.
+
+    ``model`` is on ``feeder.device`` in eval mode: evaluate it as it is, and train only a copy
+    (``model.without_decoder()``), so the stored pretrained weights stay untouched.
+    ``features`` gives the frozen (train, test) features by pooling, extracted once per cell
+    and shared by every evaluator.
+    """
+
+    model: MaskedAutoencoder
+    data: ImageData
+    feeder: ImageFeeder
+    features: FeatureCache
+    seed: int
+    baseline: bool  # a no-pretraining cell: the model is at its random init
+    decoder_loss: Loss | None  # maps the model's predictions to pixels (reconstruction)
+    mean_image: Tensor  # mean pretraining image in [0, 1] pixels, (C, H, W)
+    thresholds: list[float]  # the suite's decision thresholds for threshold tables
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is."""
+        return self.feeder.device
+
+
+@dataclass
+class EvalResult:
+    """What an evaluator returns: metrics named as in ``Evaluator.metrics()``, tables written
+    as ``<name>.csv`` beside the cell's result, and an optional confusion matrix."""
+
+    metrics: dict[str, float]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    confusion: list[list[int]] | None = None
+
+
+class Evaluator(ABC):
+    """An evaluation protocol run on every cell (linear probe, k-NN, fine-tuning, ...).
+
+    A suite enables it as ``eval: {<name>: {<params>}}`` (``enabled: false`` turns a default
+    one off). ``metrics()`` names and describes everything ``evaluate`` returns; leaderboards
+    take names, directions and formats from there.
+    """
+
+    kind: ClassVar[str] = "evaluator"
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]] = Params
+    enabled_by_default: ClassVar[bool] = False  # runs on suites that do not mention it
+    needs_pretraining: ClassVar[bool] = False  # skipped on no-pretraining baselines
+    trains_encoder: ClassVar[bool] = False  # measures a trained copy: baselines' `scratch` row
+    summary_priority: ClassVar[int] = 100  # lower fills the unprefixed summary columns first
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    @abstractmethod
+    def metrics(self) -> dict[str, Metric]:
+        """The metrics ``evaluate`` reports with these params, by name (e.g. ``knn_acc``)."""
+
+    @abstractmethod
+    def evaluate(self, ctx: EvalContext) -> EvalResult:
+        """Evaluate one cell's model."""
+
+    def summary(self) -> str:
+        """Short human-readable description."""
+        return self.name
+
+
 COMPONENT_BASES: dict[str, type] = {
     "encoder": MaskedAutoencoder,
     "masking": MaskingStrategy,
     "loss": Loss,
     "dataset": Dataset,
+    "evaluator": Evaluator,
 }

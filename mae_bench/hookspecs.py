@@ -45,3 +45,8 @@ def register_losses(register: Register) -> None:
 @hookspec
 def register_datasets(register: Register) -> None:
     """Register datasets (subclasses of ``mae_bench.Dataset``)."""
+
+
+@hookspec
+def register_evaluators(register: Register) -> None:
+    """Register evaluation protocols (subclasses of ``mae_bench.Evaluator``)."""

@@ -9,29 +9,29 @@ from typing import Any
 
 import pandas as pd
 
-from mae_bench.results import atomic_write_text, read_table
+from mae_bench.metrics import CORE_METRICS
+from mae_bench.results import atomic_write_text, evaluations, read_table
 
 ID_COLUMNS = ["variant", "encoder", "masking", "loss"]
-# Metrics shown first (and in the Markdown table), in this order; other numeric metrics follow.
-METRICS = [
-    "psnr_masked", "psnr_full", "hf_error", "lp_acc", "lp_f1_macro", "knn_acc", "ft_acc",
-    "ft_f1_macro", "pretrain_s", "imgs_per_s", "params_m",
-]  # fmt: skip
-# Unprefixed summary columns: from fine-tuning (ft_*) where it ran, else the linear probe.
-HEADLINE = ("f1_macro", "auc", "precision_macro", "recall_macro")
-LOWER_IS_BETTER = {"hf_error", "final_loss"}
-QUALITY = ("psnr", "acc", "f1", "auc", "precision", "recall", "hf_error", "imgs_per_s")
-# Display format by metric-name fragment, first match wins.
-FORMATS = [
-    ("hf_error", "{:.4f}"), ("psnr", "{:.2f}"), ("per_s", "{:.0f}"), ("threshold", "{:.2f}"),
-    ("acc", "{:.3f}"), ("f1", "{:.3f}"), ("auc", "{:.3f}"), ("precision", "{:.3f}"),
-    ("recall", "{:.3f}"), ("youden", "{:.3f}"), ("params", "{:.3f}"), ("_s", "{:.1f}"),
-]  # fmt: skip
+Info = dict[str, dict[str, Any]]  # metric -> Metric.as_dict(), as stored with each result
 
 
-def higher_is_better(metric: str) -> bool:
+def metric_info(records: Iterable[dict[str, Any]]) -> Info:
+    """How to show each metric, from the evaluators' declarations stored in the records
+    (evaluators in suite order), then the runner's own metrics."""
+    info: Info = {}
+    for r in records:
+        for _, evaluation in evaluations(r):
+            for name, described in evaluation["info"].items():
+                info.setdefault(name, described)
+    for name, metric in CORE_METRICS.items():
+        info.setdefault(name, metric.as_dict())
+    return info
+
+
+def higher_is_better(metric: str, info: Info | None = None) -> bool:
     """Direction of a metric for ranking and for marking the best value."""
-    return metric not in LOWER_IS_BETTER
+    return bool((info or {}).get(metric, {}).get("higher_is_better", True))
 
 
 def scratch_name(baseline_variant: str) -> str:
@@ -39,20 +39,43 @@ def scratch_name(baseline_variant: str) -> str:
     return baseline_variant.replace("random-init", "scratch")
 
 
-def _baseline_rows(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """A no-pretraining cell as two rows: ``random-init`` (frozen features, no ft_*) and
-    ``scratch`` (the fine-tuning recipe from random init: ft_* only)."""
-    finetuned = {k: v for k, v in row.items() if k.startswith("ft_")}
-    frozen = {k: v for k, v in row.items() if not k.startswith("ft_")}
-    if not finetuned:
+def _trained_metrics(record: dict[str, Any]) -> set[str]:
+    """Metrics of the evaluators that train a copy of the encoder (fine-tuning)."""
+    return {
+        name
+        for _, evaluation in evaluations(record)
+        if evaluation.get("trains_encoder")
+        for name in evaluation["metrics"]
+    }
+
+
+def _baseline_rows(row: dict[str, Any], trained: set[str]) -> list[dict[str, Any]]:
+    """A no-pretraining cell as two rows: ``random-init`` (frozen features: the evaluators
+    that do not train the encoder) and ``scratch`` (those that do, from random init)."""
+    frozen = {k: v for k, v in row.items() if k not in trained}
+    if not trained:
         return [frozen]
     ids = {k: v for k, v in row.items() if not isinstance(v, float) or k == "params_m"}
-    scratch = {**ids, **finetuned, "variant": scratch_name(row["variant"])}
+    scratch = {**ids, **{k: row[k] for k in trained}, "variant": scratch_name(row["variant"])}
     return [frozen, scratch]
+
+
+def _summary_sources(records: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Unprefixed summary columns (``f1_macro``, ``auc``, ...) and the metrics that can fill
+    them, by evaluator priority (fine-tuning first where it ran, then the linear probe)."""
+    ranked: dict[str, list[tuple[int, str]]] = {}
+    for r in records:
+        for _, evaluation in evaluations(r):
+            for name, described in evaluation["info"].items():
+                key = described.get("summary")
+                if key and (evaluation["summary_priority"], name) not in ranked.get(key, []):
+                    ranked.setdefault(key, []).append((evaluation["summary_priority"], name))
+    return {key: [name for _, name in sorted(pairs)] for key, pairs in ranked.items()}
 
 
 def runs_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """One row per finished cell (two for a baseline cell): components, metrics, config hash."""
+    records = list(records)
     rows = []
     for r in records:
         row = {
@@ -60,32 +83,33 @@ def runs_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             "seed": r["seed"],
             **r["components"],
             "pretrain_sees_test": bool(r.get("data", {}).get("pretrain_sees_test", False)),
-            **r["metrics"],
+            **{k: (float("nan") if v is None else v) for k, v in r["metrics"].items()},
             "config_hash": r["config_hash"],
             "cell_id": r["cell_id"],
         }
-        rows += _baseline_rows(row) if r.get("baseline") else [row]
+        rows += _baseline_rows(row, _trained_metrics(r)) if r.get("baseline") else [row]
     runs = pd.DataFrame(rows)
     if runs.empty:
         return runs
-    for key in HEADLINE:  # the fine-tuned classifier where there is one, else the probe
-        sources = [f"{p}_{key}" for p in ("ft", "lp") if f"{p}_{key}" in runs]
-        if sources:
-            runs[key] = runs[sources[0]]
-            for other in sources[1:]:
+    for key, sources in _summary_sources(records).items():
+        present = [m for m in sources if m in runs]
+        if present:
+            runs[key] = runs[present[0]]
+            for other in present[1:]:
                 runs[key] = runs[key].fillna(runs[other])
     head = ["variant", "seed", *ID_COLUMNS[1:], "pretrain_sees_test"]
     tail = ["config_hash", "cell_id"]
-    return runs[[*head, *_metric_columns(runs), *tail]]
+    return runs[[*head, *_metric_columns(runs, metric_info(records)), *tail]]
 
 
-def _metric_columns(runs: pd.DataFrame) -> list[str]:
+def _metric_columns(runs: pd.DataFrame, info: Info | None = None) -> list[str]:
     numeric = [
         c
         for c in runs.columns
         if c not in ("seed", "pretrain_sees_test") and pd.api.types.is_numeric_dtype(runs[c])
     ]
-    return [m for m in METRICS if m in numeric] + [m for m in numeric if m not in METRICS]
+    known = [m for m in (info or {}) if m in numeric]
+    return known + [m for m in numeric if m not in known]
 
 
 def ci95_halfwidth(std: pd.Series, n: pd.Series) -> pd.Series:
@@ -96,7 +120,9 @@ def ci95_halfwidth(std: pd.Series, n: pd.Series) -> pd.Series:
     return t.ppf(0.975, dof) * std / n.pow(0.5)
 
 
-def leaderboard_table(runs: pd.DataFrame, primary: str = "lp_acc") -> pd.DataFrame:
+def leaderboard_table(
+    runs: pd.DataFrame, primary: str = "lp_acc", info: Info | None = None
+) -> pd.DataFrame:
     """Per variant: mean, std (ddof=1) and 95% CI of every metric, ranked by ``primary``.
 
     ``overlaps_leader`` is True where a variant's interval on the primary metric overlaps the
@@ -104,7 +130,7 @@ def leaderboard_table(runs: pd.DataFrame, primary: str = "lp_acc") -> pd.DataFra
     """
     if runs.empty:
         return pd.DataFrame(columns=[*ID_COLUMNS, "seeds"])
-    metrics = _metric_columns(runs)
+    metrics = _metric_columns(runs, info)
     grouped = runs.groupby("variant", sort=False)
     board = grouped[[c for c in (*ID_COLUMNS[1:], "pretrain_sees_test") if c in runs]].first()
     board["seeds"] = grouped["seed"].count()
@@ -115,7 +141,10 @@ def leaderboard_table(runs: pd.DataFrame, primary: str = "lp_acc") -> pd.DataFra
     board = pd.concat(parts, axis=1).reset_index()
     if primary in board:
         board = board.sort_values(
-            primary, ascending=not higher_is_better(primary), kind="stable", na_position="last"
+            primary,
+            ascending=not higher_is_better(primary, info),
+            kind="stable",
+            na_position="last",
         ).reset_index(drop=True)
         board.insert(1, "rank", range(1, len(board) + 1))
         ci = board[f"{primary}_ci95"]
@@ -126,20 +155,23 @@ def leaderboard_table(runs: pd.DataFrame, primary: str = "lp_acc") -> pd.DataFra
     return board.reset_index(drop=True)
 
 
-def _format(metric: str, mean: float, std: float) -> str:
+def _format(fmt: str, mean: float, std: float) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "—"
-    fmt = next((f for key, f in FORMATS if key in metric), "{:.4g}")
     text = fmt.format(mean)
     if std is not None and not (isinstance(std, float) and math.isnan(std)):
         text += " ± " + fmt.format(std)
     return text
 
 
-def leaderboard_markdown(board: pd.DataFrame, title: str = "") -> str:
-    """The leaderboard as Markdown: ``mean ± std`` cells, the best value of each quality
-    metric in bold, and ``≈`` beside variants whose interval overlaps the leader's."""
-    shown = [m for m in METRICS if m in board.columns]
+def leaderboard_markdown(
+    board: pd.DataFrame, title: str = "", info: Info | None = None
+) -> str:
+    """The leaderboard as Markdown: the headline metrics (as their evaluators declare them)
+    as ``mean ± std``, the best value of each compared metric in bold, and ``≈`` beside
+    variants whose interval overlaps the leader's."""
+    info = info or {}
+    shown = [m for m, d in info.items() if d.get("headline") and m in board.columns]
     table = board[[c for c in ("rank", *ID_COLUMNS, "seeds") if c in board.columns]].copy()
     if "overlaps_leader" in board:
         table["variant"] = [
@@ -154,13 +186,14 @@ def leaderboard_markdown(board: pd.DataFrame, title: str = "") -> str:
         for name, leak in zip(table["variant"], leaked, strict=True)
     ]
     for metric in shown:
+        fmt = info[metric].get("fmt", "{:.4g}")
         cells = [
-            _format(metric, mean, std)
+            _format(fmt, mean, std)
             for mean, std in zip(board[metric], board[f"{metric}_std"], strict=True)
         ]
-        if any(q in metric for q in QUALITY):
+        if info[metric].get("compare", True):
             values = board[metric]
-            best = values.max() if higher_is_better(metric) else values.min()
+            best = values.max() if higher_is_better(metric, info) else values.min()
             cells = [
                 f"**{c}**" if v == best and len(board) > 1 else c
                 for c, v in zip(cells, values, strict=True)
@@ -189,10 +222,12 @@ def thresholds_markdown(tables: dict[str, pd.DataFrame]) -> str:
 
 def write_leaderboard(
     root: Path, records: list[dict[str, Any]], title: str, primary: str = "lp_acc"
-) -> pd.DataFrame:
-    """Write runs.csv, leaderboard.csv/.md and thresholds/ under ``root``; return the board."""
+) -> tuple[pd.DataFrame, str]:
+    """Write runs.csv, leaderboard.csv/.md and thresholds/ under ``root``; return the board
+    and its Markdown (without the threshold tables and the glossary)."""
     runs = runs_table(records)
-    board = leaderboard_table(runs, primary)
+    info = metric_info(records)
+    board = leaderboard_table(runs, primary, info)
     tables = {}
     for record in records:
         table = read_table(root / "cells" / record["cell_id"] / "thresholds.csv")
@@ -200,11 +235,23 @@ def write_leaderboard(
             name = f"{record['variant']}-seed{record['seed']}"
             tables[name] = table
             atomic_write_text(root / "thresholds" / f"{name}.csv", table.to_csv(index=False))
-    markdown = leaderboard_markdown(board, title)
+    shown = leaderboard_markdown(board, title, info)
+    markdown = shown
     binary = {k: t for k, t in tables.items() if t["class"].nunique() == 1}
     if binary:
         markdown += "\n" + thresholds_markdown(binary)
+    markdown += "\n" + glossary_markdown(info, board)
     atomic_write_text(root / "runs.csv", runs.to_csv(index=False))
     atomic_write_text(root / "leaderboard.csv", board.to_csv(index=False))
     atomic_write_text(root / "leaderboard.md", markdown)
-    return board
+    return board, shown
+
+
+def glossary_markdown(info: Info, board: pd.DataFrame) -> str:
+    """What each metric column means, as its evaluator describes it."""
+    lines = ["## Metrics\n", "| metric | meaning | better |", "|---|---|---|"]
+    for name, described in info.items():
+        if name in board.columns:
+            better = "higher" if described.get("higher_is_better", True) else "lower"
+            lines.append(f"| `{name}` | {described.get('description', '')} | {better} |")
+    return "\n".join(lines) + "\n"

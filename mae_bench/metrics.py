@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
+
+from mae_bench.contract import Metric
+
+if TYPE_CHECKING:
+    import torch
+
+    from mae_bench.contract import ImageData
 
 
 def classification_metrics(
@@ -104,3 +113,69 @@ def best_thresholds(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
         "youden_threshold": float(min(roc_thresholds[youden], 1.0)),
         "youden_j": float(j[youden]),
     }
+
+
+def threshold_analysis(
+    data: ImageData, probs: torch.Tensor, thresholds: list[float]
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Threshold table of the positive class (binary) or of every class one-vs-rest.
+
+    The best-F1 and Youden thresholds are returned for binary tasks only.
+    """
+    y, p = data.test_labels.numpy(), probs.numpy()
+    if data.num_classes == 2:
+        positive = 1 if data.positive_class is None else data.positive_class
+        classes = [positive]
+    else:
+        classes = list(range(data.num_classes))
+    tables = []
+    for c in classes:
+        table = threshold_table(y == c, p[:, c], np.array(thresholds))
+        table.insert(0, "class", data.class_names[c])
+        tables.append(table)
+    best = best_thresholds(y == classes[0], p[:, classes[0]]) if len(classes) == 1 else {}
+    return pd.concat(tables, ignore_index=True), best
+
+
+def classification_metric_info(
+    prefix: str, what: str, headline: tuple[str, ...] = ()
+) -> dict[str, Metric]:
+    """The metrics of :func:`classification_metrics` with ``prefix``, described for ``what``
+    (e.g. "the linear probe"); ``headline`` names those shown in Markdown leaderboards."""
+    info = {
+        "acc": ("test accuracy", "{:.3f}"),
+        "f1_macro": ("macro F1 on the test set", "{:.3f}"),
+        "precision_macro": ("macro precision on the test set", "{:.3f}"),
+        "recall_macro": ("macro recall on the test set", "{:.3f}"),
+        "auc": ("ROC AUC (binary, or macro one-vs-rest)", "{:.3f}"),
+    }
+    return {
+        f"{prefix}{key}": Metric(
+            f"{text} of {what}",
+            fmt=fmt,
+            headline=key in headline,
+            summary=None if key == "acc" else key,
+        )
+        for key, (text, fmt) in info.items()
+    }
+
+
+THRESHOLD_METRICS = {
+    "best_f1_threshold": Metric("threshold maximising F1 (binary tasks)", fmt="{:.2f}"),
+    "best_f1": Metric("F1 at the best-F1 threshold (binary tasks)"),
+    "youden_threshold": Metric("threshold maximising Youden's J (binary tasks)", fmt="{:.2f}"),
+    "youden_j": Metric("Youden's J at its best threshold (binary tasks)"),
+}
+
+
+CORE_METRICS = {
+    "pretrain_s": Metric("pretraining time (s)", False, "{:.1f}", headline=True, compare=False),
+    "imgs_per_s": Metric("pretraining throughput (images/s)", True, "{:.0f}", headline=True),
+    "params_m": Metric("encoder parameters (millions)", False, "{:.3f}", True, compare=False),
+    "params_total_m": Metric(
+        "encoder + decoder parameters (millions)", False, "{:.3f}", compare=False
+    ),
+    "final_loss": Metric("pretraining loss in the last epoch", False, "{:.4f}", compare=False),
+    "peak_mem_mb": Metric("peak memory (MiB)", False, "{:.0f}", compare=False),
+}
+"""Metrics the runner itself measures on every cell (evaluators add their own)."""

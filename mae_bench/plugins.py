@@ -30,12 +30,14 @@ HOOKS = {
     "masking": "register_masking",
     "loss": "register_losses",
     "dataset": "register_datasets",
+    "evaluator": "register_evaluators",
 }
 KIND_PLURALS = {
     "encoder": "encoders",
     "masking": "masking",
     "loss": "losses",
     "dataset": "datasets",
+    "evaluator": "evaluators",
 }
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 # Suite keys the core reads beside a component's own parameters: a Params may not use them.
@@ -44,6 +46,7 @@ RESERVED_KEYS = {
     "masking": {"name"},
     "loss": {"name", "weight"},
     "dataset": {"name", "image_size", "channels"},
+    "evaluator": {"enabled"},
 }
 
 

@@ -27,8 +27,9 @@ from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.evaluate import evaluation_sample, extract_features, fixed_masks, reconstruct
 from mae_bench.layers import patch_mask_to_pixels
 from mae_bench.leaderboard import scratch_name, write_leaderboard
+from mae_bench.metrics import roc_auc
 from mae_bench.plugins import Registry
-from mae_bench.results import CellStore, read_suite_record, read_table
+from mae_bench.results import CellStore, evaluations, read_suite_record, read_table
 from mae_bench.suite import Suite, resolve_suite
 
 
@@ -112,8 +113,9 @@ def plot_finetune_curves(records: list[dict[str, Any]], store: CellStore, out: P
 def plot_roc_and_thresholds(
     records: list[dict[str, Any]], store: CellStore, out: Path
 ) -> list[Path]:
-    """ROC curves and precision/recall/F1 vs threshold of the linear probe, one line per
-    variant (lowest seed). Binary tasks use the positive class; multi-class tasks the
+    """ROC curves and precision/recall/F1 vs threshold of the evaluator that stores test-set
+    ``predictions`` and ``thresholds`` tables (the linear probe), one line per variant
+    (lowest seed). Binary tasks use the positive class; multi-class tasks the
     micro-averaged one-vs-rest ROC and the class-averaged threshold curves."""
     with_predictions = [
         r for r in records if (store.path(r["cell_id"]) / "predictions.csv").is_file()
@@ -124,7 +126,12 @@ def plot_roc_and_thresholds(
     fig_t, ax_t = plt.subplots(figsize=(7, 4))
     fig_r, ax_r = plt.subplots(figsize=(5, 5))
     frames = []
+    source = "classifier"
     for name, r in first.items():
+        source = next(
+            (e for e, ev in evaluations(r) if "predictions" in ev["tables"]),
+            source,
+        )
         folder = store.path(r["cell_id"])
         preds = read_table(folder / "predictions.csv")
         table = read_table(folder / "thresholds.csv")
@@ -138,7 +145,7 @@ def plot_roc_and_thresholds(
         else:  # micro-average over classes, one-vs-rest
             onehot = np.eye(len(classes))[preds["label"].to_numpy()]
             fpr, tpr, _ = roc_curve(onehot.ravel(), probs.ravel())
-        auc = r["metrics"].get("lp_auc", float("nan"))
+        auc = roc_auc(preds["label"].to_numpy(), probs)
         ax_r.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
         curves = table.groupby("threshold")[["precision", "recall", "f1"]].mean().reset_index()
         frames.append(curves.melt("threshold", var_name="score").assign(variant=name))
@@ -147,12 +154,12 @@ def plot_roc_and_thresholds(
         plt.close(fig_t)
         return []
     ax_r.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax_r.set(title="ROC (linear probe)", xlabel="false positive rate", ylabel="true positive rate")
+    ax_r.set(title=f"ROC ({source})", xlabel="false positive rate", ylabel="true positive rate")
     ax_r.legend(fontsize=7)
     sns.lineplot(
         data=pd.concat(frames), x="threshold", y="value", hue="variant", style="score", ax=ax_t
     )
-    ax_t.set(title="Linear probe: precision, recall and F1 vs threshold", ylim=(0, 1.02))
+    ax_t.set(title=f"{source}: precision, recall and F1 vs threshold", ylim=(0, 1.02))
     ax_t.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     return [_save(fig_r, out / "roc.png"), _save(fig_t, out / "thresholds.png")]
 
@@ -201,8 +208,9 @@ def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 10) ->
     ``n_images`` allows); predictions are mapped to pixels by the variant's own loss
     (``Loss.to_input_space``: ``norm_pix`` predictions are de-normalised from visible
     patches only)."""
-    recon_cfg = stored.suite.config.eval.reconstruction
-    sample = evaluation_sample(stored.data.test_labels, n_images, recon_cfg.mask_seed)
+    recon = stored.suite.eval_config.get("reconstruction", {})  # its masks, if it ran
+    ratio, seed = recon.get("mask_ratio", 0.75), recon.get("mask_seed", 0)
+    sample = evaluation_sample(stored.data.test_labels, n_images, seed)
     images = stored.data.test_images[sample]
     variants = {v.name: v for v in stored.suite.variants}
     rows: list[tuple[str, torch.Tensor]] = []
@@ -210,7 +218,7 @@ def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 10) ->
         if record.get("baseline"):
             continue
         x = feeder(images)
-        mask: Mask = fixed_masks(len(x), model.num_patches, recon_cfg)
+        mask: Mask = fixed_masks(len(x), model.num_patches, ratio, seed)
         pred = reconstruct(model, x, mask, variants[name].decoder_loss())
         pixel_mask = patch_mask_to_pixels(mask.mask, model.patch_size)
         truth = feeder.to_pixels(x)
@@ -260,7 +268,9 @@ def plot_tsne(stored: StoredModels, best: str, out: Path, max_points: int = 2000
     sample = evaluation_sample(stored.data.test_labels, max_points)
     images = stored.data.test_images[sample]
     labels = stored.data.test_labels[sample].numpy()
-    pool = stored.suite.config.eval.linear_probe.pool
+    settings = stored.suite.eval_config.values()
+    pools = [c["pool"] for c in settings if isinstance(c, dict) and "pool" in c]
+    pool = pools[0] if pools else "mean"  # as the first probe reads the features
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     for ax, (title, m) in zip(axes, ((best, model), ("random init", random_init)), strict=True):
         feats = extract_features(m, images, feeder, pool).numpy()
@@ -280,7 +290,7 @@ def render_report(root: Path, registry: Registry) -> list[Path]:
     store = CellStore(root)
     records = list(store.finished([c["cell_id"] for c in record["cells"]], repair=False).values())
     primary = record["resolved"].get("primary_metric", "lp_acc")
-    board = write_leaderboard(root, records, title=record["name"], primary=primary)
+    board, _ = write_leaderboard(root, records, title=record["name"], primary=primary)
     if not records:
         return []
     out = root / "plots"

@@ -153,6 +153,19 @@ def read_table(path: Path) -> pd.DataFrame | None:
     return table
 
 
+def evaluations(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A result's evaluations as ``(evaluator, evaluation)`` in suite order, each evaluation's
+    ``info`` in the order its evaluator declared the metrics (JSON keys are stored sorted)."""
+    stored = record.get("evaluations", {})
+    out = []
+    for name in record.get("evaluation_order", sorted(stored)):
+        evaluation = dict(stored[name])
+        order = evaluation.get("metric_order", list(evaluation["info"]))
+        evaluation["info"] = {m: evaluation["info"][m] for m in order}
+        out.append((name, evaluation))
+    return out
+
+
 class DamagedCell(Exception):
     """A cell folder whose ``result.json`` does not load or validate."""
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
@@ -23,30 +22,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 
 from mae_bench.checkpoints import load_weights
-from mae_bench.contract import ImageData, Loss, MaskedAutoencoder, MaskingStrategy, Pool
+from mae_bench.contract import EvalContext, ImageData, Loss, MaskedAutoencoder, MaskingStrategy
 from mae_bench.data import ImageFeeder
 from mae_bench.device import device_name, peak_memory_mb, prepare, reset_peak_memory
 from mae_bench.errors import MaeBenchWarning, UserError
-from mae_bench.evaluate import (
-    evaluation_sample,
-    extract_features,
-    knn_classify,
-    linear_probe,
-    reconstruction_quality,
-)
-from mae_bench.finetune import finetune
+from mae_bench.evaluate import FeatureCache
 from mae_bench.leaderboard import write_leaderboard
-from mae_bench.metrics import (
-    best_thresholds,
-    classification_metrics,
-    confusion,
-    threshold_table,
-)
 from mae_bench.results import (
     RESULT_FILE,
     SUITE_FILE,
     CellStore,
     atomic_write_text,
+    evaluations,
     provenance,
     read_suite_record,
     write_json,
@@ -64,6 +51,7 @@ class RunSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, CellFailure] = field(default_factory=dict)
     leaderboard: pd.DataFrame | None = None
+    markdown: str = ""  # the leaderboard as printed
 
 
 @dataclass
@@ -73,48 +61,7 @@ class CellOutcome:
     record: dict[str, Any]
     model: MaskedAutoencoder
     history: list[dict[str, float]]
-    thresholds: pd.DataFrame | None = None
-    predictions: pd.DataFrame | None = None  # test labels and linear-probe probabilities
-    finetune: pd.DataFrame | None = None  # per-epoch fine-tuning loss and test scores
-
-
-class FeatureCache:
-    """Frozen train/test features of a cell, extracted once per pooling and reused."""
-
-    def __init__(self, model: MaskedAutoencoder, data: ImageData, feeder: ImageFeeder) -> None:
-        self.model, self.data, self.feeder = model, data, feeder
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, pool: Pool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(train, test) features with ``pool`` pooling."""
-        if pool not in self._cache:
-            self._cache[pool] = (
-                extract_features(self.model, self.data.train_images, self.feeder, pool),
-                extract_features(self.model, self.data.test_images, self.feeder, pool),
-            )
-        return self._cache[pool]
-
-
-def threshold_analysis(
-    data: ImageData, probs: torch.Tensor, thresholds: list[float]
-) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Threshold table of the positive class (binary) or of every class one-vs-rest.
-
-    The best-F1 and Youden thresholds are returned for binary tasks only.
-    """
-    y, p = data.test_labels.numpy(), probs.numpy()
-    if data.num_classes == 2:
-        positive = 1 if data.positive_class is None else data.positive_class
-        classes = [positive]
-    else:
-        classes = list(range(data.num_classes))
-    tables = []
-    for c in classes:
-        table = threshold_table(y == c, p[:, c], np.array(thresholds))
-        table.insert(0, "class", data.class_names[c])
-        tables.append(table)
-    best = best_thresholds(y == classes[0], p[:, classes[0]]) if len(classes) == 1 else {}
-    return pd.concat(tables, ignore_index=True), best
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # <name>.csv, by evaluators
 
 
 def describe(
@@ -237,59 +184,9 @@ def run_cell(
         )
     metrics["peak_mem_mb"] = peak_memory_mb(feeder.device)
     display.evaluating()
-    recon = cfg.eval.reconstruction
-    if recon.enabled and not baseline:
-        sample = evaluation_sample(data.test_labels, recon.num_images, recon.mask_seed)
-        metrics.update(
-            reconstruction_quality(
-                model,
-                data.test_images[sample],
-                feeder,
-                recon,
-                decoder_loss=cell.variant.decoder_loss(),
-                mean_image=mean_image,
-            )
-        )
-    features = FeatureCache(model, data, feeder)
-    probe, knn = cfg.eval.linear_probe, cfg.eval.knn
-    thresholds = predictions = None
-    confusions: dict[str, list[list[int]]] = {}
-    test_y = data.test_labels.numpy()
-    if probe.enabled:
-        train_x, test_x = features.get(probe.pool)
-        lp, probs = linear_probe(
-            train_x,
-            data.train_labels,
-            test_x,
-            data.test_labels,
-            probe,
-            num_classes=data.num_classes,
-            seed=cell.seed,
-        )
-        metrics.update(lp)
-        confusions["lp"] = confusion(test_y, probs.numpy())
-        metrics.update(classification_metrics(test_y, probs.numpy(), "lp_"))
-        predictions = pd.DataFrame(probs.numpy(), columns=[f"p_{c}" for c in data.class_names])
-        predictions.insert(0, "label", test_y)
-        thresholds, best = threshold_analysis(data, probs, cfg.eval.thresholds.values())
-        metrics.update({f"lp_{k}": v for k, v in best.items()})
-    if knn.enabled:
-        train_x, test_x = features.get(knn.pool)
-        probs = knn_classify(
-            train_x,
-            data.train_labels,
-            test_x,
-            num_classes=data.num_classes,
-            k=knn.k,
-            temperature=knn.temperature,
-        )
-        metrics.update(classification_metrics(test_y, probs.numpy(), "knn_"))
-    ft_history = None
-    if cfg.eval.finetune.enabled:  # on a copy: the stored weights stay the pretrained ones
-        ft, history, ft_probs = finetune(model, data, feeder, cfg.eval.finetune, seed=cell.seed)
-        metrics.update(ft)
-        confusions["ft"] = confusion(test_y, ft_probs.numpy())
-        ft_history = pd.DataFrame(history)
+    evaluated, tables, confusions = evaluate_cell(cell, suite, data, feeder, model, mean_image)
+    for evaluation in evaluated.values():
+        metrics.update(evaluation["metrics"])
     record = {
         "cell_id": cell.cell_id,
         "suite": cell.suite,
@@ -305,6 +202,8 @@ def run_cell(
         "baseline": baseline,
         "confusion": confusions,
         "metrics": metrics,
+        "evaluations": evaluated,
+        "evaluation_order": list(evaluated),
         "data": {
             "mean": feeder.mean,
             "std": feeder.std,
@@ -313,7 +212,62 @@ def run_cell(
         },
         "provenance": provenance(device_name(feeder.device)),
     }
-    return CellOutcome(record, model, trained.history, thresholds, predictions, ft_history)
+    return CellOutcome(record, model, trained.history, tables)
+
+
+def evaluate_cell(
+    cell: Cell,
+    suite: Suite,
+    data: ImageData,
+    feeder: ImageFeeder,
+    model: MaskedAutoencoder,
+    mean_image: torch.Tensor,
+) -> tuple[dict[str, Any], dict[str, pd.DataFrame], dict[str, list[list[int]]]]:
+    """Run every enabled evaluator on a cell's model, sharing one frozen-feature cache.
+
+    Returns per evaluator its metrics, how to show them (stored with the result, so tables
+    render without the plugin) and its tables' names; the tables; the confusion matrices.
+    A metric an evaluator did not declare, or a table name taken twice, is that plugin's bug.
+    """
+    ctx = EvalContext(
+        model=model.eval(),
+        data=data,
+        feeder=feeder,
+        features=FeatureCache(model, data, feeder),
+        seed=cell.seed,
+        baseline=cell.variant.baseline,
+        decoder_loss=cell.variant.decoder_loss(),
+        mean_image=mean_image,
+        thresholds=suite.config.eval.thresholds.values(),
+    )
+    evaluations: dict[str, Any] = {}
+    tables: dict[str, pd.DataFrame] = {}
+    confusions: dict[str, list[list[int]]] = {}
+    for evaluator in suite.build_evaluators():
+        if ctx.baseline and evaluator.needs_pretraining:
+            continue
+        declared = evaluator.metrics()
+        result = evaluator.evaluate(ctx)
+        undeclared = sorted(set(result.metrics) - set(declared))
+        clash = sorted(set(result.tables) & set(tables))
+        if undeclared or clash:
+            raise RuntimeError(
+                f"evaluator {evaluator.name!r} returned undeclared metrics {undeclared} or "
+                f"table names already taken {clash}: a bug in its plugin"
+            )
+        tables.update(result.tables)
+        if result.confusion is not None:
+            confusions[evaluator.name] = result.confusion
+        evaluations[evaluator.name] = {
+            "metrics": {k: float(v) for k, v in result.metrics.items()},
+            "info": {k: declared[k].as_dict() for k in result.metrics},
+            "metric_order": [k for k in declared if k in result.metrics],
+            "tables": sorted(result.tables),
+            "trains_encoder": evaluator.trains_encoder,
+            "summary_priority": evaluator.summary_priority,
+        }
+        model.eval()
+    return evaluations, tables, confusions
 
 
 def run_suite(
@@ -374,17 +328,14 @@ def run_suite(
                     continue
                 (root / FAILED_DIR / f"{cell.cell_id}.log").unlink(missing_ok=True)
                 summary.finished.append(cell.cell_id)
-                m = out.record["metrics"]
-                shown = "  ".join(
-                    f"{k} {m[k]:.3f}" for k in ("psnr_masked", "lp_acc", "ft_acc") if k in m
-                )
+                shown = "  ".join(_headline(out.record)[:4])
                 display.end_cell(
                     f"done {cell.variant.name} seed {cell.seed}: {shown}  "
                     f"({time.perf_counter() - start:.0f} s)"
                 )
     _write_suite_record(root, suite, cells)
     records = list(store.finished([c.cell_id for c in cells], repair=False).values())
-    summary.leaderboard = write_leaderboard(
+    summary.leaderboard, summary.markdown = write_leaderboard(
         root, records, title=suite.name, primary=suite.config.primary_metric
     )
     return summary
@@ -453,6 +404,16 @@ def failure_line(exc: BaseException) -> str:
     return line
 
 
+def _headline(record: dict[str, Any]) -> list[str]:
+    """``name value`` of each evaluator's headline metrics, formatted as it declares."""
+    return [
+        f"{name} {info['fmt'].format(evaluation['metrics'][name])}"
+        for _, evaluation in evaluations(record)
+        for name, info in evaluation["info"].items()
+        if info["headline"]
+    ]
+
+
 def _record_failure(root: Path, cell: Cell, exc: BaseException) -> CellFailure:
     """Write the cell's traceback to ``failed/<cell id>.log`` (a re-run retries the cell)."""
     reason = failure_line(exc)
@@ -472,12 +433,8 @@ def _store_cell(store: CellStore, cell: Cell, out: CellOutcome) -> None:
         _save_weights(out.model.encoder, folder / "encoder.safetensors", meta)
         _save_weights(out.model.decoder, folder / "decoder.safetensors", meta)
         (folder / "history.csv").write_text(_history_csv(out.history), encoding="utf-8")
-        if out.thresholds is not None:
-            out.thresholds.to_csv(folder / "thresholds.csv", index=False)
-        if out.predictions is not None:
-            out.predictions.to_csv(folder / "predictions.csv", index=False)
-        if out.finetune is not None:
-            out.finetune.to_csv(folder / "finetune.csv", index=False)
+        for name, table in out.tables.items():
+            table.to_csv(folder / f"{name}.csv", index=False)
         write_json(folder / RESULT_FILE, out.record)  # last: its presence marks the cell done
 
     store.write(cell.cell_id, write_files)

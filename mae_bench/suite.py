@@ -31,17 +31,20 @@ from pydantic import (
 from mae_bench.checkpoints import checkpoint_digest, load_weights
 from mae_bench.contract import (
     Dataset,
+    Evaluator,
     Loss,
     MaskedAutoencoder,
     MaskingStrategy,
+    Metric,
     Params,
     Seed,
     prediction_loss,
 )
 from mae_bench.errors import ConfigError, UserError
+from mae_bench.metrics import CORE_METRICS
 from mae_bench.plugins import Registry
 
-RESULT_FORMAT = 2  # 2: fixed metrics (issue "numbers you can trust"); format-1 cells re-run
+RESULT_FORMAT = 3  # 2: fixed metrics; 3: evaluator plugins. Older cells are recomputed
 SafeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=80)]
 
 
@@ -132,48 +135,6 @@ class PretrainConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
 
 
-class LinearProbeConfig(_Strict):
-    """Linear probe on frozen, cached features (BatchNorm without affine, then linear)."""
-
-    enabled: bool = True
-    epochs: PositiveInt = 100
-    batch_size: PositiveInt = 256
-    lr: PositiveFloat = 1e-2
-    weight_decay: NonNegativeFloat = 0.0
-    pool: Literal["cls", "mean"] = "mean"
-
-
-class FinetuneConfig(_Strict):
-    """End-to-end fine-tuning with a linear head on a (stratified, per-seed) label fraction.
-
-    AdamW, linear warmup then cosine; ``layer_decay`` < 1 scales each transformer block's lr
-    by ``layer_decay ** (depth - block)``; ``drop_path`` is the stochastic-depth rate of the
-    last block (linearly increasing from 0).
-    """
-
-    enabled: bool = False
-    epochs: PositiveInt = 30
-    batch_size: PositiveInt = 64
-    lr: PositiveFloat = 1e-3
-    min_lr: NonNegativeFloat = 1e-6
-    weight_decay: NonNegativeFloat = 0.05
-    warmup_epochs: NonNegativeFloat = 3.0
-    layer_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
-    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    label_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
-    pool: Literal["cls", "mean"] = "mean"
-    eval_every: PositiveInt = 1  # epochs between test-set scores in the per-epoch history
-
-
-class KNNConfig(_Strict):
-    """k-NN on the cached frozen features: cosine similarity, temperature-weighted votes (DINO)."""
-
-    enabled: bool = True
-    k: PositiveInt = 20
-    temperature: PositiveFloat = 0.07
-    pool: Literal["cls", "mean"] = "mean"
-
-
 class ThresholdConfig(_Strict):
     """Decision thresholds swept for the binary (or one-vs-rest) threshold analysis."""
 
@@ -193,28 +154,21 @@ class ThresholdConfig(_Strict):
         return [round(self.start + i * self.step, 10) for i in range(n + 1)]
 
 
-class ReconstructionConfig(_Strict):
-    """PSNR of held-out reconstructions, with masks drawn from a fixed seed."""
+class EvalConfig(BaseModel):
+    """``eval:``: the core's settings, and one key per evaluator plugin (its params, plus
+    ``enabled``); evaluators enabled by default run unless ``enabled: false``."""
 
-    enabled: bool = True
-    num_images: PositiveInt = 512
-    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
-    mask_seed: Seed = 0
-    batch_size: PositiveInt = 256
-
-
-class EvalConfig(_Strict):
-    """Evaluation protocols run on every cell."""
-
-    linear_probe: LinearProbeConfig = LinearProbeConfig()
-    knn: KNNConfig = KNNConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     baselines: bool = Field(
         default=False,
         description="add a no-pretraining cell per encoder: random-init (frozen) and scratch (FT)",
     )
-    reconstruction: ReconstructionConfig = ReconstructionConfig()
     thresholds: ThresholdConfig = ThresholdConfig()
+
+    @property
+    def evaluators(self) -> dict[str, Any]:
+        """The keys naming evaluators, with their raw settings."""
+        return dict(self.model_extra or {})
 
 
 class VariantConfig(_Strict):
@@ -347,6 +301,7 @@ class Suite:
     dataset: Resolved
     variants: tuple[Variant, ...]
     source: str
+    evaluators: tuple[Resolved, ...] = ()  # the enabled evaluators, in suite order
     warnings: tuple[str, ...] = ()  # valid, but the user should know (e.g. test leakage)
 
     @property
@@ -357,10 +312,32 @@ class Suite:
     @property
     def resolved(self) -> dict[str, Any]:
         """The whole suite with every default filled in, as plain data."""
-        data = self.config.model_dump(mode="json", exclude={"dataset", "variants"})
+        data = self.config.model_dump(mode="json", exclude={"dataset", "variants", "eval"})
         data["dataset"] = self.dataset_config
         data["variants"] = [v.config for v in self.variants]
+        data["eval"] = self.eval_config
         return data
+
+    @property
+    def eval_config(self) -> dict[str, Any]:
+        """``eval:`` resolved: core settings and each enabled evaluator's full params."""
+        core = self.config.eval.model_dump(mode="json", exclude=set(self.config.eval.evaluators))
+        enabled = {}
+        for e in self.evaluators:
+            params = {k: v for k, v in e.config.items() if k != "name"}
+            enabled[e.config["name"]] = {"enabled": True, **params}
+        return {**core, **enabled}
+
+    def build_evaluators(self) -> list[Evaluator]:
+        """The enabled evaluators, in suite order."""
+        return [e.cls(e.params) for e in self.evaluators]
+
+    def metrics(self) -> dict[str, Metric]:
+        """Every metric a cell of this suite reports: the runner's own and the evaluators'."""
+        out = dict(CORE_METRICS)
+        for evaluator in self.build_evaluators():
+            out.update(evaluator.metrics())
+        return out
 
     @property
     def dataset_config(self) -> dict[str, Any]:
@@ -400,7 +377,7 @@ class Suite:
                     "format": RESULT_FORMAT,
                     "dataset": self.dataset_config,
                     "variant": variant.config,
-                    "eval": self.config.eval.model_dump(mode="json"),
+                    "eval": self.eval_config,
                     "seed": seed,
                 }
                 if not variant.baseline:
@@ -446,8 +423,15 @@ def _validation_error(exc: ValidationError, prefix: str, source: str) -> ConfigE
     return error
 
 
+def _lookup(registry: Registry, kind: str, name: str, path: str, source: str) -> Any:
+    try:
+        return registry.get(kind, name, path)
+    except ConfigError as exc:
+        raise ConfigError(exc.field, exc.message, source) from None
+
+
 def _resolve(registry: Registry, kind: str, ref: ComponentRef, path: str, source: str) -> Resolved:
-    info = registry.get(kind, ref.name, f"{path}.name")
+    info = _lookup(registry, kind, ref.name, f"{path}.name", source)
     try:
         validated = info.cls.Params.model_validate(ref.params)
     except ValidationError as exc:
@@ -507,13 +491,49 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
             "images: every result is optimistic, and marked `pretrain_sees_test` in the "
             "leaderboard"
         )
-    return Suite(
+    suite = Suite(
         config=config,
         dataset=dataset,
         variants=tuple(variants),
         source=source,
+        evaluators=_resolve_evaluators(registry, config.eval, source),
         warnings=tuple(warnings),
     )
+    known = suite.metrics()
+    if config.primary_metric not in known:
+        raise ConfigError(
+            "primary_metric",
+            f"unknown metric {config.primary_metric!r}; the enabled evaluators report: "
+            f"{', '.join(sorted(known))}",
+            source,
+        )
+    return suite
+
+
+def _resolve_evaluators(registry: Registry, cfg: EvalConfig, source: str) -> tuple[Resolved, ...]:
+    """The evaluators a suite enables: those it names (unless ``enabled: false``), in its
+    order, then those enabled by default that it does not name."""
+    named = cfg.evaluators
+    out = []
+    for name, raw in named.items():
+        path = f"eval.{name}"
+        _lookup(registry, "evaluator", name, path, source)  # unknown: lists the known ones
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(path, "must be a mapping of the evaluator's parameters", source)
+        enabled = raw.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{path}.enabled", f"must be true or false (got {enabled!r})", source)
+        if enabled:
+            params = {k: v for k, v in raw.items() if k != "enabled"}
+            ref = ComponentRef(name=name, **params)
+            out.append(_resolve(registry, "evaluator", ref, path, source))
+    for name, info in registry.components["evaluator"].items():
+        if name not in named and info.cls.enabled_by_default:
+            ref = ComponentRef(name=name)
+            out.append(_resolve(registry, "evaluator", ref, f"eval.{name}", source))
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- files

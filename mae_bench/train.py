@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -13,7 +14,7 @@ from torch import Tensor
 from mae_bench.contract import Loss, LossInputs, Mask, MaskedAutoencoder, MaskingStrategy
 from mae_bench.data import ImageFeeder, index_batches
 from mae_bench.device import autocast, optimizer_options
-from mae_bench.suite import FinetuneConfig, PretrainConfig
+from mae_bench.suite import PretrainConfig
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -32,7 +33,14 @@ class PretrainResult:
         return self.images_seen / self.seconds if self.seconds > 0 else float("nan")
 
 
-def lr_at(step: int, total: int, warmup: int, cfg: PretrainConfig | FinetuneConfig) -> float:
+class Schedule(Protocol):
+    """Settings with a peak and a final learning rate."""
+
+    lr: float
+    min_lr: float
+
+
+def lr_at(step: int, total: int, warmup: int, cfg: Schedule) -> float:
     """Linear warmup for ``warmup`` steps, then half-cosine decay from ``lr`` to ``min_lr``."""
     if step < warmup:
         return cfg.lr * (step + 1) / warmup

@@ -68,7 +68,7 @@ def test_run_writes_cells_and_leaderboards(finished_run):
             assert prov[key], key
         assert record["config"]["seed"] == record["seed"]
         assert record["metrics"]["peak_mem_mb"] > 10
-        matrix = record["confusion"]["lp"]
+        matrix = record["confusion"]["linear_probe"]
         assert len(matrix) == 4 and sum(map(sum, matrix)) == 64  # tiny: 4 classes, 64 tests
         assert cell.name.endswith(record["config_hash"][:10])
         assert load_file(cell / "encoder.safetensors")

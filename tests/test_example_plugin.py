@@ -12,6 +12,7 @@ from tests.conftest import ROOT, run_cli, tiny_suite_data
 
 @pytest.fixture(scope="module")
 def installed_example(tmp_path_factory):
+    """Both example packages, pip-installed into a site folder of their own."""
     target = tmp_path_factory.mktemp("site")
     result = subprocess.run(
         [
@@ -26,6 +27,7 @@ def installed_example(tmp_path_factory):
             "--target",
             str(target),
             str(ROOT / "examples" / "mae-bench-charbonnier"),
+            str(ROOT / "examples" / "mae-bench-fewshot"),
         ],
         capture_output=True,
         text=True,
@@ -65,3 +67,26 @@ def test_example_plugin_runs_in_a_suite(installed_example, tmp_path):
     # without the plugin installed, the suite is rejected with a clear message
     result = run_cli("validate", str(suite))
     assert result.returncode == 2 and "unknown loss 'charbonnier'" in result.stderr
+
+
+def test_example_evaluator_is_listed_and_runs_in_a_suite(installed_example, tmp_path):
+    data = json.loads(run_cli("plugins", "--json", env=installed_example).stdout)
+    (fewshot,) = [p for p in data if p["distribution"] == "mae-bench-fewshot"]
+    assert fewshot["components"]["evaluators"] == ["fewshot"] and fewshot["errors"] == []
+    suite_data = tiny_suite_data()
+    suite_data["eval"]["fewshot"] = {"shots": 3}
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump(suite_data))
+    result = run_cli("run", str(suite), "--out", str(tmp_path / "out"), env=installed_example)
+    assert result.returncode == 0, result.stderr
+    assert "fewshot_acc" in result.stdout.splitlines()[2]  # a headline column
+    for cell in (tmp_path / "out" / "tiny" / "cells").iterdir():
+        record = json.loads((cell / "result.json").read_text())
+        assert 0 <= record["metrics"]["fewshot_acc"] <= 1
+        assert record["evaluations"]["fewshot"]["info"]["fewshot_acc"]["headline"] is True
+    glossary = (tmp_path / "out" / "tiny" / "leaderboard.md").read_text()
+    assert "| `fewshot_acc` | test accuracy of nearest class centroids, 3 shots" in glossary
+    # the leaderboard re-renders from the stored results, without the plugin installed
+    assert "fewshot_acc" in run_cli("leaderboard", str(tmp_path / "out" / "tiny")).stdout
+    without = run_cli("validate", str(suite))
+    assert without.returncode == 2 and "unknown evaluator 'fewshot'" in without.stderr

@@ -19,11 +19,11 @@ import pytest
 import torch
 import yaml
 from mae_bench_plugins.imagefolder import cached_images, decode, discover, to_rgb
+from mae_bench_plugins.probes import knn_classify
 from PIL import Image
 
 import mae_bench.runner
 from mae_bench.errors import MaeBenchWarning
-from mae_bench.evaluate import knn_classify
 from mae_bench.metrics import best_thresholds
 from mae_bench.results import CellStore, write_json
 from tests.conftest import invoke, tiny_suite_data

@@ -5,12 +5,12 @@ import json
 import pandas as pd
 import pytest
 import torch
+from mae_bench_plugins.finetune import Classifier, FinetuneParams, finetune, label_subset
 from safetensors.torch import load_file
 from timm.layers import DropPath
 
 from mae_bench.data import ImageFeeder
-from mae_bench.finetune import Classifier, finetune, label_subset
-from mae_bench.suite import FinetuneConfig, resolve_suite
+from mae_bench.suite import resolve_suite
 from tests.conftest import ROOT, invoke, tiny_suite_data
 
 
@@ -83,8 +83,8 @@ def test_finetune_learns_from_few_labels(registry):
     feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=torch.device("cpu"))
     torch.manual_seed(0)
     model = suite.variants[0].build_model(16, 3)  # the MLP: fast
-    cfg = FinetuneConfig(
-        enabled=True, epochs=12, lr=3e-3, warmup_epochs=1, label_fraction=0.3, eval_every=4
+    cfg = FinetuneParams(
+        epochs=12, lr=3e-3, warmup_epochs=1, label_fraction=0.3, eval_every=4
     )
     metrics, history, probs = finetune(model, data, feeder, cfg, seed=0)
     assert metrics["ft_acc"] > 0.4  # chance: 0.1

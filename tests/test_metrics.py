@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from mae_bench_plugins.probes import knn_classify
 from sklearn import metrics as skm
 
-from mae_bench.evaluate import knn_classify
 from mae_bench.leaderboard import leaderboard_markdown, leaderboard_table
 from mae_bench.metrics import (
     best_thresholds,
@@ -92,9 +92,15 @@ def _runs(values: dict[str, list[float]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+INFO = {
+    "lp_acc": {"higher_is_better": True, "fmt": "{:.3f}", "headline": True},
+    "hf_error": {"higher_is_better": False, "fmt": "{:.4f}", "headline": True},
+}
+
+
 def test_aggregation_mean_std_ci_and_ranking():
     board = leaderboard_table(
-        _runs({"a": [0.5, 0.6, 0.7], "b": [0.8, 0.81, 0.82], "c": [0.6, 0.7, 0.8]})
+        _runs({"a": [0.5, 0.6, 0.7], "b": [0.8, 0.81, 0.82], "c": [0.6, 0.7, 0.8]}), info=INFO
     )
     assert board["variant"].tolist() == ["b", "c", "a"] and board["rank"].tolist() == [1, 2, 3]
     a = board.set_index("variant").loc["a"]
@@ -103,7 +109,9 @@ def test_aggregation_mean_std_ci_and_ranking():
     overlaps = board.set_index("variant")["overlaps_leader"]
     assert overlaps["b"] is True and overlaps["c"] is True  # 0.7 ± 0.248 reaches 0.8
     assert overlaps["a"] is True or overlaps["a"] is False
-    lower = leaderboard_table(_runs({"a": [0.5, 0.6, 0.7], "b": [0.8, 0.81, 0.82]}), "hf_error")
+    lower = leaderboard_table(
+        _runs({"a": [0.5, 0.6, 0.7], "b": [0.8, 0.81, 0.82]}), "hf_error", INFO
+    )
     assert lower["variant"].tolist() == ["b", "a"]  # lower hf_error ranks first
     single = leaderboard_table(_runs({"a": [0.5], "b": [0.9]}))
     assert math.isnan(single["lp_acc_ci95"].iloc[0]) and pd.isna(single["overlaps_leader"][1])
@@ -111,8 +119,8 @@ def test_aggregation_mean_std_ci_and_ranking():
 
 def test_markdown_bolds_best_and_marks_overlap():
     board = leaderboard_table(
-        _runs({"a": [0.5, 0.6, 0.7], "b": [0.8, 0.81, 0.82], "c": [0.6, 0.7, 0.8]})
+        _runs({"a": [0.5, 0.6, 0.7], "b": [0.8, 0.81, 0.82], "c": [0.6, 0.7, 0.8]}), info=INFO
     )
-    md = leaderboard_markdown(board, "t")
+    md = leaderboard_markdown(board, "t", INFO)
     assert "**0.810 ± 0.010**" in md and "| c ≈" in md and "| b " in md
     assert "**0.1900 ± 0.0100**" in md  # hf_error: lower is best

@@ -8,14 +8,16 @@ import io
 import pandas as pd
 import pytest
 import torch
+from mae_bench_plugins.finetune import FinetuneParams, finetune
+from mae_bench_plugins.probes import LinearProbeParams, linear_probe
+from mae_bench_plugins.reconstruction import ReconstructionParams, reconstruction_quality
 from rich.console import Console
 from scipy.stats import ks_2samp
 from torch import Tensor
 
 from mae_bench.contract import LossInputs, Mask
 from mae_bench.data import ImageFeeder, sample_crops
-from mae_bench.evaluate import evaluation_sample, linear_probe, reconstruction_quality
-from mae_bench.finetune import finetune
+from mae_bench.evaluate import evaluation_sample
 from mae_bench.layers import (
     masked_laplacian_error,
     patch_mask_to_pixels,
@@ -25,12 +27,7 @@ from mae_bench.layers import (
 )
 from mae_bench.leaderboard import leaderboard_markdown, leaderboard_table, runs_table
 from mae_bench.runner import _Display, run_cell
-from mae_bench.suite import (
-    FinetuneConfig,
-    LinearProbeConfig,
-    ReconstructionConfig,
-    resolve_suite,
-)
+from mae_bench.suite import resolve_suite
 from mae_bench.train import pretrain
 from tests.conftest import invoke, tiny_suite_data
 
@@ -103,7 +100,7 @@ def test_finetuning_head_follows_the_encoders_device(registry, device_checker):
     feeder = dataclasses.replace(cpu_feeder, device=torch.device("meta"))
     model = suite.variants[1].build_model(16, 3).to("meta")  # as the runner places it
     with pytest.raises((NotImplementedError, RuntimeError), match="meta"):
-        finetune(model, data, feeder, FinetuneConfig(enabled=True, epochs=1), seed=0)
+        finetune(model, data, feeder, FinetuneParams(epochs=1), seed=0)
     assert device_checker.mismatches == [] and device_checker.input_devices == {"meta"}
 
 
@@ -145,7 +142,7 @@ def test_norm_pix_psnr_of_a_zero_predictor_is_the_visible_mean_guess(registry):
     model.forward_decoder = lambda latent, ids_restore: torch.zeros(
         len(latent), 16, 48
     )
-    cfg = ReconstructionConfig(num_images=32)
+    cfg = ReconstructionParams(num_images=32)
     images = data.test_images[:32]
     norm = reconstruction_quality(
         model, images, feeder, cfg,
@@ -221,7 +218,7 @@ def test_linear_probe_normalises_test_features_with_exact_training_statistics():
     x = 100.0 + torch.randn(400, 4, generator=g) * 0.1
     x[:, 0] += 0.3 * (2 * y - 1)
     out, _ = linear_probe(
-        x[:300], y[:300], x[300:], y[300:], LinearProbeConfig(epochs=2, batch_size=50),
+        x[:300], y[:300], x[300:], y[300:], LinearProbeParams(epochs=2, batch_size=50),
         num_classes=2, seed=0,
     )  # fmt: skip
     assert out["lp_acc"] > 0.9

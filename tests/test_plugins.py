@@ -139,7 +139,7 @@ def test_plugins_command_reports_broken_and_duplicate(fake_site):
     out = result.stdout
     assert "broken-plugin 1.0" in out and "ModuleNotFoundError" in out
     assert "loss 'mse' is already registered by mae-bench" in out
-    assert "encoder  vit" in out  # the built-ins keep working
+    assert "encoder   vit" in out  # the built-ins keep working
     data = json.loads(run_cli("plugins", "--json", env={"PYTHONPATH": str(fake_site)}).stdout)
     by_dist = {p["distribution"]: p for p in data}
     assert by_dist["broken-plugin"]["errors"]
@@ -152,7 +152,7 @@ def test_env_var_restricts_loading(fake_site, fresh_registry, monkeypatch):
     monkeypatch.syspath_prepend(str(fake_site))
     monkeypatch.setenv("MAE_BENCH_PLUGINS", "mae-bench")
     out = invoke("plugins").stdout
-    assert "broken-plugin" not in out and "dup-plugin" not in out and "encoder  vit" in out
+    assert "broken-plugin" not in out and "dup-plugin" not in out and "encoder   vit" in out
     monkeypatch.setenv("MAE_BENCH_PLUGINS", "losses, dup-plugin")
     fresh_registry.cache_clear()
     names = [(p["distribution"], p["name"]) for p in json.loads(invoke("plugins", "--json").stdout)]

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from mae_bench_plugins.probes import LinearProbeParams, linear_probe
 
 from mae_bench.data import ImageFeeder
-from mae_bench.evaluate import extract_features, fixed_masks, linear_probe
-from mae_bench.suite import LinearProbeConfig, ReconstructionConfig, resolve_suite
+from mae_bench.evaluate import extract_features, fixed_masks
+from mae_bench.suite import resolve_suite
 from mae_bench.train import lr_at, pretrain
 from tests.conftest import tiny_suite_data
 
@@ -55,7 +56,7 @@ def test_linear_probe_separates_separable_features():
     y = torch.randint(3, (300,), generator=g)
     x = centers[y] + torch.randn(300, 16, generator=g)
     out, probs = linear_probe(
-        x[:200], y[:200], x[200:], y[200:], LinearProbeConfig(epochs=30), num_classes=3, seed=0
+        x[:200], y[:200], x[200:], y[200:], LinearProbeParams(epochs=30), num_classes=3, seed=0
     )
     assert out["lp_acc"] > 0.95
     assert probs.shape == (100, 3) and torch.allclose(probs.sum(1), torch.ones(100))
@@ -65,7 +66,7 @@ def test_linear_probe_separates_separable_features():
         y[:200],
         torch.randn(100, 16),
         y[200:],
-        LinearProbeConfig(epochs=30),
+        LinearProbeParams(epochs=30),
         num_classes=3,
         seed=0,
     )
@@ -73,8 +74,7 @@ def test_linear_probe_separates_separable_features():
 
 
 def test_fixed_masks_identical_across_calls():
-    cfg = ReconstructionConfig(mask_seed=3)
-    a, b = fixed_masks(10, 16, cfg), fixed_masks(10, 16, cfg)
+    a, b = fixed_masks(10, 16, 0.75, seed=3), fixed_masks(10, 16, 0.75, seed=3)
     assert torch.equal(a.mask, b.mask) and torch.all(a.mask.sum(1) == 12)
 
 

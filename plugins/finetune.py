@@ -3,18 +3,42 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import numpy as np
+import pandas as pd
 import torch
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
+from mae_bench import EvalContext, EvalResult, Evaluator, Metric, Params, hookimpl
 from mae_bench.contract import ImageData, MaskedAutoencoder, Pool
 from mae_bench.data import ImageFeeder, index_batches
 from mae_bench.device import autocast, optimizer_options
-from mae_bench.metrics import classification_metrics
-from mae_bench.suite import FinetuneConfig
+from mae_bench.metrics import classification_metric_info, classification_metrics, confusion
 from mae_bench.train import lr_at
+
+
+class FinetuneParams(Params):
+    """End-to-end fine-tuning with a linear head on a (stratified, per-seed) label fraction.
+
+    AdamW, linear warmup then cosine; ``layer_decay`` < 1 scales each encoder block's lr as
+    the model groups its layers (the last block ``layer_decay``); ``drop_path`` is the
+    stochastic-depth rate of the last block (linearly increasing from 0).
+    """
+
+    epochs: PositiveInt = 30
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 1e-3
+    min_lr: NonNegativeFloat = 1e-6
+    weight_decay: NonNegativeFloat = 0.05
+    warmup_epochs: NonNegativeFloat = 3.0
+    layer_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
+    drop_path: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    label_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
+    pool: Literal["cls", "mean"] = "mean"
+    eval_every: PositiveInt = 1  # epochs between test-set scores in the per-epoch history
 
 
 class Classifier(nn.Module):
@@ -77,7 +101,7 @@ def finetune(
     model: MaskedAutoencoder,
     data: ImageData,
     feeder: ImageFeeder,
-    cfg: FinetuneConfig,
+    cfg: FinetuneParams,
     *,
     seed: int,
 ) -> tuple[dict[str, float], list[dict[str, float]], Tensor]:
@@ -126,3 +150,32 @@ def finetune(
     metrics = classification_metrics(test_y, probs.numpy(), "ft_")
     metrics["ft_train_images"] = float(len(images))
     return metrics, history, probs
+
+
+class FinetuneEvaluator(Evaluator):
+    """The encoder plus a linear head trained end to end on a fraction of the labels."""
+
+    name = "finetune"
+    Params = FinetuneParams
+    trains_encoder = True
+    summary_priority = 0
+
+    def metrics(self) -> dict[str, Metric]:
+        return {
+            **classification_metric_info("ft_", "the fine-tuned model", ("acc", "f1_macro")),
+            "ft_train_images": Metric("labelled images fine-tuned on", fmt="{:.0f}"),
+        }
+
+    def evaluate(self, ctx: EvalContext) -> EvalResult:
+        data, p = ctx.data, self.params
+        scores, history, probs = finetune(ctx.model, data, ctx.feeder, p, seed=ctx.seed)
+        return EvalResult(
+            scores,
+            tables={"finetune": pd.DataFrame(history)},
+            confusion=confusion(data.test_labels.numpy(), probs.numpy()),
+        )
+
+
+@hookimpl
+def register_evaluators(register):
+    register(FinetuneEvaluator)
