@@ -206,12 +206,12 @@ def plugins(as_json: bool) -> None:
 def leaderboard(results_dir: str) -> None:
     """Re-render runs.csv and leaderboard.csv/.md of a suite's results folder."""
     from mae_bench.leaderboard import write_leaderboard
-    from mae_bench.results import CellStore, read_suite_record
+    from mae_bench.results import CellStore, read_suite_record, suite_cells
 
     root = Path(results_dir)
     record = read_suite_record(root)
     store = CellStore(root)
-    ids = [c["cell_id"] for c in record["cells"]]
+    ids = suite_cells(record)
     done = list(store.finished(ids, repair=False).values())
     primary = record["resolved"].get("primary_metric", "lp_acc")
     _, markdown = write_leaderboard(root, done, title=record["name"], primary=primary)

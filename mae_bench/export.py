@@ -13,16 +13,16 @@ from mae_bench.checkpoints import load_weights
 from mae_bench.contract import MaskedAutoencoder
 from mae_bench.errors import UserError
 from mae_bench.plugins import Registry
-from mae_bench.results import RESULT_FILE, atomic_write_text
+from mae_bench.results import PRETRAIN_FILE, atomic_write_text
 
 CORE_ENCODER_KEYS = ("name", "init_from", "init_sha256")
 
 
 def load_cell_model(cell_dir: Path, registry: Registry) -> MaskedAutoencoder:
     """Rebuild a finished cell's model from its ``result.json`` and stored weights (CPU)."""
-    result = cell_dir / RESULT_FILE
+    result = cell_dir / PRETRAIN_FILE
     if not result.is_file():
-        raise UserError(f"{cell_dir}: not a finished mae-bench cell ({RESULT_FILE} is missing)")
+        raise UserError(f"{cell_dir}: not a finished mae-bench cell ({PRETRAIN_FILE} is missing)")
     try:
         config = json.loads(result.read_text(encoding="utf-8"))["config"]
         encoder, dataset = config["variant"]["encoder"], config["dataset"]

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from mae_bench.metrics import CORE_METRICS
-from mae_bench.results import atomic_write_text, evaluations, read_table
+from mae_bench.results import CellStore, atomic_write_text, evaluations, read_table
 
 ID_COLUMNS = ["variant", "encoder", "masking", "loss"]
 Info = dict[str, dict[str, Any]]  # metric -> Metric.as_dict(), as stored with each result
@@ -229,8 +229,10 @@ def write_leaderboard(
     info = metric_info(records)
     board = leaderboard_table(runs, primary, info)
     tables = {}
+    store = CellStore(root)
     for record in records:
-        table = read_table(root / "cells" / record["cell_id"] / "thresholds.csv")
+        path = store.table_path(record, "thresholds")
+        table = read_table(path) if path else None
         if table is not None:
             name = f"{record['variant']}-seed{record['seed']}"
             tables[name] = table

@@ -29,7 +29,13 @@ from mae_bench.layers import patch_mask_to_pixels
 from mae_bench.leaderboard import scratch_name, write_leaderboard
 from mae_bench.metrics import roc_auc
 from mae_bench.plugins import Registry
-from mae_bench.results import CellStore, evaluations, read_suite_record, read_table
+from mae_bench.results import (
+    CellStore,
+    evaluations,
+    read_suite_record,
+    read_table,
+    suite_cells,
+)
 from mae_bench.suite import Suite, resolve_suite
 
 
@@ -87,7 +93,8 @@ def plot_finetune_curves(records: list[dict[str, Any]], store: CellStore, out: P
     """Fine-tuning test accuracy and macro F1 per epoch: pretrained variants vs scratch."""
     frames = []
     for r in records:
-        table = read_table(store.path(r["cell_id"]) / "finetune.csv")
+        path = store.table_path(r, "finetune")
+        table = read_table(path) if path else None
         if table is not None:
             name = scratch_name(r["variant"]) if r.get("baseline") else r["variant"]
             frames.append(table.assign(variant=name, seed=r["seed"]))
@@ -117,9 +124,7 @@ def plot_roc_and_thresholds(
     ``predictions`` and ``thresholds`` tables (the linear probe), one line per variant
     (lowest seed). Binary tasks use the positive class; multi-class tasks the
     micro-averaged one-vs-rest ROC and the class-averaged threshold curves."""
-    with_predictions = [
-        r for r in records if (store.path(r["cell_id"]) / "predictions.csv").is_file()
-    ]
+    with_predictions = [r for r in records if store.table_path(r, "predictions")]
     first = lowest_seed_cells(with_predictions)
     if not first:
         return []
@@ -132,9 +137,9 @@ def plot_roc_and_thresholds(
             (e for e, ev in evaluations(r) if "predictions" in ev["tables"]),
             source,
         )
-        folder = store.path(r["cell_id"])
-        preds = read_table(folder / "predictions.csv")
-        table = read_table(folder / "thresholds.csv")
+        preds = read_table(store.table_path(r, "predictions"))
+        thresholds = store.table_path(r, "thresholds")
+        table = read_table(thresholds) if thresholds else None
         if preds is None or table is None:
             continue
         probs = preds.filter(like="p_").to_numpy()
@@ -288,7 +293,7 @@ def render_report(root: Path, registry: Registry) -> list[Path]:
     """Rewrite the tables and every plot of a suite's results folder."""
     record = read_suite_record(root)
     store = CellStore(root)
-    records = list(store.finished([c["cell_id"] for c in record["cells"]], repair=False).values())
+    records = list(store.finished(suite_cells(record), repair=False).values())
     primary = record["resolved"].get("primary_metric", "lp_acc")
     board, _ = write_leaderboard(root, records, title=record["name"], primary=primary)
     if not records:

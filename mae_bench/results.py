@@ -2,16 +2,23 @@
 
 Layout under ``<out>/<suite>/``::
 
-    suite.json                      resolved suite and the ids of its cells
-    cells/<variant>-seed<k>-<hash>/ result.json, history.csv, encoder/decoder.safetensors
-    cells/.damaged/                 cells whose record did not load, kept for inspection
+    suite.json                      resolved suite, its cells and their evaluations
+    cells/<variant>-seed<k>-<hash>/ pretrain.json, history.csv, encoder/decoder.safetensors
+        evals/<evaluator>-<hash>/   result.json and the evaluator's tables (<name>.csv)
+    cells/.damaged/                 records that did not load, kept for inspection
     failed/<cell id>.log            why a cell failed (removed once it succeeds)
     runs.csv, leaderboard.csv, leaderboard.md
 
-A cell folder is assembled under a temporary name (holding this host and process id) and
-renamed into place, so it exists complete or not at all, and a finished cell is never
-replaced. A re-run skips every cell whose ``result.json`` loads and validates; one that does
-not is moved to ``cells/.damaged/`` and recomputed. Temporary folders left by a killed run
+Pretraining and evaluation are cached apart: a cell's key covers what determines its
+weights (dataset, variant, pretraining settings, seed, result format, the versions of the
+plugins providing its components); an evaluation's key is the cell's key plus the
+evaluator's name, params and plugin version. Changing an evaluator re-runs only that
+evaluation, from the stored weights.
+
+Every folder is assembled under a temporary name (holding this host and process id) and
+renamed into place, so it exists complete or not at all, and a finished one is never
+replaced. A re-run skips every record that loads and validates; one that does not is moved
+to ``cells/.damaged/`` and recomputed. Temporary folders left by a killed run
 are removed by the next. Files and folders get the permissions the umask allows (not
 0600/0700), so a teammate or a job under another account can read them.
 """
@@ -44,10 +51,12 @@ import mae_bench
 from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.files import grant_umask
 
-RESULT_FILE = "result.json"
+PRETRAIN_FILE = "pretrain.json"  # a cell's pretraining record
+RESULT_FILE = "result.json"  # an evaluation's record
+EVALS_DIR = "evals"
 SUITE_FILE = "suite.json"
 DAMAGED_DIR = ".damaged"
-RECORD_KEYS = {
+PRETRAIN_KEYS = {
     "cell_id": str,
     "variant": str,
     "seed": int,
@@ -55,6 +64,19 @@ RECORD_KEYS = {
     "config": dict,
     "components": dict,
     "metrics": dict,
+    "provenance": dict,
+}
+EVAL_KEYS = {
+    "evaluator": str,
+    "eval_id": str,
+    "config_hash": str,
+    "config": dict,
+    "metrics": dict,
+    "info": dict,
+    "metric_order": list,
+    "tables": list,
+    "trains_encoder": bool,
+    "summary_priority": int,
     "provenance": dict,
 }
 STALE_FOREIGN_TMP_S = 24 * 3600  # another host's temporary folder older than this is stale
@@ -154,7 +176,7 @@ def read_table(path: Path) -> pd.DataFrame | None:
 
 
 def evaluations(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """A result's evaluations as ``(evaluator, evaluation)`` in suite order, each evaluation's
+    """A cell's evaluations as ``(evaluator, evaluation)`` in suite order, each evaluation's
     ``info`` in the order its evaluator declared the metrics (JSON keys are stored sorted)."""
     stored = record.get("evaluations", {})
     out = []
@@ -166,19 +188,32 @@ def evaluations(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def combine(pretrain: dict[str, Any], evaluated: list[dict[str, Any]]) -> dict[str, Any]:
+    """A cell's whole record: its pretraining record with its evaluations' metrics merged
+    in, the evaluations by evaluator (in suite order) and their confusion matrices."""
+    record = dict(pretrain)
+    record["metrics"] = dict(pretrain["metrics"])
+    for evaluation in evaluated:
+        record["metrics"].update(evaluation["metrics"])
+    record["evaluations"] = {e["evaluator"]: e for e in evaluated}
+    record["evaluation_order"] = [e["evaluator"] for e in evaluated]
+    record["confusion"] = {e["evaluator"]: e["confusion"] for e in evaluated if e.get("confusion")}
+    return record
+
+
 class DamagedCell(Exception):
-    """A cell folder whose ``result.json`` does not load or validate."""
+    """A cell or evaluation folder whose record does not load or validate."""
 
 
-def validate_record(record: Any, cell_id: str) -> dict[str, Any]:
-    """``record`` if it is a complete result of ``cell_id``, else ``ValueError`` saying why."""
+def validate_record(record: Any, record_id: str, keys: dict[str, type], id_key: str) -> Any:
+    """``record`` if it is a complete record of ``record_id``, else ``ValueError`` why."""
     if not isinstance(record, dict):
         raise ValueError("not a JSON object")
-    for key, kind in RECORD_KEYS.items():
+    for key, kind in keys.items():
         if not isinstance(record.get(key), kind):
             raise ValueError(f"field {key!r} is missing or not a {kind.__name__}")
-    if record["cell_id"] != cell_id:
-        raise ValueError(f"it is the record of cell {record['cell_id']!r}")
+    if record[id_key] != record_id:
+        raise ValueError(f"it is the record of {record[id_key]!r}")
     numbers = int | float | None
     bad = [k for k, v in record["metrics"].items() if not isinstance(v, numbers)]
     if bad:
@@ -187,7 +222,9 @@ def validate_record(record: Any, cell_id: str) -> dict[str, Any]:
 
 
 class CellStore:
-    """The finished cells of one suite's results folder."""
+    """The cells of one suite's results folder: per cell its pretraining (weights, history,
+    ``pretrain.json``) and, under ``evals/``, one folder per evaluation (``result.json`` and
+    the evaluator's tables), each written atomically and keyed by what determines it."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -197,68 +234,93 @@ class CellStore:
         """Folder of a cell."""
         return self.cells_dir / cell_id
 
-    def read(self, cell_id: str) -> dict[str, Any] | None:
-        """The cell's validated record; None if it has none; ``DamagedCell`` if it does not
-        load or validate."""
-        path = self.path(cell_id) / RESULT_FILE
+    def eval_path(self, cell_id: str, eval_id: str) -> Path:
+        """Folder of one evaluation of a cell."""
+        return self.path(cell_id) / EVALS_DIR / eval_id
+
+    @staticmethod
+    def _read(path: Path, record_id: str, keys: dict[str, type], id_key: str) -> Any:
         if not path.is_file():
             return None
         try:
-            return validate_record(read_json(path), cell_id)
+            return validate_record(read_json(path), record_id, keys, id_key)
         except (ValueError, OSError) as exc:
             raise DamagedCell(f"{path}: {exc}") from None
 
-    def is_done(self, cell_id: str) -> bool:
-        """True when the cell's results are complete and valid on disk."""
+    def read(self, cell_id: str) -> dict[str, Any] | None:
+        """The cell's validated pretraining record; None if it has none; ``DamagedCell`` if
+        it does not load or validate."""
+        return self._read(self.path(cell_id) / PRETRAIN_FILE, cell_id, PRETRAIN_KEYS, "cell_id")
+
+    def read_eval(self, cell_id: str, eval_id: str) -> dict[str, Any] | None:
+        """An evaluation's validated record, as :meth:`read`."""
+        path = self.eval_path(cell_id, eval_id) / RESULT_FILE
+        return self._read(path, eval_id, EVAL_KEYS, "eval_id")
+
+    def is_done(self, cell_id: str, eval_id: str | None = None) -> bool:
+        """True when the cell's pretraining (or one of its evaluations) is stored and valid."""
         try:
-            return self.read(cell_id) is not None
+            found = self.read(cell_id) if eval_id is None else self.read_eval(cell_id, eval_id)
         except DamagedCell:
             return False
+        return found is not None
 
-    def load(self, cell_id: str) -> dict[str, Any]:
-        """The stored ``result.json`` of a finished cell."""
-        record = self.read(cell_id)
-        if record is None:
-            raise DamagedCell(f"{self.path(cell_id) / RESULT_FILE}: missing")
-        return record
-
-    def finished(self, cell_ids: Iterable[str], *, repair: bool) -> dict[str, dict[str, Any]]:
-        """The records of the finished cells among ``cell_ids``, in order.
+    def finished(
+        self, cells: Iterable[tuple[str, list[str]]], *, repair: bool
+    ) -> dict[str, dict[str, Any]]:
+        """Whole records (:func:`combine`) of the cells ``(cell_id, eval_ids)`` whose
+        pretraining and evaluations are all stored, in order.
 
         A damaged record is warned about, naming its file; with ``repair`` (a run) its folder
-        is also moved to ``cells/.damaged/`` so that the cell is recomputed.
+        is also moved to ``cells/.damaged/`` so that it is recomputed.
         """
         out = {}
-        for cell_id in cell_ids:
-            try:
-                record = self.read(cell_id)
-            except DamagedCell as exc:
-                action = "skipped"
-                if repair:
-                    action = f"moved to {self._set_aside(cell_id)} and recomputed"
-                warnings.warn(f"damaged result {exc}: {action}", MaeBenchWarning, stacklevel=2)
+        for cell_id, eval_ids in cells:
+            pretrain = self._checked(self.read, self.path(cell_id), repair, cell_id)
+            if pretrain is None:
                 continue
-            if record is not None:
-                out[cell_id] = record
+            evaluated = [
+                self._checked(self.read_eval, self.eval_path(cell_id, e), repair, cell_id, e)
+                for e in eval_ids
+            ]
+            if all(e is not None for e in evaluated):
+                out[cell_id] = combine(pretrain, evaluated)
         return out
 
-    def _set_aside(self, cell_id: str) -> Path:
-        """Move a cell folder to ``cells/.damaged/`` (kept for inspection)."""
-        target = self.cells_dir / DAMAGED_DIR / f"{cell_id}.{time.strftime('%Y%m%d-%H%M%S')}"
+    def _checked(self, read: Callable[..., Any], folder: Path, repair: bool, *ids: str) -> Any:
+        try:
+            return read(*ids)
+        except DamagedCell as exc:
+            action = f"moved to {self.set_aside(folder)} and recomputed" if repair else "skipped"
+            warnings.warn(f"damaged result {exc}: {action}", MaeBenchWarning, stacklevel=3)
+            return None
+
+    def table_path(self, record: dict[str, Any], table: str) -> Path | None:
+        """Where the evaluation of ``record`` that wrote ``table`` stored it, if one did."""
+        for _, evaluation in evaluations(record):
+            if table in evaluation["tables"]:
+                return self.eval_path(record["cell_id"], evaluation["eval_id"]) / f"{table}.csv"
+        return None
+
+    def set_aside(self, folder: Path) -> Path:
+        """Move a cell or evaluation folder to ``cells/.damaged/`` (kept for inspection)."""
+        name = folder.relative_to(self.cells_dir).as_posix().replace("/", "__")
+        target = self.cells_dir / DAMAGED_DIR / f"{name}.{time.strftime('%Y%m%d-%H%M%S')}"
         target.parent.mkdir(parents=True, exist_ok=True)
         while target.exists():
             target = target.with_name(target.name + "_")
-        os.replace(self.path(cell_id), target)
+        os.replace(folder, target)
         return target
 
     def clean_stale_tmp(self) -> list[Path]:
-        """Remove temporary cell folders whose writer is gone: this host's dead processes,
+        """Remove temporary folders whose writer is gone: this host's dead processes,
         another host's after a day, and those of unknown origin; returns what it removed."""
         removed = []
         if not self.cells_dir.is_dir():
             return removed
         host, now = _host(), time.time()
-        for tmp in self.cells_dir.glob(".*.tmp"):
+        candidates = [*self.cells_dir.glob(".*.tmp"), *self.cells_dir.glob(f"*/{EVALS_DIR}/.*.tmp")]
+        for tmp in candidates:
             parts = tmp.name[1:-4].rsplit(".", 3)
             owner_host, pid = (parts[1], parts[2]) if len(parts) == 4 else ("", "")
             if owner_host == host and pid.isdigit():
@@ -273,26 +335,46 @@ class CellStore:
         return removed
 
     def write(self, cell_id: str, write_files: Callable[[Path], None]) -> Path:
-        """Let ``write_files`` fill a temporary folder, then rename it into place.
+        """Store a cell's pretraining: ``write_files`` fills a temporary folder that must end
+        with ``pretrain.json``; see :meth:`_write_folder`."""
+        return self._write_folder(
+            self.path(cell_id), PRETRAIN_FILE, write_files, lambda: self.is_done(cell_id)
+        )
 
-        A finished cell is never replaced (if another writer finished it first, ours is
-        dropped); an unfinished or damaged folder in the way is moved to ``cells/.damaged/``.
-        """
-        self.cells_dir.mkdir(parents=True, exist_ok=True)
-        prefix = f".{cell_id}.{_host()}.{os.getpid()}."
-        tmp = Path(tempfile.mkdtemp(dir=self.cells_dir, prefix=prefix, suffix=".tmp"))
-        final = self.path(cell_id)
+    def write_eval(self, cell_id: str, eval_id: str, write_files: Callable[[Path], None]) -> Path:
+        """Store one evaluation of a stored cell (its folder must end with ``result.json``)."""
+        return self._write_folder(
+            self.eval_path(cell_id, eval_id),
+            RESULT_FILE,
+            write_files,
+            lambda: self.is_done(cell_id, eval_id),
+        )
+
+    def _write_folder(
+        self,
+        final: Path,
+        marker: str,
+        write_files: Callable[[Path], None],
+        done: Callable[[], bool],
+    ) -> Path:
+        """Fill a temporary folder beside ``final`` (named with this host and process id),
+        then rename it into place. A finished folder is never replaced (if another writer
+        finished first, ours is dropped); an unfinished or damaged one in the way is moved
+        to ``cells/.damaged/``."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{final.name}.{_host()}.{os.getpid()}."
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=prefix, suffix=".tmp"))
         try:
             grant_umask(tmp, folder=True)
             write_files(tmp)
-            if not (tmp / RESULT_FILE).is_file():
-                raise RuntimeError(f"cell {cell_id} wrote no {RESULT_FILE}")
-            if final.exists() and not self.is_done(cell_id):
-                self._set_aside(cell_id)
+            if not (tmp / marker).is_file():
+                raise RuntimeError(f"{final.name} wrote no {marker}")
+            if final.exists() and not done():
+                self.set_aside(final)
             try:
                 os.rename(tmp, final)  # fails if a finished folder is there: never replaced
             except OSError:
-                if not self.is_done(cell_id):
+                if not done():
                     raise
         finally:
             if tmp.exists():
@@ -343,6 +425,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class OlderResults(UserError):
+    """A results folder written by an older mae-bench, in a layout this one does not read."""
+
+
 def read_suite_record(root: Path) -> dict[str, Any]:
     """The ``suite.json`` of a results folder, or a UserError naming the file and the problem."""
     path = root / SUITE_FILE
@@ -361,4 +447,15 @@ def read_suite_record(root: Path) -> dict[str, Any]:
             raise ValueError("'cells' is not a list of cells with a 'cell_id'")
     except (ValueError, OSError) as exc:
         raise UserError(f"{path}: damaged or not a mae-bench suite record: {exc}") from None
+    if not all(isinstance(c.get("evaluations"), list) for c in cells):
+        raise OlderResults(
+            f"{path}: results of an older mae-bench (one record per cell, before pretraining "
+            "and evaluation were stored apart): run the suite again with --replace (the old "
+            "results are moved aside) or with another --out to recompute them"
+        )
     return record
+
+
+def suite_cells(record: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """``(cell_id, eval_ids)`` of every cell a ``suite.json`` lists."""
+    return [(c["cell_id"], list(c["evaluations"])) for c in record["cells"]]

@@ -29,16 +29,18 @@ from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.evaluate import FeatureCache
 from mae_bench.leaderboard import write_leaderboard
 from mae_bench.results import (
+    PRETRAIN_FILE,
     RESULT_FILE,
     SUITE_FILE,
     CellStore,
+    OlderResults,
     atomic_write_text,
     evaluations,
     provenance,
     read_suite_record,
     write_json,
 )
-from mae_bench.suite import Cell, Suite
+from mae_bench.suite import Cell, Evaluation, Suite
 from mae_bench.train import PretrainResult, pretrain
 
 
@@ -55,13 +57,21 @@ class RunSummary:
 
 
 @dataclass
-class CellOutcome:
-    """A trained cell: its result record, model and per-epoch history."""
+class Pretrained:
+    """A cell's pretrained model (on the device) and its pretraining record and history."""
 
     record: dict[str, Any]
     model: MaskedAutoencoder
     history: list[dict[str, float]]
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # <name>.csv, by evaluators
+    reused: bool = False  # loaded from the results folder, not trained now
+
+
+@dataclass
+class Evaluated:
+    """One evaluation of a cell: its record and the evaluator's tables."""
+
+    record: dict[str, Any]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # <name>.csv
 
 
 def describe(
@@ -136,15 +146,10 @@ class _Display:
         self.console.print(message, highlight=False)
 
 
-def run_cell(
-    cell: Cell,
-    suite: Suite,
-    data: ImageData,
-    feeder: ImageFeeder,
-    mean_image: torch.Tensor,
-    display: _Display,
-) -> CellOutcome:
-    """Pretrain and evaluate one cell.
+def pretrain_cell(
+    cell: Cell, suite: Suite, data: ImageData, feeder: ImageFeeder, display: _Display
+) -> Pretrained:
+    """Pretrain one cell (a baseline stays at its seeded random init).
 
     The model is built on the CPU, loaded from ``init_from`` if the variant says so, and
     moved to ``feeder.device`` here, once: every later stage (pretraining, probes,
@@ -183,10 +188,6 @@ def run_cell(
             final_loss=trained.history[-1]["loss"],
         )
     metrics["peak_mem_mb"] = peak_memory_mb(feeder.device)
-    display.evaluating()
-    evaluated, tables, confusions = evaluate_cell(cell, suite, data, feeder, model, mean_image)
-    for evaluation in evaluated.values():
-        metrics.update(evaluation["metrics"])
     record = {
         "cell_id": cell.cell_id,
         "suite": cell.suite,
@@ -200,19 +201,28 @@ def run_cell(
             else describe(model, masking, losses)
         ),
         "baseline": baseline,
-        "confusion": confusions,
         "metrics": metrics,
-        "evaluations": evaluated,
-        "evaluation_order": list(evaluated),
         "data": {
             "mean": feeder.mean,
             "std": feeder.std,
             "num_classes": data.num_classes,
             "pretrain_sees_test": suite.build_dataset().pretrain_sees_test,
         },
-        "provenance": provenance(device_name(feeder.device)),
+        "provenance": {
+            **provenance(device_name(feeder.device)),
+            "plugins": suite.plugin_versions(),
+        },
     }
-    return CellOutcome(record, model, trained.history, tables)
+    return Pretrained(record, model, trained.history)
+
+
+def load_pretrained(
+    cell: Cell, record: dict[str, Any], store: CellStore, feeder: ImageFeeder
+) -> Pretrained:
+    """A stored cell's model, rebuilt and loaded from its weights, on the device."""
+    model = cell.variant.build_model(feeder.image_size, feeder.channels)
+    load_weights(model, store.path(cell.cell_id))
+    return Pretrained(record, model.to(feeder.device), [], reused=True)
 
 
 def evaluate_cell(
@@ -222,12 +232,13 @@ def evaluate_cell(
     feeder: ImageFeeder,
     model: MaskedAutoencoder,
     mean_image: torch.Tensor,
-) -> tuple[dict[str, Any], dict[str, pd.DataFrame], dict[str, list[list[int]]]]:
-    """Run every enabled evaluator on a cell's model, sharing one frozen-feature cache.
+    evaluations_to_run: list[Evaluation],
+) -> list[Evaluated]:
+    """Run the given evaluations on a cell's model, sharing one frozen-feature cache.
 
-    Returns per evaluator its metrics, how to show them (stored with the result, so tables
-    render without the plugin) and its tables' names; the tables; the confusion matrices.
-    A metric an evaluator did not declare, or a table name taken twice, is that plugin's bug.
+    Each record holds the evaluator's metrics, how to show them (so tables render without
+    the plugin) and its tables' names. A metric an evaluator did not declare, or a table name
+    taken twice, is that plugin's bug.
     """
     ctx = EvalContext(
         model=model.eval(),
@@ -240,34 +251,36 @@ def evaluate_cell(
         mean_image=mean_image,
         thresholds=suite.config.eval.thresholds.values(),
     )
-    evaluations: dict[str, Any] = {}
-    tables: dict[str, pd.DataFrame] = {}
-    confusions: dict[str, list[list[int]]] = {}
-    for evaluator in suite.build_evaluators():
-        if ctx.baseline and evaluator.needs_pretraining:
-            continue
+    out = []
+    for evaluation in evaluations_to_run:
+        evaluator = evaluation.evaluator.cls(evaluation.evaluator.params)
         declared = evaluator.metrics()
         result = evaluator.evaluate(ctx)
         undeclared = sorted(set(result.metrics) - set(declared))
-        clash = sorted(set(result.tables) & set(tables))
-        if undeclared or clash:
+        reserved = sorted(name for name in result.tables if not name.isidentifier())
+        if undeclared or reserved:
             raise RuntimeError(
                 f"evaluator {evaluator.name!r} returned undeclared metrics {undeclared} or "
-                f"table names already taken {clash}: a bug in its plugin"
+                f"table names that are not plain names {reserved}: a bug in its plugin"
             )
-        tables.update(result.tables)
-        if result.confusion is not None:
-            confusions[evaluator.name] = result.confusion
-        evaluations[evaluator.name] = {
+        record = {
+            "evaluator": evaluator.name,
+            "eval_id": evaluation.eval_id,
+            "cell_id": cell.cell_id,
+            "config_hash": evaluation.config_hash,
+            "config": evaluation.config,
             "metrics": {k: float(v) for k, v in result.metrics.items()},
             "info": {k: declared[k].as_dict() for k in result.metrics},
             "metric_order": [k for k in declared if k in result.metrics],
             "tables": sorted(result.tables),
             "trains_encoder": evaluator.trains_encoder,
             "summary_priority": evaluator.summary_priority,
+            "confusion": result.confusion,
+            "provenance": provenance(device_name(feeder.device)),
         }
+        out.append(Evaluated(record, result.tables))
         model.eval()
-    return evaluations, tables, confusions
+    return out
 
 
 def run_suite(
@@ -291,17 +304,26 @@ def run_suite(
     store = CellStore(root)
     store.clean_stale_tmp()
     summary = RunSummary(root=root)
-    done = store.finished([c.cell_id for c in cells], repair=True)
-    pending = [c for c in cells if c.cell_id not in done]
-    summary.skipped = [c.cell_id for c in cells if c.cell_id in done]
+    plan = _plan(store, cells)
+    pending = [c for c in cells if plan[c.cell_id] is not None]
+    summary.skipped = [c.cell_id for c in cells if plan[c.cell_id] is None]
     if summary.skipped:
         console.print(f"{len(summary.skipped)} of {len(cells)} cells already finished: skipped")
+    reused = [c for c in pending if plan[c.cell_id][0] is not None]
+    if reused:
+        todo = sorted({e.name for c in reused for e in plan[c.cell_id][1]})
+        console.print(
+            f"{len(reused)} cells reuse their stored pretraining and only run: "
+            f"{', '.join(todo)}",
+            highlight=False,
+        )
     if pending:
         prepare(device)
         ds = suite.config.dataset
         console.print(f"loading dataset {ds.name} ...", highlight=False)
         data = suite.build_dataset().load()  # a missing dataset fails here, before any write
-        store.check_writable(sum(_result_bytes(c, suite) for c in pending))
+        fresh = [c for c in pending if plan[c.cell_id][0] is None]
+        store.check_writable(sum(_result_bytes(c, suite) for c in fresh) + (1 << 20))
         feeder = ImageFeeder.fit(
             data.pretrain, image_size=ds.image_size, channels=ds.channels, device=device
         )
@@ -315,9 +337,19 @@ def run_suite(
         with display.shown():
             for cell in pending:
                 start = time.perf_counter()
+                stored, missing = plan[cell.cell_id]
                 try:
-                    out = run_cell(cell, suite, data, feeder, mean_image, display)
-                    _store_cell(store, cell, out)
+                    if stored is None:
+                        pre = pretrain_cell(cell, suite, data, feeder, display)
+                        _store_pretrained(store, cell, pre)
+                    else:
+                        display.start_cell(cell, 0)
+                        pre = load_pretrained(cell, stored, store, feeder)
+                    display.evaluating()
+                    for out in evaluate_cell(
+                        cell, suite, data, feeder, pre.model, mean_image, missing
+                    ):
+                        _store_evaluation(store, cell, out)
                 except Exception as exc:  # one cell's failure is that cell's, not the suite's
                     failure = _record_failure(root, cell, exc)
                     summary.failed[cell.cell_id] = failure
@@ -328,17 +360,39 @@ def run_suite(
                     continue
                 (root / FAILED_DIR / f"{cell.cell_id}.log").unlink(missing_ok=True)
                 summary.finished.append(cell.cell_id)
-                shown = "  ".join(_headline(out.record)[:4])
+                whole = store.finished([_ids(cell)], repair=False).get(cell.cell_id, {})
+                shown = "  ".join(_headline(whole)[:4]) if whole else ""
+                reuse = " (pretraining reused)" if pre.reused else ""
                 display.end_cell(
-                    f"done {cell.variant.name} seed {cell.seed}: {shown}  "
+                    f"done {cell.variant.name} seed {cell.seed}{reuse}: {shown}  "
                     f"({time.perf_counter() - start:.0f} s)"
                 )
     _write_suite_record(root, suite, cells)
-    records = list(store.finished([c.cell_id for c in cells], repair=False).values())
+    records = list(store.finished([_ids(c) for c in cells], repair=False).values())
     summary.leaderboard, summary.markdown = write_leaderboard(
         root, records, title=suite.name, primary=suite.config.primary_metric
     )
     return summary
+
+
+def _ids(cell: Cell) -> tuple[str, list[str]]:
+    return cell.cell_id, [e.eval_id for e in cell.evaluations]
+
+
+def _plan(
+    store: CellStore, cells: list[Cell]
+) -> dict[str, tuple[dict[str, Any] | None, list[Evaluation]] | None]:
+    """Per cell: None if it is finished, else its stored pretraining record (None: pretrain
+    it) and the evaluations still to run. Damaged records are set aside first."""
+    plan: dict[str, tuple[dict[str, Any] | None, list[Evaluation]] | None] = {}
+    for cell in cells:
+        whole = store.finished([_ids(cell)], repair=True)
+        if cell.cell_id in whole:
+            plan[cell.cell_id] = None
+            continue
+        missing = [e for e in cell.evaluations if not store.is_done(cell.cell_id, e.eval_id)]
+        plan[cell.cell_id] = (store.read(cell.cell_id), missing)  # damage was set aside above
+    return plan
 
 
 def _claim_folder(root: Path, suite: Suite, cells: list[Cell], replace: bool) -> None:
@@ -347,8 +401,15 @@ def _claim_folder(root: Path, suite: Suite, cells: list[Cell], replace: bool) ->
     leaderboard would silently lose them. ``replace`` moves such a folder aside."""
     if not (root / SUITE_FILE).exists():
         return
+    aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         old = read_suite_record(root)
+    except OlderResults:
+        if not replace:
+            raise
+        os.replace(root, aside)
+        warnings.warn(f"moved the previous results {root} to {aside}", MaeBenchWarning, 2)
+        return
     except UserError as exc:
         warnings.warn(f"{exc}: it is rewritten", MaeBenchWarning, stacklevel=2)
         return
@@ -357,7 +418,6 @@ def _claim_folder(root: Path, suite: Suite, cells: list[Cell], replace: bool) ->
     ours = {c.cell_id for c in cells}
     if old["name"] == suite.name and (not finished or ours & set(finished)):
         return
-    aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
     if replace:
         os.replace(root, aside)
         warnings.warn(f"moved the previous results {root} to {aside}", MaeBenchWarning, 2)
@@ -426,18 +486,25 @@ def _record_failure(root: Path, cell: Cell, exc: BaseException) -> CellFailure:
     return CellFailure(reason, path)
 
 
-def _store_cell(store: CellStore, cell: Cell, out: CellOutcome) -> None:
+def _store_pretrained(store: CellStore, cell: Cell, pre: Pretrained) -> None:
     meta = {"cell_id": cell.cell_id, "config_hash": cell.config_hash}
 
     def write_files(folder: Path) -> None:
-        _save_weights(out.model.encoder, folder / "encoder.safetensors", meta)
-        _save_weights(out.model.decoder, folder / "decoder.safetensors", meta)
-        (folder / "history.csv").write_text(_history_csv(out.history), encoding="utf-8")
-        for name, table in out.tables.items():
-            table.to_csv(folder / f"{name}.csv", index=False)
-        write_json(folder / RESULT_FILE, out.record)  # last: its presence marks the cell done
+        _save_weights(pre.model.encoder, folder / "encoder.safetensors", meta)
+        _save_weights(pre.model.decoder, folder / "decoder.safetensors", meta)
+        (folder / "history.csv").write_text(_history_csv(pre.history), encoding="utf-8")
+        write_json(folder / PRETRAIN_FILE, pre.record)  # last: its presence marks it done
 
     store.write(cell.cell_id, write_files)
+
+
+def _store_evaluation(store: CellStore, cell: Cell, out: Evaluated) -> None:
+    def write_files(folder: Path) -> None:
+        for name, table in out.tables.items():
+            table.to_csv(folder / f"{name}.csv", index=False)
+        write_json(folder / RESULT_FILE, out.record)  # last: its presence marks it done
+
+    store.write_eval(cell.cell_id, out.record["eval_id"], write_files)
 
 
 def _write_suite_record(root: Path, suite: Suite, cells: list[Cell]) -> None:
@@ -447,6 +514,7 @@ def _write_suite_record(root: Path, suite: Suite, cells: list[Cell]) -> None:
             "variant": c.variant.name,
             "seed": c.seed,
             "config_hash": c.config_hash,
+            "evaluations": [e.eval_id for e in c.evaluations],
         }
         for c in cells
     ]

@@ -223,6 +223,7 @@ class Resolved:
     params: Params
     config: dict[str, Any]  # {"name": ..., **params}, every default filled in
     plugin: str  # distribution that provides it
+    version: str = "unknown"  # of that distribution: part of every key it affects
 
 
 @dataclass(frozen=True)
@@ -272,20 +273,50 @@ class Variant:
         """The masking strategy."""
         return self.masking.cls(self.masking.params)
 
+    def plugins(self) -> dict[str, str]:
+        """Name and version of every plugin distribution providing one of its components."""
+        parts = [self.encoder] if self.baseline else [
+            self.encoder, self.masking, *(t.component for t in self.losses)
+        ]
+        return {r.plugin: r.version for r in parts}
+
     def build_losses(self) -> list[tuple[Loss, float]]:
         """The loss terms with their weights."""
         return [(t.component.cls(t.component.params), t.weight) for t in self.losses]
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    """One evaluator run on one cell's pretrained model, keyed by what determines it: the
+    cell's pretraining key, the evaluator, its params and plugin version, the thresholds."""
+
+    evaluator: Resolved
+    config: dict[str, Any]
+    config_hash: str
+
+    @property
+    def name(self) -> str:
+        """The evaluator's name."""
+        return self.evaluator.config["name"]
+
+    @property
+    def eval_id(self) -> str:
+        """Folder name of the evaluation's results, under its cell's ``evals/``."""
+        return f"{self.name}-{self.config_hash[:10]}"
+
+
+@dataclass(frozen=True)
 class Cell:
-    """One unit of work and of results: a variant trained with one seed."""
+    """One unit of pretraining: a variant trained with one seed, keyed by what determines
+    its weights (dataset, variant, pretraining settings, seed, result format and the
+    versions of the plugins providing its components); then one evaluation per evaluator."""
 
     suite: str
     variant: Variant
     seed: int
     config: dict[str, Any]
     config_hash: str
+    evaluations: tuple[Evaluation, ...] = ()
 
     @property
     def cell_id(self) -> str:
@@ -332,6 +363,14 @@ class Suite:
         """The enabled evaluators, in suite order."""
         return [e.cls(e.params) for e in self.evaluators]
 
+    def plugin_versions(self) -> dict[str, str]:
+        """Every plugin distribution the suite uses, with its version (for provenance)."""
+        parts = [self.dataset, *self.evaluators]
+        out = {r.plugin: r.version for r in parts}
+        for v in self.variants:
+            out.update(v.plugins())
+        return dict(sorted(out.items()))
+
     def metrics(self) -> dict[str, Metric]:
         """Every metric a cell of this suite reports: the runner's own and the evaluators'."""
         out = dict(CORE_METRICS)
@@ -371,18 +410,32 @@ class Suite:
     def cells(self) -> list[Cell]:
         """Every (variant, seed) cell, variant by variant, baselines last."""
         cells = []
+        thresholds = self.config.eval.thresholds.model_dump(mode="json")
         for variant in [*self.variants, *self.baseline_variants()]:
             for seed in self.config.seeds:
                 config = {
                     "format": RESULT_FORMAT,
                     "dataset": self.dataset_config,
                     "variant": variant.config,
-                    "eval": self.eval_config,
                     "seed": seed,
+                    "plugins": {self.dataset.plugin: self.dataset.version, **variant.plugins()},
                 }
                 if not variant.baseline:
                     config["pretrain"] = self.config.pretrain.model_dump(mode="json")
-                cells.append(Cell(self.name, variant, seed, config, config_hash(config)))
+                key = config_hash(config)
+                evaluations = []
+                for evaluator in self.evaluators:
+                    if variant.baseline and evaluator.cls.needs_pretraining:
+                        continue
+                    eval_config = {
+                        "format": RESULT_FORMAT,
+                        "cell": key,
+                        "evaluator": evaluator.config,
+                        "thresholds": thresholds,
+                        "plugins": {evaluator.plugin: evaluator.version},
+                    }
+                    evaluations.append(Evaluation(evaluator, eval_config, config_hash(eval_config)))
+                cells.append(Cell(self.name, variant, seed, config, key, tuple(evaluations)))
         return cells
 
 
@@ -437,7 +490,7 @@ def _resolve(registry: Registry, kind: str, ref: ComponentRef, path: str, source
     except ValidationError as exc:
         raise _validation_error(exc, path, source) from None
     config = {"name": ref.name, **validated.model_dump(mode="json")}
-    return Resolved(info.cls, validated, config, info.plugin.distribution)
+    return Resolved(info.cls, validated, config, info.plugin.distribution, info.plugin.version)
 
 
 def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suite:

@@ -35,6 +35,17 @@ def tiny_suite_file(tmp_path: Path) -> Path:
     return path
 
 
+def cell_record(cell: Path) -> dict[str, Any]:
+    """A cell folder's whole record: its pretraining and every stored evaluation."""
+    import json
+
+    from mae_bench.results import combine
+
+    pretrain = json.loads((cell / "pretrain.json").read_text())
+    evaluated = [json.loads(p.read_text()) for p in sorted((cell / "evals").glob("*/result.json"))]
+    return combine(pretrain, evaluated)
+
+
 def invoke(*args: str):
     """Run the CLI in-process (fast); ``exit_code``, ``stdout`` and ``stderr`` as a user sees."""
     from click.testing import CliRunner

@@ -17,7 +17,7 @@ from mae_bench.evaluate import extract_features
 from mae_bench.export import load_cell_model
 from mae_bench.layers import sincos_pos_embed
 from mae_bench.suite import resolve_suite
-from tests.conftest import ROOT, invoke, tiny_suite_data
+from tests.conftest import ROOT, cell_record, invoke, tiny_suite_data
 
 VIT = {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "decoder_dim": 16, "decoder_depth": 1}
 
@@ -189,7 +189,7 @@ def test_exported_encoder_loads_in_timm_with_strict_keys_and_same_features(
         name, pretrained=True, pretrained_cfg_overlay={"file": str(out)}, **kwargs
     ).eval()
     ours = load_cell_model(vit_cell, registry)
-    record = json.loads((vit_cell / "result.json").read_text())
+    record = cell_record(vit_cell)
     feeder = ImageFeeder(16, 3, tuple(record["data"]["mean"]), tuple(record["data"]["std"]),
                          torch.device("cpu"))  # fmt: skip
     images = (torch.rand(6, 3, 16, 16) * 255).to(torch.uint8)
@@ -210,7 +210,7 @@ def test_a_cell_of_ours_initialises_another_suite(vit_cell, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     (cell,) = (tmp_path / "tiny" / "cells").glob("vit-seed0-*")
-    encoder = json.loads((cell / "result.json").read_text())["config"]["variant"]["encoder"]
+    encoder = cell_record(cell)["config"]["variant"]["encoder"]
     assert encoder["init_from"] == str(vit_cell) and len(encoder["init_sha256"]) == 64
     not_a_cell = invoke("export", str(tmp_path / "tiny"), str(tmp_path / "x.safetensors"))
     assert not_a_cell.exit_code == 2 and "not a finished mae-bench cell" in not_a_cell.stderr

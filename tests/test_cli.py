@@ -1,6 +1,5 @@
 """End to end through the installed ``mae-bench`` command."""
 
-import json
 import shutil
 
 import pandas as pd
@@ -9,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, invoke, run_cli, tiny_suite_data
+from tests.conftest import ROOT, cell_record, invoke, run_cli, tiny_suite_data
 
 LEADERBOARD_COLUMNS = [
     "variant",
@@ -48,14 +47,20 @@ def test_run_writes_cells_and_leaderboards(finished_run):
     assert len(cells) == 4 and not any(p.name.startswith(".") for p in cells)
     for cell in cells:
         assert {p.name for p in cell.iterdir()} == {
-            "result.json",
+            "pretrain.json",
             "history.csv",
             "encoder.safetensors",
             "decoder.safetensors",
+            "evals",
+        }
+        evals = {p.name.split("-")[0]: p for p in (cell / "evals").iterdir()}
+        assert set(evals) == {"reconstruction", "linear_probe", "knn"}
+        assert {p.name for p in evals["linear_probe"].iterdir()} == {
+            "result.json",
             "thresholds.csv",
             "predictions.csv",
         }
-        record = json.loads((cell / "result.json").read_text())
+        record = cell_record(cell)
         prov = record["provenance"]
         for key in (
             "mae_bench_version",
@@ -185,8 +190,8 @@ def test_same_seed_is_deterministic_on_cpu(finished_run, tmp_path):
     )
     assert result.exit_code == 0, result.output
     for cell in (out / "tiny" / "cells").iterdir():
-        first = json.loads((root / "cells" / cell.name / "result.json").read_text())
-        again = json.loads((cell / "result.json").read_text())
+        first = cell_record(root / "cells" / cell.name)
+        again = cell_record(cell)
         for key in ("psnr_masked", "lp_acc", "final_loss"):
             assert again["metrics"][key] == first["metrics"][key], key
 

@@ -1,11 +1,10 @@
 """Every dataset suite end to end through the CLI, on tiny official-format fixtures."""
 
-import json
 
 import pandas as pd
 import pytest
 
-from tests.conftest import ROOT, invoke
+from tests.conftest import ROOT, cell_record, invoke
 from tests.formats import write_cifar10, write_imagefolder, write_stl10
 
 SMALL = [
@@ -73,7 +72,7 @@ def test_stl10_vitb_suite_shrunk(tmp_path):
         "variants.vitb-l1.encoder.decoder_depth=1",
     )
     (cell,) = (tmp_path / "out" / "stl10-vitb" / "cells").glob("vitb-l1-*")
-    record = json.loads((cell / "result.json").read_text())
+    record = cell_record(cell)
     assert record["components"]["encoder"] == "timm(vit_base_patch16_224)"
     assert record["config"]["dataset"]["pretrain_split"] == "train+unlabeled"
 

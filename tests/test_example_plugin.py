@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import ROOT, run_cli, tiny_suite_data
+from tests.conftest import ROOT, cell_record, run_cli, tiny_suite_data
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_example_plugin_runs_in_a_suite(installed_example, tmp_path):
     result = run_cli("run", str(suite), "--out", str(tmp_path / "out"), env=installed_example)
     assert result.returncode == 0, result.stderr
     (cell,) = (tmp_path / "out" / "tiny" / "cells").iterdir()
-    record = json.loads((cell / "result.json").read_text())
+    record = cell_record(cell)
     assert record["config"]["variant"]["loss"] == [
         {"name": "charbonnier", "eps": 0.01, "weight": 1.0}
     ]
@@ -81,7 +81,7 @@ def test_example_evaluator_is_listed_and_runs_in_a_suite(installed_example, tmp_
     assert result.returncode == 0, result.stderr
     assert "fewshot_acc" in result.stdout.splitlines()[2]  # a headline column
     for cell in (tmp_path / "out" / "tiny" / "cells").iterdir():
-        record = json.loads((cell / "result.json").read_text())
+        record = cell_record(cell)
         assert 0 <= record["metrics"]["fewshot_acc"] <= 1
         assert record["evaluations"]["fewshot"]["info"]["fewshot_acc"]["headline"] is True
     glossary = (tmp_path / "out" / "tiny" / "leaderboard.md").read_text()

@@ -16,20 +16,20 @@ def _suite(tmp_path):
 
 
 def _failing_for(variant: str, error: BaseException):
-    real = mae_bench.runner.run_cell
+    real = mae_bench.runner.pretrain_cell
 
-    def run_cell(cell, *args, **kwargs):
+    def pretrain_cell(cell, *args, **kwargs):
         if cell.variant.name == variant and cell.seed == 0:
             raise error
         return real(cell, *args, **kwargs)
 
-    return run_cell
+    return pretrain_cell
 
 
 def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
     suite, out = _suite(tmp_path), tmp_path / "out"
     bug = KeyError("a plugin bug")
-    monkeypatch.setattr(mae_bench.runner, "run_cell", _failing_for("vit", bug))
+    monkeypatch.setattr(mae_bench.runner, "pretrain_cell", _failing_for("vit", bug))
     result = invoke("run", str(suite), "--out", str(out))
     assert result.exit_code == 1
     root = out / "tiny"
@@ -55,7 +55,9 @@ def test_out_of_memory_gets_a_hint():
 
 def test_ctrl_c_keeps_finished_cells_and_exits_130(tmp_path, monkeypatch):
     suite, out = _suite(tmp_path), tmp_path / "out"
-    monkeypatch.setattr(mae_bench.runner, "run_cell", _failing_for("vit", KeyboardInterrupt()))
+    monkeypatch.setattr(
+        mae_bench.runner, "pretrain_cell", _failing_for("vit", KeyboardInterrupt())
+    )
     result = invoke("run", str(suite), "--out", str(out))
     assert result.exit_code == 130 and "interrupted" in result.stderr
     cells = list((out / "tiny" / "cells").iterdir())

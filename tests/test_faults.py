@@ -149,17 +149,17 @@ def test_damaged_decode_cache_is_rebuilt_with_a_warning(tmp_path):
 def test_damaged_result_is_set_aside_and_recomputed(run_copy, damage):
     suite, root = run_copy
     vit = _cells(root)["vit"]
-    (vit / "result.json").write_bytes(damage)
+    (vit / "pretrain.json").write_bytes(damage)
     board = invoke("leaderboard", str(root))  # skipped with a warning naming the file
     assert board.exit_code == 0, board.output
-    assert f"warning: damaged result {vit / 'result.json'}" in board.stderr
+    assert f"warning: damaged result {vit / 'pretrain.json'}" in board.stderr
     assert "1 of 2 cells finished" in board.stderr
     result = invoke("run", str(suite), "--out", str(root.parent))
     assert result.exit_code == 0, result.output
     assert "moved to" in result.stderr and "recomputed" in result.stderr
-    assert json.loads((vit / "result.json").read_text())["variant"] == "vit"
+    assert json.loads((vit / "pretrain.json").read_text())["variant"] == "vit"
     (aside,) = (root / "cells" / ".damaged").iterdir()
-    assert (aside / "result.json").read_bytes() == damage  # kept for inspection
+    assert (aside / "pretrain.json").read_bytes() == damage  # kept for inspection
 
 
 def test_damaged_suite_record_is_one_clear_error(run_copy):
@@ -232,7 +232,7 @@ def test_finished_cells_are_never_replaced_even_by_racing_writers(tmp_path):
     def writer(tag: int):
         def write_files(folder: Path) -> None:
             (folder / "tag").write_text(str(tag))
-            write_json(folder / "result.json", record)
+            write_json(folder / "pretrain.json", record)
 
         for _ in range(25):
             store.write("c", write_files)
@@ -242,7 +242,7 @@ def test_finished_cells_are_never_replaced_even_by_racing_writers(tmp_path):
 
     def reader():
         while not stop.is_set():
-            if store.path("c").is_dir() and not (store.path("c") / "result.json").is_file():
+            if store.path("c").is_dir() and not (store.path("c") / "pretrain.json").is_file():
                 seen_missing.append(1)
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
@@ -267,7 +267,7 @@ def test_results_respect_the_umask(tmp_path):
     assert result.exit_code == 0, result.output
     cell = next((tmp_path / "out" / "tiny" / "cells").iterdir())
     assert cell.stat().st_mode & 0o777 == 0o755
-    assert (cell / "result.json").stat().st_mode & 0o777 == 0o644
+    assert (cell / "pretrain.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "out" / "tiny" / "leaderboard.md").stat().st_mode & 0o777 == 0o644
 
 
@@ -379,7 +379,7 @@ def test_sigterm_keeps_finished_cells_and_says_how_to_resume(tmp_path):
     assert proc.returncode == 143, stderr
     assert "terminated (SIGTERM): finished cells are kept" in stderr and "Traceback" not in stderr
     kept = [p for p in cells.iterdir() if not p.name.startswith(".")]
-    assert kept and all((p / "result.json").is_file() for p in kept)
+    assert kept and all((p / "pretrain.json").is_file() for p in kept)
     assert not list(cells.glob(".*.tmp"))
 
 
@@ -389,7 +389,7 @@ def test_sigterm_while_a_cell_folder_is_written_leaves_nothing_half_written(
     real = mae_bench.runner.write_json
 
     def write_then_get_killed(path, data):
-        if path.name == "result.json" and data["variant"] == "vit":
+        if path.name == "pretrain.json" and data["variant"] == "vit":
             os.kill(os.getpid(), signal.SIGTERM)  # the real signal, mid-write
         real(path, data)
 

@@ -155,8 +155,8 @@ def test_suite_with_finetune_and_baselines(tmp_path):
         (b,) = (tmp_path / "b" / "tiny" / "cells").glob(f"{name}-seed0-*")
         wa, wb = load_file(a / "encoder.safetensors"), load_file(b / "encoder.safetensors")
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
-        assert (a / "finetune.csv").is_file() and not (b / "finetune.csv").exists()
-    record = json.loads(next((root / "cells").glob("random-init-vit-*/result.json")).read_text())
+        assert list(a.glob("evals/finetune-*/finetune.csv")) and not list(b.glob("evals/fine*"))
+    record = json.loads(next((root / "cells").glob("random-init-vit-*/pretrain.json")).read_text())
     assert record["baseline"] is True and "pretrain" not in record["config"]
     result = invoke("report", str(root))
     assert result.exit_code == 0, result.output + str(result.exception)

@@ -26,7 +26,7 @@ from mae_bench.layers import (
     unpatchify,
 )
 from mae_bench.leaderboard import leaderboard_markdown, leaderboard_table, runs_table
-from mae_bench.runner import _Display, run_cell
+from mae_bench.runner import _Display, evaluate_cell, pretrain_cell
 from mae_bench.suite import resolve_suite
 from mae_bench.train import pretrain
 from tests.conftest import invoke, tiny_suite_data
@@ -86,9 +86,11 @@ def test_every_cell_runs_its_model_on_the_feeders_device(registry, device_checke
     display = _Display(Console(file=io.StringIO()), 1)
     cells = suite.cells()
     assert [c.variant.baseline for c in cells] == [False, False, True, True]
+    mean_image = cpu_feeder.mean_image(data.pretrain)
     for cell in cells:
         with pytest.raises((NotImplementedError, RuntimeError), match="meta"):
-            run_cell(cell, suite, data, feeder, cpu_feeder.mean_image(data.pretrain), display)
+            pre = pretrain_cell(cell, suite, data, feeder, display)
+            evaluate_cell(cell, suite, data, feeder, pre.model, mean_image, list(cell.evaluations))
     assert device_checker.mismatches == []
     assert device_checker.input_devices == {"meta"}
 
