@@ -214,7 +214,8 @@ def leaderboard(results_dir: str) -> None:
     ids = suite_cells(record)
     done = list(store.finished(ids, repair=False).values())
     primary = record["resolved"].get("primary_metric", "lp_acc")
-    _, markdown = write_leaderboard(root, done, title=record["name"], primary=primary)
+    reference = record["resolved"].get("reference")
+    _, markdown = write_leaderboard(root, done, record["name"], primary, reference)
     click.echo(markdown)
     click.echo(f"{len(done)} of {len(ids)} cells finished; written under {root}", err=True)
 

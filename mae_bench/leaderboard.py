@@ -11,6 +11,7 @@ import pandas as pd
 
 from mae_bench.metrics import CORE_METRICS
 from mae_bench.results import CellStore, atomic_write_text, evaluations, read_table
+from mae_bench.stats import compare, seeds_needed
 
 ID_COLUMNS = ["variant", "encoder", "masking", "loss"]
 Info = dict[str, dict[str, Any]]  # metric -> Metric.as_dict(), as stored with each result
@@ -121,12 +122,18 @@ def ci95_halfwidth(std: pd.Series, n: pd.Series) -> pd.Series:
 
 
 def leaderboard_table(
-    runs: pd.DataFrame, primary: str = "lp_acc", info: Info | None = None
+    runs: pd.DataFrame,
+    primary: str = "lp_acc",
+    info: Info | None = None,
+    reference: str | None = None,
 ) -> pd.DataFrame:
     """Per variant: mean, std (ddof=1) and 95% CI of every metric, ranked by ``primary``.
 
     ``overlaps_leader`` is True where a variant's interval on the primary metric overlaps the
-    leader's (their difference is not established by these seeds), NaN with a single seed.
+    leader's, NaN with a single seed. With a ``reference`` variant, the paired comparison of
+    each variant with it on the primary metric (:mod:`mae_bench.stats`): ``delta``,
+    ``delta_ci95_low``/``high``, ``prob_improve``, ``p_value`` (Holm-corrected) and
+    ``verdict``.
     """
     if runs.empty:
         return pd.DataFrame(columns=[*ID_COLUMNS, "seeds"])
@@ -152,7 +159,21 @@ def leaderboard_table(
         overlaps = (gap <= ci + ci.iloc[0]).astype(object).where(ci.notna() & pd.notna(ci.iloc[0]))
         overlaps.iloc[0] = True
         board["overlaps_leader"] = overlaps
+        if reference is not None:
+            board = _with_comparison(board, runs, primary, reference, info)
     return board.reset_index(drop=True)
+
+
+def _with_comparison(
+    board: pd.DataFrame, runs: pd.DataFrame, primary: str, reference: str, info: Info | None
+) -> pd.DataFrame:
+    direction = {primary: higher_is_better(primary, info)}
+    found = compare(runs, [primary], reference, direction).set_index("variant")
+    columns = ["delta", "delta_ci95_low", "delta_ci95_high", "prob_improve", "p_holm", "verdict"]
+    joined = board.join(found[columns].rename(columns={"p_holm": "p_value"}), on="variant")
+    joined.loc[joined["variant"] == reference, "verdict"] = "reference"
+    joined["verdict"] = joined["verdict"].fillna("n/a")
+    return joined
 
 
 def _format(fmt: str, mean: float, std: float) -> str:
@@ -165,7 +186,7 @@ def _format(fmt: str, mean: float, std: float) -> str:
 
 
 def leaderboard_markdown(
-    board: pd.DataFrame, title: str = "", info: Info | None = None
+    board: pd.DataFrame, title: str = "", info: Info | None = None, primary: str | None = None
 ) -> str:
     """The leaderboard as Markdown: the headline metrics (as their evaluators declare them)
     as ``mean ± std``, the best value of each compared metric in bold, and ``≈`` beside
@@ -199,6 +220,11 @@ def leaderboard_markdown(
                 for c, v in zip(cells, values, strict=True)
             ]
         table[metric] = cells
+    if "verdict" in board:
+        fmt = info.get(primary, {}).get("fmt", "{:.3f}") if primary else "{:.3f}"
+        table["vs reference"] = [
+            _delta_cell(row, fmt.replace("{:", "{:+")) for _, row in board.iterrows()
+        ]
     body = table.to_markdown(index=False, disable_numparse=True)
     heading = f"## {title}\n\n" if title else ""
     note = (
@@ -207,7 +233,38 @@ def leaderboard_markdown(
     )
     if leaked.any():
         note += "†: pretrained on the test images too (`pretrain_sees_test`): optimistic.\n"
+    if "verdict" in board:
+        note += _comparison_note(board)
     return f"{heading}{body}\n{note}"
+
+
+def _delta_cell(row: pd.Series, fmt: str) -> str:
+    if row["verdict"] in ("reference", "n/a"):
+        return row["verdict"]
+    low, high = row["delta_ci95_low"], row["delta_ci95_high"]
+    interval = "" if pd.isna(low) else f" [{fmt.format(low)}, {fmt.format(high)}]"
+    return f"{fmt.format(row['delta'])}{interval} {row['verdict']}"
+
+
+def _comparison_note(board: pd.DataFrame) -> str:
+    """How the verdicts were reached, and whether these seeds could reach one at all."""
+    reference = board.loc[board["verdict"] == "reference", "variant"]
+    compared = board[~board["verdict"].isin(["reference", "n/a"])]
+    text = (
+        f"vs reference: mean paired difference to `{reference.iloc[0] if len(reference) else '?'}`"
+        " over seeds [95% bootstrap interval]; `better`/`worse` only when the interval excludes "
+        "0 and the Wilcoxon signed-rank p, Holm-corrected over the variants, is below 0.05.\n"
+    )
+    if len(compared):
+        pairs = int(board["seeds"].max())
+        needed = seeds_needed(len(compared))
+        if pairs < needed:
+            text += (
+                f"With {pairs} paired seeds no verdict can be reached: the exact Wilcoxon test "
+                f"needs at least {needed} seeds for {len(compared)} comparisons at 0.05 (Holm); "
+                "the intervals and win rates above are descriptive.\n"
+            )
+    return text
 
 
 def thresholds_markdown(tables: dict[str, pd.DataFrame]) -> str:
@@ -220,14 +277,30 @@ def thresholds_markdown(tables: dict[str, pd.DataFrame]) -> str:
     return "\n".join(parts)
 
 
+def default_reference(records: list[dict[str, Any]]) -> str | None:
+    """The first pretrained (non-baseline) variant: what the others are compared with."""
+    return next((r["variant"] for r in records if not r.get("baseline")), None)
+
+
 def write_leaderboard(
-    root: Path, records: list[dict[str, Any]], title: str, primary: str = "lp_acc"
+    root: Path,
+    records: list[dict[str, Any]],
+    title: str,
+    primary: str = "lp_acc",
+    reference: str | None = None,
 ) -> tuple[pd.DataFrame, str]:
-    """Write runs.csv, leaderboard.csv/.md and thresholds/ under ``root``; return the board
-    and its Markdown (without the threshold tables and the glossary)."""
+    """Write runs.csv, leaderboard.csv/.md, comparisons.csv (every variant against the
+    ``reference``, default :func:`default_reference`, on every metric) and thresholds/ under
+    ``root``; return the board and its Markdown (without threshold tables and glossary)."""
     runs = runs_table(records)
     info = metric_info(records)
-    board = leaderboard_table(runs, primary, info)
+    reference = reference or default_reference(records)
+    board = leaderboard_table(runs, primary, info, reference)
+    if reference is not None and not runs.empty:
+        metrics = [m for m in info if m in runs]
+        directions = {m: higher_is_better(m, info) for m in metrics}
+        comparisons = compare(runs, metrics, reference, directions)
+        atomic_write_text(root / "comparisons.csv", comparisons.to_csv(index=False))
     tables = {}
     store = CellStore(root)
     for record in records:
@@ -237,7 +310,7 @@ def write_leaderboard(
             name = f"{record['variant']}-seed{record['seed']}"
             tables[name] = table
             atomic_write_text(root / "thresholds" / f"{name}.csv", table.to_csv(index=False))
-    shown = leaderboard_markdown(board, title, info)
+    shown = leaderboard_markdown(board, title, info, primary)
     markdown = shown
     binary = {k: t for k, t in tables.items() if t["class"].nunique() == 1}
     if binary:

@@ -295,7 +295,8 @@ def render_report(root: Path, registry: Registry) -> list[Path]:
     store = CellStore(root)
     records = list(store.finished(suite_cells(record), repair=False).values())
     primary = record["resolved"].get("primary_metric", "lp_acc")
-    board, _ = write_leaderboard(root, records, title=record["name"], primary=primary)
+    reference = record["resolved"].get("reference")
+    board, _ = write_leaderboard(root, records, record["name"], primary, reference)
     if not records:
         return []
     out = root / "plots"

@@ -370,7 +370,11 @@ def run_suite(
     _write_suite_record(root, suite, cells)
     records = list(store.finished([_ids(c) for c in cells], repair=False).values())
     summary.leaderboard, summary.markdown = write_leaderboard(
-        root, records, title=suite.name, primary=suite.config.primary_metric
+        root,
+        records,
+        title=suite.name,
+        primary=suite.config.primary_metric,
+        reference=suite.config.reference,
     )
     return summary
 

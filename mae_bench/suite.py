@@ -196,6 +196,10 @@ class SuiteConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     primary_metric: str = "lp_acc"
+    reference: SafeName | None = Field(
+        default=None,
+        description="the variant every other is compared with (default: the first one)",
+    )
 
     @field_validator("variants")
     @classmethod
@@ -552,6 +556,13 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
         evaluators=_resolve_evaluators(registry, config.eval, source),
         warnings=tuple(warnings),
     )
+    if config.reference is not None and config.reference not in {v.name for v in variants}:
+        raise ConfigError(
+            "reference",
+            f"no variant named {config.reference!r}; variants: "
+            f"{', '.join(v.name for v in variants)}",
+            source,
+        )
     known = suite.metrics()
     if config.primary_metric not in known:
         raise ConfigError(

@@ -1,0 +1,74 @@
+"""Paired comparisons with few seeds, checked against hand-computed cases."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mae_bench.leaderboard import leaderboard_markdown, leaderboard_table
+from mae_bench.stats import compare, holm, paired, seeds_needed
+
+
+def test_exact_wilcoxon_bootstrap_and_win_rate_by_hand():
+    out = paired(np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6]), higher_is_better=True)
+    assert out["pairs"] == 6 and out["delta"] == pytest.approx(0.35)
+    assert out["p_value"] == pytest.approx(2 / 2**6)  # all six differences positive
+    assert out["prob_improve"] == 1.0
+    assert 0.1 <= out["delta_ci95_low"] < 0.35 < out["delta_ci95_high"] <= 0.6
+    mixed = paired(np.array([0.2, -0.1, 0.0]), higher_is_better=True)
+    assert mixed["prob_improve"] == pytest.approx((1 + 0 + 0.5) / 3)  # ties count half
+    lower = paired(np.array([-0.2, -0.1, -0.3]), higher_is_better=False)  # e.g. an error
+    assert lower["prob_improve"] == 1.0 and lower["p_value"] == pytest.approx(0.25)
+    assert math.isnan(paired(np.array([0.4]), True)["p_value"])
+
+
+def test_holm_and_the_seeds_a_verdict_needs():
+    assert holm([0.03125, 0.5]) == pytest.approx([0.0625, 0.5])
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(holm([float("nan"), 0.02])[0]) and holm([float("nan"), 0.02])[1] == 0.02
+    # exact two-sided Wilcoxon: smallest p is 2 / 2**n, which Holm multiplies by m
+    assert [seeds_needed(m) for m in (1, 2, 6)] == [6, 7, 8]
+    assert 2 / 2**6 < 0.05 <= 2 / 2**5
+
+
+def _runs(values: dict[str, list[float]]) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {"variant": v, "seed": s, "encoder": "e", "masking": "m", "loss": "l", "acc": x}
+            for v, xs in values.items()
+            for s, x in enumerate(xs)
+        ]
+    )
+
+
+def test_verdicts_need_both_the_interval_and_the_corrected_test():
+    ref = [0.50, 0.52, 0.51, 0.49, 0.50, 0.53, 0.48, 0.51]  # 8 seeds: 3 comparisons can pass
+    up = [0.1, 0.12, 0.09, 0.11, 0.1, 0.13, 0.1, 0.12]
+    jitter = [0.02, -0.03, 0.01, -0.01, 0.03, -0.02, 0.01, -0.02]
+    runs = _runs({
+        "ref": ref,
+        "clearly": [x + d for x, d in zip(ref, up, strict=True)],
+        "worse": [x - 0.05 - 0.01 * i for i, x in enumerate(ref)],
+        "noise": [x + d for x, d in zip(ref, jitter, strict=True)],
+    })  # fmt: skip
+    table = compare(runs, ["acc"], "ref", {"acc": True}).set_index("variant")
+    assert table.loc["clearly", "verdict"] == "better" and table.loc["worse", "verdict"] == "worse"
+    assert table.loc["noise", "verdict"] == "inconclusive"
+    assert table.loc["clearly", "p_holm"] == pytest.approx(3 * 2 / 2**8)  # Holm over 3
+    three = compare(_runs({"ref": ref[:3], "clearly": [x + 0.1 for x in ref[:3]]}), ["acc"],
+                    "ref", {"acc": True})  # fmt: skip
+    assert three["verdict"].tolist() == ["inconclusive"]  # 3 seeds: p >= 0.25, never < 0.05
+
+
+def test_leaderboard_shows_the_comparison_and_says_when_seeds_are_too_few():
+    info = {"acc": {"higher_is_better": True, "fmt": "{:.3f}", "headline": True}}
+    runs = _runs({"ref": [0.5, 0.6, 0.7], "b": [0.6, 0.7, 0.8]})
+    board = leaderboard_table(runs, "acc", info, reference="ref")
+    row = board.set_index("variant").loc["b"]
+    assert row["delta"] == pytest.approx(0.1) and row["verdict"] == "inconclusive"
+    assert row["prob_improve"] == 1.0 and row["p_value"] == pytest.approx(0.25)
+    assert board.set_index("variant").loc["ref", "verdict"] == "reference"
+    text = leaderboard_markdown(board, "t", info, "acc")
+    assert "+0.100 [+0.100, +0.100] inconclusive" in text
+    assert "the exact Wilcoxon test needs at least 6 seeds for 1 comparisons" in text
