@@ -16,7 +16,7 @@ import yaml
 
 from mae_bench import __version__
 from mae_bench.errors import MaeBenchWarning, UserError
-from mae_bench.plugins import KIND_PLURALS, load_registry
+from mae_bench.plugins import KIND_PLURALS, describe_params, load_registry
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -109,8 +109,9 @@ def run(
     from mae_bench.runner import run_suite
     from mae_bench.suite import load_suite
 
-    suite = load_suite(suite_file, load_registry(), overrides)
-    for warning in suite.warnings:
+    registry = load_registry()
+    suite = load_suite(suite_file, registry, overrides)
+    for warning in (*registry.problems(), *suite.warnings):
         _print_warning(warning)
     torch_device = resolve_device(device)
     check_memory(suite, torch_device)  # before anything is loaded or written
@@ -148,8 +149,9 @@ def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
     from mae_bench.memory import memory_problem
     from mae_bench.suite import load_suite
 
-    suite = load_suite(suite_file, load_registry(), overrides)
-    for warning in suite.warnings:
+    registry = load_registry()
+    suite = load_suite(suite_file, registry, overrides)
+    for warning in (*registry.problems(), *suite.warnings):
         _print_warning(warning)
     problem = memory_problem(suite, resolve_device("auto"))
     if problem:  # it may be run elsewhere: `run` refuses on the device it runs on
@@ -181,6 +183,9 @@ def plugins(as_json: bool) -> None:
                     KIND_PLURALS[kind]: [c.name for c in p.components if c.kind == kind]
                     for kind in KIND_PLURALS
                 },
+                "params": {
+                    f"{c.kind}:{c.name}": describe_params(c.cls.Params) for c in p.components
+                },
                 "errors": p.errors,
             }
             for p in registry.plugins
@@ -196,6 +201,8 @@ def plugins(as_json: bool) -> None:
             comps = [c for c in p.components if c.kind == kind]
             for c in comps:
                 click.echo(f"  {kind:9} {c.name:14} {c.description}")
+                for name, param in describe_params(c.cls.Params).items():
+                    click.echo(f"  {'':9} {'':14}   {name}: {param['type']} = {param['default']!r}")
         for error in p.errors:
             click.echo(click.style(f"  error: {error}", fg="red"))
 

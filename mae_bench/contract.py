@@ -50,11 +50,52 @@ class Params(BaseModel):
 # --------------------------------------------------------------------------- masking
 @dataclass(frozen=True)
 class Mask:
-    """Which patches each sample hides. ``mask`` is 1 where a patch is masked (hidden)."""
+    """Which patches each sample hides. ``mask`` is 1 where a patch is masked (hidden).
 
-    ids_keep: Tensor  # (B, K) indices of visible patches, in encoder order
-    ids_restore: Tensor  # (B, L) inverse permutation, to put tokens back in patch order
+    ``ids_keep`` lists the visible patches first in the order the encoder sees them;
+    ``ids_restore`` is the inverse of the permutation ``[visible..., masked...]``, so
+    gathering ``[visible tokens, mask tokens]`` with it restores patch order.
+    """
+
+    ids_keep: Tensor  # (B, K) int64 indices of visible patches, in encoder order
+    ids_restore: Tensor  # (B, L) int64 inverse permutation, to put tokens back in patch order
     mask: Tensor  # (B, L) float, 1 = masked, 0 = visible
+
+    def validate(self, batch_size: int, num_patches: int, full: bool = True) -> None:
+        """Raise ``ValueError`` saying what is wrong unless this is a consistent mask for
+        ``batch_size`` images of ``num_patches`` patches (``full``: check values too)."""
+        b, n = batch_size, num_patches
+        for name, t, dtypes in (
+            ("ids_keep", self.ids_keep, (torch.int64,)),
+            ("ids_restore", self.ids_restore, (torch.int64,)),
+            ("mask", self.mask, (torch.float32, torch.float16, torch.bfloat16, torch.float64)),
+        ):
+            if not isinstance(t, Tensor) or t.ndim != 2 or t.dtype not in dtypes:
+                shown = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t)
+                raise ValueError(f"Mask.{name} must be a 2-D {dtypes[0]} tensor, got {shown}")
+        k = self.ids_keep.shape[1]
+        if self.ids_keep.shape[0] != b or {self.ids_restore.shape, self.mask.shape} != {(b, n)}:
+            raise ValueError(
+                f"Mask shapes ids_keep {tuple(self.ids_keep.shape)}, ids_restore "
+                f"{tuple(self.ids_restore.shape)}, mask {tuple(self.mask.shape)} do not fit "
+                f"{b} images of {n} patches: expected (B, K), (B, L), (B, L)"
+            )
+        if not 0 < k <= n:
+            raise ValueError(f"Mask keeps {k} of {n} patches: at least one must stay visible")
+        if not full:
+            return
+        patches = torch.arange(n, device=self.ids_restore.device).expand(b, n)
+        if not torch.equal(self.ids_restore.sort(dim=1).values, patches):
+            raise ValueError("Mask.ids_restore is not a permutation of the patches in every row")
+        if not torch.all((self.mask == 0) | (self.mask == 1)) or not torch.all(
+            self.mask.sum(dim=1) == n - k
+        ):
+            raise ValueError(f"Mask.mask must hold exactly {n - k} ones (masked) per row")
+        if torch.any(self.mask.gather(1, self.ids_keep) != 0):
+            raise ValueError("Mask.ids_keep lists patches that Mask.mask marks as masked")
+        order = torch.argsort(self.ids_restore, dim=1)  # [visible..., masked...] in patch ids
+        if not torch.equal(order[:, :k], self.ids_keep):
+            raise ValueError("Mask.ids_restore does not put the ids_keep patches first")
 
 
 class MaskingStrategy(ABC):
@@ -71,19 +112,26 @@ class MaskingStrategy(ABC):
     def ratio_at(self, progress: float) -> float:
         """Mask ratio at ``progress`` (0 = start of pretraining, 1 = end)."""
 
+    def check_grid(self, grid: tuple[int, int]) -> None:
+        """Raise ``ValueError`` if this strategy cannot mask a ``(rows, cols)`` patch grid
+        (e.g. blocks larger than the grid); called at validation with each model's grid."""
+        return  # any grid: uniform masking fits every geometry
+
     def __call__(
         self,
         batch_size: int,
-        num_patches: int,
+        grid: tuple[int, int],
         *,
         progress: float = 1.0,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
     ) -> Mask:
-        """Draw a mask; the default hides a uniformly random subset of ``ratio_at(progress)``."""
+        """Draw masks for ``batch_size`` images of a ``(rows, cols)`` patch grid (patches in
+        row-major order); the default hides a uniformly random ``ratio_at(progress)``."""
         ids_keep, ids_restore, mask = random_mask(
-            batch_size, num_patches, self.ratio_at(progress), generator=generator, device=device
-        )
+            batch_size, grid[0] * grid[1], self.ratio_at(progress), generator=generator,
+            device=device,
+        )  # fmt: skip
         return Mask(ids_keep, ids_restore, mask)
 
     def summary(self) -> str:
@@ -141,6 +189,11 @@ class MaskedAutoencoder(nn.Module, ABC):
     def num_patches(self) -> int:
         """Patches per image."""
         return self.grid_size**2
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The patch grid, (rows, cols)."""
+        return self.grid_size, self.grid_size
 
     def forward_encoder(self, imgs: Tensor, ids_keep: Tensor) -> Tensor:
         """Encode only the patches ``ids_keep`` of ``imgs``: (B, prefix + K, D)."""
@@ -467,6 +520,7 @@ class EvalContext:
     seed: int
     baseline: bool  # a no-pretraining cell: the model is at its random init
     decoder_loss: Loss | None  # maps the model's predictions to pixels (reconstruction)
+    masking: MaskingStrategy | None  # the variant's own masking (None on baselines)
     mean_image: Tensor  # mean pretraining image in [0, 1] pixels, (C, H, W)
     thresholds: list[float]  # the suite's decision thresholds for threshold tables
 

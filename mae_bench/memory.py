@@ -34,7 +34,7 @@ def pretrain_step_bytes(variant: Variant, suite: Suite) -> int:
     weights = sum(_bytes(p) for p in model.parameters() if p.requires_grad)
     peak = 0
     for progress in (0.0, 1.0):  # a curriculum's lowest ratio keeps the most tokens
-        drawn = masking(len(x), model.num_patches, progress=progress)
+        drawn = masking(len(x), model.grid, progress=progress)
         mask = Mask(*(t.to("meta") for t in (drawn.ids_keep, drawn.ids_restore, drawn.mask)))
         saved = 0
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from types import ModuleType
+from typing import Any, Literal, get_args, get_origin
 
 import pluggy
-from pydantic import BaseModel
 
 from mae_bench import hookspecs
-from mae_bench.contract import COMPONENT_BASES
+from mae_bench.contract import COMPONENT_BASES, Params
 from mae_bench.errors import ConfigError
 
 ENV_VAR = "MAE_BENCH_PLUGINS"
@@ -48,6 +48,26 @@ RESERVED_KEYS = {
     "dataset": {"name", "image_size", "channels"},
     "evaluator": {"enabled"},
 }
+
+
+def describe_params(params: type[Params]) -> dict[str, dict[str, Any]]:
+    """Each parameter of a component: its type and default (``required`` if none)."""
+    out = {}
+    for name, field_info in params.model_fields.items():
+        annotation = field_info.annotation
+        if get_origin(annotation) is Literal:
+            kind = " | ".join(repr(a) for a in get_args(annotation))
+        elif isinstance(annotation, type):
+            kind = annotation.__name__
+        else:
+            kind = str(annotation).replace("typing.", "")
+        default = (
+            "required"
+            if field_info.is_required()
+            else field_info.get_default(call_default_factory=True)
+        )
+        out[name] = {"type": kind, "default": default, "description": field_info.description}
+    return out
 
 
 @dataclass(frozen=True)
@@ -101,7 +121,24 @@ class Registry:
             return self.components[kind][name]
         except KeyError:
             known = ", ".join(self.names(kind)) or "none (no plugin loaded)"
-            raise ConfigError(field_path, f"unknown {kind} {name!r}; known: {known}") from None
+            broken = [p.distribution for p in self.plugins if p.errors]
+            hint = (
+                f" (plugins with errors, one may provide it: {', '.join(sorted(set(broken)))};"
+                " see `mae-bench plugins`)"
+                if broken
+                else ""
+            )
+            raise ConfigError(
+                field_path, f"unknown {kind} {name!r}; known: {known}{hint}"
+            ) from None
+
+    def problems(self) -> list[str]:
+        """Every plugin's load or registration error, one line each (for warnings)."""
+        return [
+            f"plugin {p.distribution} ({p.name}): {error}"
+            for p in self.plugins
+            for error in p.errors
+        ]
 
 
 def _check_component(kind: str, cls: object) -> str | None:
@@ -113,8 +150,11 @@ def _check_component(kind: str, cls: object) -> str | None:
     if not isinstance(name, str) or not _NAME.match(name):
         return f"{cls.__name__}.name must be a lowercase name like 'my-loss', got {name!r}"
     params = getattr(cls, "Params", None)
-    if not (isinstance(params, type) and issubclass(params, BaseModel)):
-        return f"{cls.__name__}.Params must be a pydantic model"
+    if not (isinstance(params, type) and issubclass(params, Params)):
+        return (
+            f"{cls.__name__}.Params must subclass mae_bench.Params (which refuses unknown "
+            "keys, so a misspelt parameter is an error, not silently dropped)"
+        )
     clash = sorted(RESERVED_KEYS[kind] & set(params.model_fields))
     if clash:
         return f"{cls.__name__}.Params uses reserved key(s) {', '.join(clash)}"

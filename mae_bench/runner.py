@@ -248,6 +248,7 @@ def evaluate_cell(
         seed=cell.seed,
         baseline=cell.variant.baseline,
         decoder_loss=cell.variant.decoder_loss(),
+        masking=None if cell.variant.baseline else cell.variant.build_masking(),
         mean_image=mean_image,
         thresholds=suite.config.eval.thresholds.values(),
     )

@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -480,6 +481,10 @@ def _validation_error(exc: ValidationError, prefix: str, source: str) -> ConfigE
     return error
 
 
+def _check_masking(variant: Variant, grid: tuple[int, int]) -> None:
+    variant.build_masking().check_grid(grid)
+
+
 def _lookup(registry: Registry, kind: str, name: str, path: str, source: str) -> Any:
     try:
         return registry.get(kind, name, path)
@@ -523,7 +528,7 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
         except ValueError as exc:
             raise ConfigError(f"{path}.encoder", str(exc), source) from None
         builders = (
-            ("masking", variant.build_masking),
+            ("masking", partial(_check_masking, variant, model.grid)),
             ("loss", variant.build_losses),
             ("loss", variant.decoder_loss),
         )

@@ -94,6 +94,33 @@ def train_step(
     return loss.detach(), terms
 
 
+def draw_mask(
+    masking: MaskingStrategy,
+    batch_size: int,
+    model: MaskedAutoencoder,
+    progress: float,
+    generator: torch.Generator | None,
+    *,
+    full_check: bool = True,
+) -> Mask:
+    """A masking strategy's masks for a batch, checked: shapes always, values (which need a
+    device sync) when ``full_check``; a bad mask is a ``ValueError`` naming the strategy."""
+    device = next(model.parameters()).device
+    mask = masking(batch_size, model.grid, progress=progress, generator=generator, device=device)
+    try:
+        if not isinstance(mask, Mask):
+            raise ValueError(f"returned a {type(mask).__name__}, not a mae_bench.Mask")
+        # values are checked where they exist (the meta device, used to plan memory, has none)
+        mask.validate(batch_size, model.num_patches, full=full_check and not mask.mask.is_meta)
+    except ValueError as exc:
+        cls = type(masking)
+        raise ValueError(
+            f"masking {masking.name!r} ({cls.__module__}.{cls.__name__}) returned an invalid "
+            f"mask for {batch_size} images of a {model.grid[0]}x{model.grid[1]} patch grid: {exc}"
+        ) from None
+    return mask
+
+
 def pretrain(
     model: MaskedAutoencoder,
     images: Tensor,
@@ -127,9 +154,7 @@ def pretrain(
                 group["lr"] = lr_at(step, total, warmup, cfg)
             x = feeder(images[idx], cfg.augment, aug_gen)
             progress = step / total
-            mask = masking(
-                len(x), model.num_patches, progress=progress, generator=mask_gen, device=device
-            )
+            mask = draw_mask(masking, len(x), model, progress, mask_gen, full_check=step == 0)
             loss, terms = train_step(model, x, mask, losses, optimizer, cfg.grad_clip)
             step += 1
             result.images_seen += len(x)

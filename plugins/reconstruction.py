@@ -3,7 +3,7 @@ images, with a fixed-seed stratified sample and fixed-seed masks shared by every
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, PositiveInt
@@ -26,10 +26,13 @@ from mae_bench.layers import masked_laplacian_error, patch_mask_to_pixels
 
 
 class ReconstructionParams(Params):
-    """PSNR of held-out reconstructions: ``num_images`` (a stratified sample), masks drawn at
-    ``mask_ratio`` from ``mask_seed``."""
+    """PSNR of held-out reconstructions on ``num_images`` (a stratified sample). ``masks``:
+    ``random`` (default) masks a uniformly random ``mask_ratio`` drawn from ``mask_seed``,
+    the same masks for every variant; ``variant`` uses each variant's own masking strategy
+    (at the end of its schedule), drawn from the same seed."""
 
     num_images: PositiveInt = 512
+    masks: Literal["random", "variant"] = "random"
     mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.75
     mask_seed: Seed = 0
     batch_size: PositiveInt = 256
@@ -48,6 +51,7 @@ def reconstruction_quality(
     *,
     decoder_loss: Loss | None,
     mean_image: Tensor,
+    masks: Mask | None = None,
 ) -> dict[str, float]:
     """Reconstruction quality on held-out images, pixels in [0, 1], means over images.
 
@@ -63,7 +67,8 @@ def reconstruction_quality(
     predicting the mean training image, a floor every useful model must clear.
     """
     model.eval()
-    masks = fixed_masks(len(images), model.num_patches, cfg.mask_ratio, cfg.mask_seed)
+    if masks is None:
+        masks = fixed_masks(len(images), model.num_patches, cfg.mask_ratio, cfg.mask_seed)
     p = model.patch_size
     psnr_model, psnr_mean, psnr_full, hf_error = [], [], [], []
     for idx in index_batches(len(images), cfg.batch_size):
@@ -114,9 +119,14 @@ class ReconstructionEvaluator(Evaluator):
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         p = self.params
         sample = evaluation_sample(ctx.data.test_labels, p.num_images, p.mask_seed)
+        masks = None
+        if p.masks == "variant" and ctx.masking is not None:
+            generator = torch.Generator().manual_seed(p.mask_seed)
+            masks = ctx.masking(len(sample), ctx.model.grid, progress=1.0, generator=generator)
+            masks.validate(len(sample), ctx.model.num_patches)
         scores = reconstruction_quality(
             ctx.model, ctx.data.test_images[sample], ctx.feeder, p,
-            decoder_loss=ctx.decoder_loss, mean_image=ctx.mean_image,
+            decoder_loss=ctx.decoder_loss, mean_image=ctx.mean_image, masks=masks,
         )  # fmt: skip
         return EvalResult(scores)
 

@@ -162,3 +162,46 @@ def test_env_var_restricts_loading(fake_site, fresh_registry, monkeypatch):
     assert invoke("plugins").stdout.strip() == "no plugins loaded"
     result = invoke("validate", str(ROOT / "suites" / "tiny.yaml"))
     assert result.exit_code == 2 and "none (no plugin loaded)" in result.stderr
+
+
+def test_plugin_problems_are_warned_in_validate_and_run_and_hint_unknown_names(fake_site):
+    env = {"PYTHONPATH": str(fake_site)}
+    suite = ROOT / "suites" / "tiny.yaml"
+    result = run_cli("validate", str(suite), env=env)
+    assert result.returncode == 0
+    assert "warning: plugin broken-plugin (broken_plugin): failed to load" in result.stderr
+    assert "warning: plugin dup-plugin (dup_plugin): loss 'mse' is already registered" in (
+        result.stderr
+    )
+    missing = run_cli("validate", str(suite), "--set", "variants.0.masking=block", env=env)
+    assert missing.returncode == 2 and "unknown masking 'block'" in missing.stderr
+    assert "plugins with errors, one may provide it: broken-plugin, dup-plugin" in missing.stderr
+
+
+def test_params_must_subclass_mae_bench_params(registry):
+    from pydantic import BaseModel
+
+    mse = registry.components["loss"]["mse"].cls
+
+    class LooseParams(BaseModel):  # silently drops misspelt keys
+        eps: float = 1.0
+
+    class Loose(mse):
+        name = "loose"
+        Params = LooseParams
+
+    module = _Module(register_losses=lambda register: register(Loose))
+    reg = build_registry([(_info("loose"), lambda: module)])
+    assert "Params must subclass mae_bench.Params" in reg.plugins[0].errors[0]
+    assert reg.names("loss") == []
+
+
+def test_plugins_command_lists_each_components_parameters():
+    out = invoke("plugins").stdout
+    assert "schedule: 'linear' | 'cosine' = 'linear'" in out and "k: int = 20" in out
+    data = json.loads(invoke("plugins", "--json").stdout)
+    params = {k: v for p in data for k, v in p["params"].items()}
+    assert params["masking:curriculum"]["start"] == {
+        "type": "float", "default": 0.5, "description": None
+    }  # fmt: skip
+    assert params["evaluator:knn"]["k"]["default"] == 20

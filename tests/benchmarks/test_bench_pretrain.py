@@ -34,7 +34,7 @@ def test_pretrain_step(benchmark, quick, variant):
 
     def step() -> float:
         x = feeder(batch)
-        mask = masking(len(x), model.num_patches, progress=0.5, generator=generator)
+        mask = masking(len(x), model.grid, progress=0.5, generator=generator)
         loss, _ = train_step(model, x, mask, losses, optimizer)
         return loss.item()
 
