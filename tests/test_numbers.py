@@ -88,7 +88,7 @@ def test_every_cell_runs_its_model_on_the_feeders_device(registry, device_checke
     assert [c.variant.baseline for c in cells] == [False, False, True, True]
     mean_image = cpu_feeder.mean_image(data.pretrain)
     for cell in cells:
-        with pytest.raises((NotImplementedError, RuntimeError), match="(?i)meta"):
+        with pytest.raises((NotImplementedError, RuntimeError), match=r"(?i)meta"):
             pre = pretrain_cell(cell, suite, data, feeder, display)
             evaluate_cell(cell, suite, data, feeder, pre.model, mean_image, list(cell.evaluations))
     assert device_checker.mismatches == []
@@ -101,7 +101,7 @@ def test_finetuning_head_follows_the_encoders_device(registry, device_checker):
     cpu_feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=CPU)
     feeder = dataclasses.replace(cpu_feeder, device=torch.device("meta"))
     model = suite.variants[1].build_model(16, 3).to("meta")  # as the runner places it
-    with pytest.raises((NotImplementedError, RuntimeError), match="(?i)meta"):
+    with pytest.raises((NotImplementedError, RuntimeError), match=r"(?i)meta"):
         finetune(model, data, feeder, FinetuneParams(epochs=1), seed=0)
     assert device_checker.mismatches == [] and device_checker.input_devices == {"meta"}
 
