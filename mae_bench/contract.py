@@ -490,6 +490,7 @@ class Metric:
     headline: bool = False  # a column of the Markdown leaderboard
     summary: str | None = None  # an unprefixed summary column it can fill (e.g. "f1_macro")
     compare: bool = True  # its best value is marked in leaderboards
+    flag: str | None = None  # a 0/1 metric: variants below 1 are marked, with this note
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data, stored with each result so tables render without the plugin."""
@@ -500,6 +501,7 @@ class Metric:
             "headline": self.headline,
             "summary": self.summary,
             "compare": self.compare,
+            "flag": self.flag,
         }
 
 

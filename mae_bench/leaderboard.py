@@ -206,6 +206,17 @@ def leaderboard_markdown(
         f"{name} †" if leak else name
         for name, leak in zip(table["variant"], leaked, strict=True)
     ]
+    flags = []  # 0/1 metrics whose evaluator asks to mark the variants below 1
+    for metric, described in info.items():
+        if described.get("flag") and metric in board:
+            below = board[metric] < 1
+            if below.any():
+                mark = "‡" * (len(flags) + 1)
+                flags.append(f"{mark}: {described['flag']} (`{metric}` < 1).")
+                table["variant"] = [
+                    f"{name} {mark}" if hit else name
+                    for name, hit in zip(table["variant"], below, strict=True)
+                ]
     for metric in shown:
         fmt = info[metric].get("fmt", "{:.4g}")
         cells = [
@@ -233,6 +244,7 @@ def leaderboard_markdown(
     )
     if leaked.any():
         note += "†: pretrained on the test images too (`pretrain_sees_test`): optimistic.\n"
+    note += "".join(f"{flag}\n" for flag in flags)
     if "verdict" in board:
         note += _comparison_note(board)
     return f"{heading}{body}\n{note}"

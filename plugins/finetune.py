@@ -39,6 +39,15 @@ class FinetuneParams(Params):
     label_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
     pool: Literal["cls", "mean"] = "mean"
     eval_every: PositiveInt = 1  # epochs between test-set scores in the per-epoch history
+    steps: PositiveInt | None = None  # a budget in optimizer steps (overrides epochs)
+    scratch_epochs: PositiveInt | None = None  # the scratch baseline's own budget
+    scratch_steps: PositiveInt | None = None
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.2  # of the labelled subset
+    converge_tolerance: NonNegativeFloat = 0.01
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    mixup: NonNegativeFloat = 0.0  # timm Mixup alpha (0: off)
+    cutmix: NonNegativeFloat = 0.0  # timm CutMix alpha (0: off)
+    randaugment: bool = False  # torchvision RandAugment (2 ops, magnitude 9) per image
 
 
 class Classifier(nn.Module):
@@ -97,6 +106,58 @@ def predict(classifier: Classifier, images, feeder: ImageFeeder, batch_size: int
     return torch.cat(out)
 
 
+def split_validation(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Positions (train, validation) of a stratified ``fraction`` held out of ``labels``,
+    at least one image per class when it can; no validation when ``fraction`` is 0."""
+    positions = torch.arange(len(labels))
+    if fraction <= 0:
+        return positions, positions[:0]
+    from sklearn.model_selection import train_test_split
+
+    y = labels.numpy()
+    n_val = max(round(fraction * len(y)), len(np.unique(y)))
+    try:
+        train, val = train_test_split(positions.numpy(), test_size=n_val, stratify=y,
+                                      random_state=seed)  # fmt: skip
+    except ValueError:  # too few images to stratify: a plain split
+        order = np.random.default_rng(seed).permutation(len(y))
+        train, val = order[n_val:], order[:n_val]
+    return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(val))
+
+
+def still_rising(scores: list[float], tolerance: float) -> bool | None:
+    """True when the held-out score is still climbing at the end: the mean of the last
+    quarter of the evaluations beats the quarter before it by more than ``tolerance``
+    (None with fewer than 4 evaluations)."""
+    if len(scores) < 4:
+        return None
+    q = max(1, len(scores) // 4)
+    return float(np.mean(scores[-q:])) - float(np.mean(scores[-2 * q : -q])) > tolerance
+
+
+def _augmenter(cfg: FinetuneParams, num_classes: int):
+    """timm's Mixup/CutMix (with label smoothing) on batches, or None."""
+    if not (cfg.mixup or cfg.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                 label_smoothing=cfg.label_smoothing, num_classes=num_classes)  # fmt: skip
+
+
+def _randaugment(images: Tensor, generator: torch.Generator) -> Tensor:
+    """torchvision's RandAugment (2 ops, magnitude 9) on each uint8 image of a batch."""
+    from torchvision.transforms import v2
+
+    augment = v2.RandAugment(num_ops=2, magnitude=9)
+    state = torch.get_rng_state()
+    torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+    try:
+        return torch.stack([augment(img) for img in images])
+    finally:
+        torch.set_rng_state(state)
+
+
 def finetune(
     model: MaskedAutoencoder,
     data: ImageData,
@@ -104,51 +165,97 @@ def finetune(
     cfg: FinetuneParams,
     *,
     seed: int,
+    baseline: bool = False,
 ) -> tuple[dict[str, float], list[dict[str, float]], Tensor]:
     """Fine-tune a copy of ``model``'s encoder (on ``feeder.device``) on a label fraction;
     returns (ft_* metrics, history, test probs); ``model`` itself is left untouched.
 
-    The history has the training loss and the test accuracy and macro F1 after every epoch.
+    ``val_fraction`` of the labelled subset is held out: the checkpoint kept is the epoch
+    with the best validation accuracy (never chosen on the test set), and ``ft_converged``
+    is 0 when validation accuracy was still rising at the end of the budget. The budget is
+    ``steps`` or ``epochs`` (``scratch_steps``/``scratch_epochs`` for a ``baseline`` cell
+    trained from scratch). The history has the training loss, the validation accuracy, and
+    the test accuracy and macro F1 every ``eval_every`` epochs (for curves only).
     """
     device = feeder.device
     torch.manual_seed(seed)
     subset = label_subset(data.train_labels, cfg.label_fraction, seed)
-    images, labels = data.train_images[subset], data.train_labels[subset]
+    fit, val = split_validation(data.train_labels[subset], cfg.val_fraction, seed)
+    images, labels = data.train_images[subset[fit]], data.train_labels[subset[fit]]
+    val_images, val_labels = data.train_images[subset[val]], data.train_labels[subset[val]]
     classifier = Classifier(model, data.num_classes, cfg.pool)
     classifier.model.set_drop_path(cfg.drop_path)
     groups = classifier.param_groups(cfg.weight_decay, cfg.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, **optimizer_options(device))
     bs = min(cfg.batch_size, len(images))
     steps_per_epoch = math.ceil(len(images) / bs)
-    total, warmup = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
+    if baseline and (cfg.scratch_steps or cfg.scratch_epochs):  # scratch's own budget
+        steps, epochs = cfg.scratch_steps, cfg.scratch_epochs or cfg.epochs
+    else:
+        steps, epochs = cfg.steps, cfg.epochs
+    if steps:
+        epochs = math.ceil(steps / steps_per_epoch)
+    total, warmup = steps_per_epoch * epochs, round(cfg.warmup_epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
-    history, step = [], 0
+    mixer = _augmenter(cfg, data.num_classes)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    history, step, val_scores = [], 0, []
+    best: tuple[float, int, dict[str, Tensor]] | None = None
     test_y = data.test_labels.numpy()
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         classifier.train()
         total_loss = torch.zeros((), device=device)
         for idx in index_batches(len(images), bs, generator=generator):
             lr = lr_at(step, total, warmup, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            x, y = feeder(images[idx]), labels[idx].to(device)
-            with autocast(device):
-                logits = classifier(x)
-            loss = loss_fn(logits.float(), y)
+            batch = images[idx]
+            if cfg.randaugment:
+                batch = _randaugment(batch, generator)
+            x, y = feeder(batch), labels[idx].to(device)
+            if mixer is not None and len(x) % 2 == 0:
+                x, soft = mixer(x, y)
+                with autocast(device):
+                    logits = classifier(x)
+                loss = torch.sum(-soft * logits.float().log_softmax(dim=-1), dim=-1).mean()
+            else:
+                with autocast(device):
+                    logits = classifier(x)
+                loss = loss_fn(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total_loss += loss.detach()
             step += 1
-        row = {"epoch": epoch + 1, "loss": float(total_loss) / steps_per_epoch}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            probs = predict(classifier, data.test_images, feeder)
-            scores = classification_metrics(test_y, probs.numpy())
+        row: dict[str, float] = {"epoch": epoch + 1, "loss": float(total_loss) / steps_per_epoch}
+        if len(val_labels):
+            val_acc = float((predict(classifier, val_images, feeder).argmax(1) == val_labels)
+                            .float().mean())  # fmt: skip
+            val_scores.append(val_acc)
+            row["val_acc"] = val_acc
+            if best is None or val_acc > best[0]:
+                weights = {k: v.detach().clone() for k, v in classifier.state_dict().items()}
+                best = (val_acc, epoch + 1, weights)
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
+            scores = classification_metrics(test_y, predict(classifier, data.test_images,
+                                                            feeder).numpy())  # fmt: skip
             row.update(test_acc=scores["acc"], test_f1_macro=scores["f1_macro"])
         history.append(row)
+    chosen = epochs
+    if best is not None:
+        classifier.load_state_dict(best[2])
+        chosen = best[1]
+    probs = predict(classifier, data.test_images, feeder)
     metrics = classification_metrics(test_y, probs.numpy(), "ft_")
-    metrics["ft_train_images"] = float(len(images))
+    rising = still_rising(val_scores, cfg.converge_tolerance)
+    metrics.update(
+        ft_train_images=float(len(images)),
+        ft_val_images=float(len(val_labels)),
+        ft_val_acc=best[0] if best is not None else float("nan"),
+        ft_epoch=float(chosen),
+        ft_epochs=float(epochs),
+        ft_converged=float("nan") if rising is None else float(not rising),
+    )
     return metrics, history, probs
 
 
@@ -164,11 +271,26 @@ class FinetuneEvaluator(Evaluator):
         return {
             **classification_metric_info("ft_", "the fine-tuned model", ("acc", "f1_macro")),
             "ft_train_images": Metric("labelled images fine-tuned on", fmt="{:.0f}"),
+            "ft_val_images": Metric("labelled images held out to choose the epoch", fmt="{:.0f}"),
+            "ft_val_acc": Metric("best validation accuracy (the epoch kept)"),
+            "ft_epoch": Metric(
+                "epoch kept (best validation accuracy)", fmt="{:.0f}", compare=False
+            ),
+            "ft_epochs": Metric("epochs trained", fmt="{:.0f}", compare=False),
+            "ft_converged": Metric(
+                "1 when validation accuracy had stopped rising at the end of the budget",
+                fmt="{:.2f}",
+                compare=False,
+                flag="fine-tuning still improving on its validation split at the end of its "
+                "budget: not converged, give it more epochs",
+            ),
         }
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         data, p = ctx.data, self.params
-        scores, history, probs = finetune(ctx.model, data, ctx.feeder, p, seed=ctx.seed)
+        scores, history, probs = finetune(
+            ctx.model, data, ctx.feeder, p, seed=ctx.seed, baseline=ctx.baseline
+        )
         return EvalResult(
             scores,
             tables={"finetune": pd.DataFrame(history)},
