@@ -172,7 +172,7 @@ def _with_comparison(
     columns = ["delta", "delta_ci95_low", "delta_ci95_high", "prob_improve", "p_holm", "verdict"]
     joined = board.join(found[columns].rename(columns={"p_holm": "p_value"}), on="variant")
     joined.loc[joined["variant"] == reference, "verdict"] = "reference"
-    joined["verdict"] = joined["verdict"].fillna("n/a")
+    joined["verdict"] = joined["verdict"].fillna("not compared")
     return joined
 
 
@@ -251,7 +251,7 @@ def leaderboard_markdown(
 
 
 def _delta_cell(row: pd.Series, fmt: str) -> str:
-    if row["verdict"] in ("reference", "n/a"):
+    if row["verdict"] in ("reference", "not compared"):
         return row["verdict"]
     low, high = row["delta_ci95_low"], row["delta_ci95_high"]
     interval = "" if pd.isna(low) else f" [{fmt.format(low)}, {fmt.format(high)}]"
@@ -261,7 +261,7 @@ def _delta_cell(row: pd.Series, fmt: str) -> str:
 def _comparison_note(board: pd.DataFrame) -> str:
     """How the verdicts were reached, and whether these seeds could reach one at all."""
     reference = board.loc[board["verdict"] == "reference", "variant"]
-    compared = board[~board["verdict"].isin(["reference", "n/a"])]
+    compared = board[~board["verdict"].isin(["reference", "not compared"])]
     text = (
         f"vs reference: mean paired difference to `{reference.iloc[0] if len(reference) else '?'}`"
         " over seeds [95% bootstrap interval]; `better`/`worse` only when the interval excludes "

@@ -107,15 +107,16 @@ def predict(classifier: Classifier, images, feeder: ImageFeeder, batch_size: int
 
 
 def split_validation(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Positions (train, validation) of a stratified ``fraction`` held out of ``labels``,
-    at least one image per class when it can; no validation when ``fraction`` is 0."""
+    """Positions (train, validation) of a ``fraction`` held out of ``labels``, stratified
+    when every class can give one; no validation when ``fraction`` is 0 or the subset is too
+    small to spare an image."""
     positions = torch.arange(len(labels))
-    if fraction <= 0:
+    y = labels.numpy()
+    n_val = round(fraction * len(y))
+    if n_val < 1 or len(y) - n_val < 1:
         return positions, positions[:0]
     from sklearn.model_selection import train_test_split
 
-    y = labels.numpy()
-    n_val = max(round(fraction * len(y)), len(np.unique(y)))
     try:
         train, val = train_test_split(positions.numpy(), test_size=n_val, stratify=y,
                                       random_state=seed)  # fmt: skip
@@ -126,13 +127,13 @@ def split_validation(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor
 
 
 def still_rising(scores: list[float], tolerance: float) -> bool | None:
-    """True when the held-out score is still climbing at the end: the mean of the last
-    quarter of the evaluations beats the quarter before it by more than ``tolerance``
-    (None with fewer than 4 evaluations)."""
+    """True when the held-out score is still climbing at the end: the best of the last
+    quarter of the evaluations beats the best before it by more than ``tolerance`` (None
+    with fewer than 4 evaluations)."""
     if len(scores) < 4:
         return None
     q = max(1, len(scores) // 4)
-    return float(np.mean(scores[-q:])) - float(np.mean(scores[-2 * q : -q])) > tolerance
+    return max(scores[-q:]) - max(scores[:-q]) > tolerance
 
 
 def _augmenter(cfg: FinetuneParams, num_classes: int):
@@ -247,7 +248,9 @@ def finetune(
         chosen = best[1]
     probs = predict(classifier, data.test_images, feeder)
     metrics = classification_metrics(test_y, probs.numpy(), "ft_")
-    rising = still_rising(val_scores, cfg.converge_tolerance)
+    # a gain counts only above the tolerance and one more validation image right
+    tolerance = max(cfg.converge_tolerance, 1.0 / max(1, len(val_labels)))
+    rising = still_rising(val_scores, tolerance)
     metrics.update(
         ft_train_images=float(len(images)),
         ft_val_images=float(len(val_labels)),

@@ -2,10 +2,18 @@
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
-from mae_bench_plugins.finetune import Classifier, FinetuneParams, finetune, label_subset
+from mae_bench_plugins.finetune import (
+    Classifier,
+    FinetuneParams,
+    finetune,
+    label_subset,
+    split_validation,
+    still_rising,
+)
 from safetensors.torch import load_file
 from timm.layers import DropPath
 
@@ -88,15 +96,45 @@ def test_finetune_learns_from_few_labels(registry):
     )
     metrics, history, probs = finetune(model, data, feeder, cfg, seed=0)
     assert metrics["ft_acc"] > 0.4  # chance: 0.1
-    assert metrics["ft_train_images"] == pytest.approx(431, abs=1)
+    assert metrics["ft_train_images"] + metrics["ft_val_images"] == pytest.approx(431, abs=1)
+    assert metrics["ft_val_images"] == pytest.approx(0.2 * 431, abs=1)
     assert [h["epoch"] for h in history] == list(range(1, 13))
     assert [h["epoch"] for h in history if "test_acc" in h] == [4, 8, 12]
-    assert history[-1]["test_acc"] == pytest.approx(metrics["ft_acc"])
-    assert (
-        history[-1]["test_acc"] > history[3]["test_acc"]
-        and history[-1]["loss"] < history[0]["loss"]
-    )
+    assert all("val_acc" in h for h in history)
+    # the checkpoint kept is the best validation epoch (never chosen on the test set)
+    kept = int(metrics["ft_epoch"])
+    assert history[kept - 1]["val_acc"] == max(h["val_acc"] for h in history)
+    assert metrics["ft_val_acc"] == history[kept - 1]["val_acc"] and metrics["ft_epochs"] == 12
+    assert metrics["ft_converged"] in (0.0, 1.0)
+    assert history[-1]["test_acc"] > history[3]["test_acc"]
+    assert history[-1]["loss"] < history[0]["loss"]
     assert probs.shape == (len(data.test_labels), 10)
+
+
+def test_validation_split_and_convergence_rule():
+    labels = torch.arange(4).repeat_interleave(10)
+    fit, val = split_validation(labels, 0.2, seed=0)
+    assert len(val) == 8 and torch.bincount(labels[val]).tolist() == [2, 2, 2, 2]
+    assert set(fit.tolist()).isdisjoint(val.tolist()) and len(fit) + len(val) == 40
+    assert len(split_validation(labels, 0.0, seed=0)[1]) == 0
+    assert still_rising([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], 0.01) is True
+    assert still_rising([0.5, 0.7, 0.8, 0.8, 0.81, 0.8, 0.8, 0.8], 0.01) is False
+    assert still_rising([0.5, 0.6], 0.01) is None
+
+
+def test_budgets_scratch_and_regularisers(registry):
+    suite = resolve_suite(tiny_suite_data(), registry)
+    data = suite.build_dataset().load()
+    feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=torch.device("cpu"))
+    model = suite.variants[0].build_model(16, 3)
+    cfg = FinetuneParams(epochs=2, steps=9, scratch_epochs=5, batch_size=16, label_fraction=0.5,
+                         val_fraction=0.25, label_smoothing=0.1, mixup=0.8, cutmix=1.0,
+                         randaugment=True)  # fmt: skip
+    metrics, history, _ = finetune(model, data, feeder, cfg, seed=0)
+    assert metrics["ft_epochs"] == 3 and len(history) == 3  # 9 steps, 48 images in 3 batches
+    scratch, _, _ = finetune(model, data, feeder, cfg, seed=0, baseline=True)
+    assert scratch["ft_epochs"] == 5  # the scratch baseline's own budget
+    assert all(np.isfinite(h["loss"]) for h in history) and 0 <= metrics["ft_acc"] <= 1
 
 
 def test_baseline_cells_skip_pretraining_in_their_key(registry):

@@ -72,3 +72,15 @@ def test_leaderboard_shows_the_comparison_and_says_when_seeds_are_too_few():
     text = leaderboard_markdown(board, "t", info, "acc")
     assert "+0.100 [+0.100, +0.100] inconclusive" in text
     assert "the exact Wilcoxon test needs at least 6 seeds for 1 comparisons" in text
+
+
+def test_a_flagged_metric_below_one_marks_the_variant():
+    info = {
+        "acc": {"higher_is_better": True, "fmt": "{:.3f}", "headline": True},
+        "converged": {"compare": False, "flag": "still improving at the end"},
+    }
+    runs = _runs({"a": [0.5, 0.6], "b": [0.6, 0.7]})
+    runs["converged"] = [1.0, 1.0, 0.0, 1.0]
+    text = leaderboard_markdown(leaderboard_table(runs, "acc", info), "t", info, "acc")
+    assert "| b ‡" in text and "| a ‡" not in text
+    assert "‡: still improving at the end (`converged` < 1)." in text
