@@ -93,6 +93,13 @@ def cli() -> None:
     help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.",
 )
 @click.option(
+    "--logger",
+    "loggers",
+    multiple=True,
+    metavar="NAME",
+    help="Add a logger plugin to the suite's own (e.g. tensorboard, wandb); repeatable.",
+)
+@click.option(
     "--replace",
     is_flag=True,
     help="If OUT/<suite name>/ holds another suite's results, move them aside instead of "
@@ -101,7 +108,12 @@ def cli() -> None:
 @set_option
 @_user_errors
 def run(
-    suite_file: str, out_dir: str, device: str, replace: bool, overrides: tuple[str, ...]
+    suite_file: str,
+    out_dir: str,
+    device: str,
+    loggers: tuple[str, ...],
+    replace: bool,
+    overrides: tuple[str, ...],
 ) -> None:
     """Run a suite: pretrain and evaluate every (variant, seed) cell not yet finished."""
     from mae_bench.device import resolve_device
@@ -110,7 +122,7 @@ def run(
     from mae_bench.suite import load_suite
 
     registry = load_registry()
-    suite = load_suite(suite_file, registry, overrides)
+    suite = load_suite(suite_file, registry, overrides, loggers)
     for warning in (*registry.problems(), *suite.warnings):
         _print_warning(warning)
     torch_device = resolve_device(device)

@@ -574,10 +574,51 @@ class Evaluator(ABC):
         return self.name
 
 
+# --------------------------------------------------------------------------- loggers
+class Logger:
+    """Observes a run (TensorBoard, Weights & Biases, ...): told of the run's start, each
+    cell, each pretraining epoch, each evaluation and the end. Every method is optional.
+
+    Raise ``ValueError`` in the constructor when the logger cannot work (a missing package):
+    validation reports it against the suite's ``loggers`` entry before anything runs. An
+    exception in a method is reported once and that logger is switched off; the run goes on.
+    """
+
+    kind: ClassVar[str] = "logger"
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def start_run(self, suite: str, root: Any, config: dict[str, Any]) -> None:
+        """A suite run starts, writing under ``root`` (a ``pathlib.Path``)."""
+
+    def start_cell(self, cell_id: str, config: dict[str, Any]) -> None:
+        """A cell starts: its id and resolved config."""
+
+    def log_epoch(self, cell_id: str, epoch: int, row: dict[str, float]) -> None:
+        """One pretraining epoch of a cell: its loss terms, mask ratio and learning rate."""
+
+    def log_evaluation(self, cell_id: str, evaluator: str, metrics: dict[str, float]) -> None:
+        """One evaluation of a cell finished with these metrics."""
+
+    def end_cell(self, cell_id: str, metrics: dict[str, float]) -> None:
+        """A cell finished, with all its metrics."""
+
+    def end_run(self) -> None:
+        """The run ends (also after a failure or an interruption)."""
+
+    def summary(self) -> str:
+        """Short human-readable description."""
+        return self.name
+
+
 COMPONENT_BASES: dict[str, type] = {
     "encoder": MaskedAutoencoder,
     "masking": MaskingStrategy,
     "loss": Loss,
     "dataset": Dataset,
     "evaluator": Evaluator,
+    "logger": Logger,
 }

@@ -50,3 +50,8 @@ def register_datasets(register: Register) -> None:
 @hookspec
 def register_evaluators(register: Register) -> None:
     """Register evaluation protocols (subclasses of ``mae_bench.Evaluator``)."""
+
+
+@hookspec
+def register_loggers(register: Register) -> None:
+    """Register run observers (subclasses of ``mae_bench.Logger``)."""

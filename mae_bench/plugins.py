@@ -31,6 +31,7 @@ HOOKS = {
     "loss": "register_losses",
     "dataset": "register_datasets",
     "evaluator": "register_evaluators",
+    "logger": "register_loggers",
 }
 KIND_PLURALS = {
     "encoder": "encoders",
@@ -38,6 +39,7 @@ KIND_PLURALS = {
     "loss": "losses",
     "dataset": "datasets",
     "evaluator": "evaluators",
+    "logger": "loggers",
 }
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 # Suite keys the core reads beside a component's own parameters: a Params may not use them.
@@ -47,6 +49,7 @@ RESERVED_KEYS = {
     "loss": {"name", "weight"},
     "dataset": {"name", "image_size", "channels"},
     "evaluator": {"enabled"},
+    "logger": {"name"},
 }
 
 

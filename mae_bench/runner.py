@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -22,7 +23,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 
 from mae_bench.checkpoints import load_weights
-from mae_bench.contract import EvalContext, ImageData, Loss, MaskedAutoencoder, MaskingStrategy
+from mae_bench.contract import (
+    EvalContext,
+    ImageData,
+    Logger,
+    Loss,
+    MaskedAutoencoder,
+    MaskingStrategy,
+)
 from mae_bench.data import ImageFeeder
 from mae_bench.device import device_name, peak_memory_mb, prepare, reset_peak_memory
 from mae_bench.errors import MaeBenchWarning, UserError
@@ -41,7 +49,7 @@ from mae_bench.results import (
     write_json,
 )
 from mae_bench.suite import Cell, Evaluation, Suite
-from mae_bench.train import PretrainResult, pretrain
+from mae_bench.train import EpochCallback, PretrainResult, pretrain
 
 
 @dataclass
@@ -147,7 +155,12 @@ class _Display:
 
 
 def pretrain_cell(
-    cell: Cell, suite: Suite, data: ImageData, feeder: ImageFeeder, display: _Display
+    cell: Cell,
+    suite: Suite,
+    data: ImageData,
+    feeder: ImageFeeder,
+    display: _Display,
+    on_epoch: EpochCallback | None = None,
 ) -> Pretrained:
     """Pretrain one cell (a baseline stays at its seeded random init).
 
@@ -180,7 +193,7 @@ def pretrain_cell(
             losses,
             cfg.pretrain,
             seed=cell.seed,
-            on_epoch=display.epoch,
+            on_epoch=on_epoch or display.epoch,
         )
         metrics.update(
             pretrain_s=trained.seconds,
@@ -330,18 +343,27 @@ def run_suite(
         )
         mean_image = feeder.mean_image(data.pretrain)
         _write_suite_record(root, suite, cells)
+        loggers = LoggerSet(suite.build_loggers())
+        loggers.call("start_run", suite.name, root, suite.resolved)
         console.print(
             f"running {len(pending)} cells of suite {suite.name!r} on {device_name(device)}",
             highlight=False,
         )
         display = _Display(console, len(pending))
-        with display.shown():
+        with display.shown(), contextlib.ExitStack() as stack:
+            stack.callback(loggers.call, "end_run")
             for cell in pending:
                 start = time.perf_counter()
                 stored, missing = plan[cell.cell_id]
+                loggers.call("start_cell", cell.cell_id, cell.config)
+
+                def on_epoch(epoch: int, row: dict[str, float], cell_id: str = cell.cell_id):
+                    display.epoch(epoch, row)
+                    loggers.call("log_epoch", cell_id, epoch, row)
+
                 try:
                     if stored is None:
-                        pre = pretrain_cell(cell, suite, data, feeder, display)
+                        pre = pretrain_cell(cell, suite, data, feeder, display, on_epoch)
                         _store_pretrained(store, cell, pre)
                     else:
                         display.start_cell(cell, 0)
@@ -351,6 +373,12 @@ def run_suite(
                         cell, suite, data, feeder, pre.model, mean_image, missing
                     ):
                         _store_evaluation(store, cell, out)
+                        loggers.call(
+                            "log_evaluation",
+                            cell.cell_id,
+                            out.record["evaluator"],
+                            out.record["metrics"],
+                        )
                 except Exception as exc:  # one cell's failure is that cell's, not the suite's
                     failure = _record_failure(root, cell, exc)
                     summary.failed[cell.cell_id] = failure
@@ -362,6 +390,7 @@ def run_suite(
                 (root / FAILED_DIR / f"{cell.cell_id}.log").unlink(missing_ok=True)
                 summary.finished.append(cell.cell_id)
                 whole = store.finished([_ids(cell)], repair=False).get(cell.cell_id, {})
+                loggers.call("end_cell", cell.cell_id, whole.get("metrics", {}))
                 shown = "  ".join(_headline(whole)[:4]) if whole else ""
                 reuse = " (pretraining reused)" if pre.reused else ""
                 display.end_cell(
@@ -378,6 +407,28 @@ def run_suite(
         reference=suite.config.reference,
     )
     return summary
+
+
+class LoggerSet:
+    """The suite's loggers, each guarded: one that fails is reported once and switched off,
+    and the run goes on."""
+
+    def __init__(self, loggers: list[Logger]) -> None:
+        self.active = list(loggers)
+
+    def call(self, method: str, *args: Any) -> None:
+        """Call ``method`` on every active logger."""
+        for logger in list(self.active):
+            try:
+                getattr(logger, method)(*args)
+            except Exception as exc:
+                self.active.remove(logger)
+                warnings.warn(
+                    f"logger {logger.name!r} failed in {method} ({type(exc).__name__}: {exc}): "
+                    "switched off for the rest of the run",
+                    MaeBenchWarning,
+                    stacklevel=2,
+                )
 
 
 def _ids(cell: Cell) -> tuple[str, list[str]]:

@@ -33,6 +33,7 @@ from mae_bench.checkpoints import checkpoint_digest, load_weights
 from mae_bench.contract import (
     Dataset,
     Evaluator,
+    Logger,
     Loss,
     MaskedAutoencoder,
     MaskingStrategy,
@@ -197,6 +198,7 @@ class SuiteConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     primary_metric: str = "lp_acc"
+    loggers: list[ComponentRef] = Field(default_factory=list)
     reference: SafeName | None = Field(
         default=None,
         description="the variant every other is compared with (default: the first one)",
@@ -338,6 +340,7 @@ class Suite:
     variants: tuple[Variant, ...]
     source: str
     evaluators: tuple[Resolved, ...] = ()  # the enabled evaluators, in suite order
+    loggers: tuple[Resolved, ...] = ()  # run observers (not part of any result's key)
     warnings: tuple[str, ...] = ()  # valid, but the user should know (e.g. test leakage)
 
     @property
@@ -348,11 +351,17 @@ class Suite:
     @property
     def resolved(self) -> dict[str, Any]:
         """The whole suite with every default filled in, as plain data."""
-        data = self.config.model_dump(mode="json", exclude={"dataset", "variants", "eval"})
+        exclude = {"dataset", "variants", "eval", "loggers"}
+        data = self.config.model_dump(mode="json", exclude=exclude)
         data["dataset"] = self.dataset_config
         data["variants"] = [v.config for v in self.variants]
         data["eval"] = self.eval_config
+        data["loggers"] = [logger.config for logger in self.loggers]
         return data
+
+    def build_loggers(self) -> list[Logger]:
+        """The suite's loggers."""
+        return [r.cls(r.params) for r in self.loggers]
 
     @property
     def eval_config(self) -> dict[str, Any]:
@@ -559,6 +568,7 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
         variants=tuple(variants),
         source=source,
         evaluators=_resolve_evaluators(registry, config.eval, source),
+        loggers=_resolve_loggers(registry, config.loggers, source),
         warnings=tuple(warnings),
     )
     if config.reference is not None and config.reference not in {v.name for v in variants}:
@@ -577,6 +587,21 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
             source,
         )
     return suite
+
+
+def _resolve_loggers(
+    registry: Registry, refs: list[ComponentRef], source: str
+) -> tuple[Resolved, ...]:
+    """The suite's loggers, each built once so that a missing package fails validation."""
+    out = []
+    for i, ref in enumerate(refs):
+        resolved = _resolve(registry, "logger", ref, f"loggers[{i}]", source)
+        try:
+            resolved.cls(resolved.params)
+        except ValueError as exc:
+            raise ConfigError(f"loggers[{i}]", str(exc), source) from None
+        out.append(resolved)
+    return tuple(out)
 
 
 def _resolve_evaluators(registry: Registry, cfg: EvalConfig, source: str) -> tuple[Resolved, ...]:
@@ -679,7 +704,15 @@ def _list_index(items: list[Any], part: str, path: str) -> int:
     raise UserError(f"--set {path}: no item named {part!r}")
 
 
-def load_suite(path: str | Path, registry: Registry, overrides: Sequence[str] = ()) -> Suite:
-    """Read, override and resolve a suite file."""
+def load_suite(
+    path: str | Path,
+    registry: Registry,
+    overrides: Sequence[str] = (),
+    loggers: Sequence[str] = (),
+) -> Suite:
+    """Read, override and resolve a suite file; ``loggers`` are added to its own."""
     raw = apply_overrides(read_suite_file(path), overrides)
+    if loggers:
+        listed = raw.get("loggers") or []
+        raw["loggers"] = [*listed, *({"name": name} for name in loggers)]
     return resolve_suite(raw, registry, source=str(path))
