@@ -13,10 +13,10 @@ import os
 
 import torch
 
-from mae_bench.contract import LossInputs, Mask
+from mae_bench.contract import Mask
 from mae_bench.errors import UserError
 from mae_bench.suite import Suite, Variant
-from mae_bench.train import loss_terms
+from mae_bench.train import forward_loss
 
 
 def _bytes(t: torch.Tensor) -> int:
@@ -44,11 +44,7 @@ def pretrain_step_bytes(variant: Variant, suite: Suite) -> int:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(x, mask)
-            inputs = LossInputs(
-                x, out.pred.float(), mask.mask, out.latent.float(), model.patch_size, model.pool
-            )
-            loss_terms(losses, inputs)
+            forward_loss(model, x, mask, losses)
         peak = max(peak, saved)
     return 4 * weights + 3 * _bytes(x) + peak
 

@@ -62,6 +62,19 @@ def loss_terms(
     return total, terms
 
 
+def forward_loss(
+    model: MaskedAutoencoder, x: Tensor, mask: Mask, losses: list[tuple[Loss, float]]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The model's forward pass on a masked batch (bf16 autocast on CUDA) and the weighted
+    loss, computed in float32 outside autocast."""
+    with autocast(x.device):
+        out = model(x, mask)
+    inputs = LossInputs(
+        x, out.pred.float(), mask.mask, out.latent.float(), model.patch_size, model.pool
+    )
+    return loss_terms(losses, inputs)
+
+
 def make_optimizer(
     model: MaskedAutoencoder, cfg: PretrainConfig, device: torch.device
 ) -> torch.optim.AdamW:
@@ -80,12 +93,7 @@ def train_step(
     grad_clip: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One optimisation step on a batch; returns the detached loss and its terms."""
-    with autocast(x.device):
-        out = model(x, mask)
-    inputs = LossInputs(
-        x, out.pred.float(), mask.mask, out.latent.float(), model.patch_size, model.pool
-    )
-    loss, terms = loss_terms(losses, inputs)
+    loss, terms = forward_loss(model, x, mask, losses)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
