@@ -241,15 +241,23 @@ def leaderboard(results_dir: str) -> None:
 
 @cli.command()
 @click.argument("results_dir", metavar="DIR", type=click.Path())
+@click.option("--open", "open_page", is_flag=True, help="Open report.html in a browser.")
 @_user_errors
-def report(results_dir: str) -> None:
-    """Regenerate every table and plot of a suite's results folder, without retraining."""
-    from mae_bench.report import render_report
+def report(results_dir: str, open_page: bool) -> None:
+    """Regenerate every table and plot of a suite's results folder, and its self-contained
+    results page DIR/report.html, without retraining."""
+    from mae_bench.report import render_all
 
-    paths = render_report(Path(results_dir), load_registry())
+    paths, page = render_all(Path(results_dir), load_registry())
     for path in paths:
         click.echo(str(path))
-    click.echo(f"{len(paths)} plots written", err=True)
+    click.echo(str(page))
+    click.echo(f"{len(paths)} plots and the results page written", err=True)
+    if open_page:
+        import webbrowser
+
+        if not webbrowser.open(page.resolve().as_uri()):
+            click.echo(f"no browser found: open {page} yourself", err=True)
 
 
 @cli.command()

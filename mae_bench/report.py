@@ -318,3 +318,15 @@ def render_report(root: Path, registry: Registry) -> list[Path]:
     if pretrained:  # the board is ranked: the first pretrained variant is the best
         paths.append(plot_tsne(stored, pretrained[0], out))
     return paths
+
+
+def render_all(root: Path, registry: Registry) -> tuple[list[Path], Path]:
+    """Every plot, then the self-contained ``report.html`` that embeds them."""
+    from mae_bench.page import render_page
+
+    paths = render_report(root, registry)
+    record = read_suite_record(root)
+    store = CellStore(root)
+    records = list(store.finished(suite_cells(record), repair=False).values())
+    board = pd.read_csv(root / "leaderboard.csv", keep_default_na=False, na_values=[""])
+    return paths, render_page(root, record, records, board, paths)

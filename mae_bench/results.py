@@ -54,6 +54,7 @@ from mae_bench.files import grant_umask
 PRETRAIN_FILE = "pretrain.json"  # a cell's pretraining record
 RESULT_FILE = "result.json"  # an evaluation's record
 EVALS_DIR = "evals"
+FAILED_DIR = "failed"  # <cell id>.log: why a cell failed
 SUITE_FILE = "suite.json"
 DAMAGED_DIR = ".damaged"
 PRETRAIN_KEYS = {

@@ -37,6 +37,7 @@ from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.evaluate import FeatureCache
 from mae_bench.leaderboard import write_leaderboard
 from mae_bench.results import (
+    FAILED_DIR,
     PRETRAIN_FILE,
     RESULT_FILE,
     SUITE_FILE,
@@ -493,9 +494,6 @@ def _result_bytes(cell: Cell, suite: Suite) -> int:
         model = cell.variant.build_model(ds.image_size, ds.channels)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return weights + (1 << 20)
-
-
-FAILED_DIR = "failed"
 
 
 @dataclass(frozen=True)

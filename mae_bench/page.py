@@ -1,0 +1,248 @@
+"""``report.html``: one self-contained results page per suite.
+
+Everything is inline (plots as PNG data URIs, a few lines of script and style), so the file
+opens offline from ``file://`` and can be mailed. Every text that comes from a suite or a
+result is HTML-escaped: a description holding ``<script>`` shows as text.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import math
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from mae_bench.leaderboard import ID_COLUMNS, Info, higher_is_better, metric_info
+from mae_bench.results import FAILED_DIR, CellStore, atomic_write_text
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:.5em 0}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
+th{background:#f3f3f3;cursor:pointer;white-space:nowrap}
+td.id,th.id{text-align:left}
+.all-only{display:none} body.all .all-only{display:table-cell}
+.best{font-weight:bold} .verdict-better{color:#070} .verdict-worse{color:#a00}
+img{max-width:100%;border:1px solid #eee;margin:.3em 0}
+details{margin:.4em 0} summary{cursor:pointer;font-weight:600}
+pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:12px}
+.note{color:#555;font-size:13px}
+"""
+
+SCRIPT = """
+function sortTable(th){const table=th.closest('table');const body=table.tBodies[0];
+const i=[...th.parentNode.children].indexOf(th);const asc=th.dataset.asc!=='1';
+th.dataset.asc=asc?'1':'0';const key=r=>{const c=r.children[i];const v=c.dataset.v;
+return v===undefined||v===''?null:(isNaN(+v)?v:+v)};
+[...body.rows].sort((a,b)=>{const x=key(a),y=key(b);if(x===null)return 1;if(y===null)return -1;
+return (x<y?-1:x>y?1:0)*(asc?1:-1)}).forEach(r=>body.appendChild(r))}
+document.addEventListener('DOMContentLoaded',()=>{
+document.querySelectorAll('th[data-sort]').forEach(th=>th.addEventListener('click',()=>sortTable(th)));
+const t=document.getElementById('toggle');if(t)t.addEventListener('click',()=>{
+document.body.classList.toggle('all');t.textContent=document.body.classList.contains('all')?
+'show headline columns':'show all columns'})});
+"""
+
+
+def _fmt(info: Info, metric: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return info.get(metric, {}).get("fmt", "{:.4g}").format(value)
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def summary_paragraph(board: pd.DataFrame, primary: str, info: Info) -> str:
+    """What the results say, in one paragraph: the leader, the verdicts against the
+    reference, and how the best pretrained variant compares with training from scratch."""
+    if board.empty or primary not in board:
+        return "No finished cells yet."
+    leader = board.iloc[0]
+    parts = [
+        f"{escape(str(leader['variant']))} leads on {escape(primary)} "
+        f"({_fmt(info, primary, leader[primary])})."
+    ]
+    if "verdict" in board:
+        reference = board.loc[board["verdict"] == "reference", "variant"]
+        counted = board["verdict"].value_counts()
+        if len(reference):
+            tally = ", ".join(
+                f"{counted.get(v, 0)} {v}" for v in ("better", "worse", "inconclusive")
+            )
+            parts.append(f"Against the reference {escape(str(reference.iloc[0]))}: {tally}.")
+    scratch = board[board["variant"].astype(str).str.startswith("scratch")]
+    pretrained = board[
+        ~board["variant"].astype(str).str.startswith(("scratch", "random-init"))
+        & board[primary].notna()
+    ]
+    if len(scratch) and len(pretrained) and scratch[primary].notna().any():
+        best, base = pretrained.iloc[0], scratch[primary].max()
+        gap = best[primary] - base
+        direction = "above" if (gap > 0) == higher_is_better(primary, info) else "below"
+        parts.append(
+            f"The best pretrained variant ({escape(str(best['variant']))}) is "
+            f"{_fmt(info, primary, abs(gap))} {direction} the best from-scratch run."
+        )
+    return " ".join(parts)
+
+
+def _leaderboard_html(board: pd.DataFrame, primary: str, info: Info) -> str:
+    metrics = [m for m in info if m in board.columns]
+    headline = {m for m in metrics if info[m].get("headline")}
+    ids = [c for c in ("rank", *ID_COLUMNS, "seeds") if c in board.columns]
+    extra = [c for c in ("verdict", "delta", "prob_improve", "p_value") if c in board.columns]
+    head = "".join(f'<th class="id" data-sort>{escape(c)}</th>' for c in ids)
+    for m in metrics:
+        cls = "" if m in headline else ' class="all-only"'
+        title = escape(info[m].get("description", ""))
+        head += f'<th{cls} title="{title}" data-sort>{escape(m)}</th>'
+    head += "".join(f"<th data-sort>{escape(c)}</th>" for c in extra)
+    best = {}
+    for m in metrics:
+        if info[m].get("compare", True) and board[m].notna().any():
+            best[m] = board[m].max() if higher_is_better(m, info) else board[m].min()
+    rows = []
+    for _, row in board.iterrows():
+        cells = "".join(
+            f'<td class="id" data-v="{escape(str(row[c]))}">{escape(str(row[c]))}</td>'
+            for c in ids
+        )
+        for m in metrics:
+            value, std = row[m], row.get(f"{m}_std")
+            text = _fmt(info, m, value)
+            if text != "—" and std is not None and not pd.isna(std):
+                text += " ± " + _fmt(info, m, std)
+            classes = ["all-only"] if m not in headline else []
+            if m in best and value == best[m] and len(board) > 1:
+                classes.append("best")
+            cls = f' class="{" ".join(classes)}"' if classes else ""
+            v = "" if pd.isna(value) else value
+            cells += f'<td{cls} data-v="{v}">{escape(text)}</td>'
+        for c in extra:
+            value = row[c]
+            shown = value if isinstance(value, str) else _fmt(info, primary, value)
+            cls = f' class="verdict-{escape(str(value))}"' if c == "verdict" else ""
+            v = "" if not isinstance(value, str) and pd.isna(value) else escape(str(value))
+            cells += f'<td{cls} data-v="{v}">{escape(str(shown))}</td>'
+        rows.append(f"<tr>{cells}</tr>")
+    return (
+        f'<table id="leaderboard"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _variant_sections(
+    records: list[dict[str, Any]], store: CellStore, info: Info, order: list[str]
+) -> str:
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_variant.setdefault(r["variant"], []).append(r)
+    shown = [m for m in info if info[m].get("headline")]
+    out = []
+    for name in [v for v in order if v in by_variant] + [v for v in by_variant if v not in order]:
+        cells = sorted(by_variant[name], key=lambda r: r["seed"])
+        components = cells[0]["components"]
+        parts = [
+            "<p>"
+            + "; ".join(f"{escape(k)}: {escape(str(v))}" for k, v in components.items())
+            + "</p>"
+        ]
+        head = "".join(f"<th>{escape(m)}</th>" for m in shown if m in cells[0]["metrics"])
+        rows = ""
+        for r in cells:
+            values = "".join(
+                f"<td>{escape(_fmt(info, m, r['metrics'].get(m)))}</td>"
+                for m in shown
+                if m in cells[0]["metrics"]
+            )
+            rows += f'<tr class="seed"><td class="id">seed {r["seed"]}</td>{values}</tr>'
+        parts.append(f'<table><tr><th class="id">seed</th>{head}</tr>{rows}</table>')
+        history = store.path(cells[0]["cell_id"]) / "history.csv"
+        if history.is_file() and not cells[0].get("baseline"):
+            table = pd.read_csv(history)
+            last = table.iloc[-1].to_dict() if len(table) else {}
+            parts.append(
+                '<p class="note">pretraining, last epoch (seed '
+                f"{cells[0]['seed']}): "
+                + ", ".join(f"{escape(k)} {v:.4g}" for k, v in last.items() if k != "epoch")
+                + "</p>"
+            )
+        thresholds = store.table_path(cells[0], "thresholds")
+        if thresholds and thresholds.is_file():
+            table = pd.read_csv(thresholds)
+            if table["class"].nunique() == 1:  # binary: the threshold table
+                parts.append(table.drop(columns=["tp", "fp", "tn", "fn"]).round(3).to_html(
+                    index=False, escape=True, classes="thresholds"
+                ))  # fmt: skip
+        out.append(
+            f'<details class="variant" data-variant="{escape(name)}">'
+            f"<summary>{escape(name)} ({len(cells)} seeds)</summary>{''.join(parts)}</details>"
+        )
+    return "".join(out)
+
+
+def render_page(
+    root: Path,
+    suite_record: dict[str, Any],
+    records: list[dict[str, Any]],
+    board: pd.DataFrame,
+    plots: list[Path],
+) -> Path:
+    """Write ``root/report.html`` and return its path."""
+    resolved = suite_record["resolved"]
+    info = metric_info(records)
+    primary = resolved.get("primary_metric", "lp_acc")
+    store = CellStore(root)
+    provenance = records[0]["provenance"] if records else {}
+    dataset = resolved.get("dataset", {})
+    facts = {
+        "dataset": f"{dataset.get('name', '?')} at {dataset.get('image_size', '?')}px",
+        "pretraining": f"{resolved.get('pretrain', {}).get('epochs', '?')} epochs",
+        "seeds": ", ".join(str(s) for s in resolved.get("seeds", [])),
+        "device": provenance.get("device", "?"),
+        "results from": provenance.get("date", "?"),
+        "mae-bench": f"{provenance.get('mae_bench_version', '?')} "
+        f"({provenance.get('git_commit', '?')})",
+        "page written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    failures = []
+    for log in sorted((root / FAILED_DIR).glob("*.log")):
+        first = log.read_text(encoding="utf-8", errors="replace").splitlines()[:1]
+        failures.append(f"<li><b>{escape(log.stem)}</b>: {escape(first[0] if first else '')}</li>")
+    order = list(board["variant"]) if "variant" in board else []
+    html = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{escape(suite_record["name"])}: mae-bench results</title>
+<style>{STYLE}</style><script>{SCRIPT}</script></head>
+<body>
+<h1>{escape(suite_record["name"])}</h1>
+<p>{escape(str(resolved.get("description", "")))}</p>
+<p class="note">{" · ".join(f"{escape(k)}: {escape(str(v))}" for k, v in facts.items())}</p>
+<h2>Summary</h2><p id="summary">{summary_paragraph(board, primary, info)}</p>
+<h2>Leaderboard</h2>
+<p class="note">mean ± std over seeds, ranked by {escape(primary)}; bold: best; click a column
+header to sort. <button id="toggle">show all columns</button></p>
+{_leaderboard_html(board, primary, info)}
+<h2>Variants</h2>{_variant_sections(records, store, info, order)}
+<h2>Plots</h2>{"".join(_image(p) for p in plots if p.suffix == ".png" and p.is_file())}
+<h2>Failed cells</h2>{f"<ul>{''.join(failures)}</ul>" if failures else "<p>none</p>"}
+<h2>Suite (resolved)</h2><pre>{escape(yaml.safe_dump(resolved, sort_keys=False))}</pre>
+<h2>Metrics</h2><table>{"".join(
+        f'<tr><td class="id">{escape(m)}</td><td class="id">{escape(d.get("description", ""))}'
+        f"</td></tr>" for m, d in info.items())}</table>
+<script type="application/json" id="data">{escape(json.dumps(
+        board.to_dict(orient="records"), default=str))}</script>
+</body></html>
+"""
+    path = root / "report.html"
+    atomic_write_text(path, html)
+    return path
