@@ -19,12 +19,13 @@ import pandas as pd
 import yaml
 
 from mae_bench.leaderboard import ID_COLUMNS, Info, higher_is_better, metric_info
-from mae_bench.results import FAILED_DIR, CellStore, atomic_write_text
+from mae_bench.results import FAILED_DIR, CellStore, atomic_write_text, read_table
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:.5em 0}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}
+.scroll{overflow-x:auto}
 th{background:#f3f3f3;cursor:pointer;white-space:nowrap}
 td.id,th.id{text-align:left}
 .all-only{display:none} body.all .all-only{display:table-cell}
@@ -57,8 +58,12 @@ def _fmt(info: Info, metric: str, value: Any) -> str:
 
 
 def _image(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{escape(path.stem)}" src="data:image/png;base64,{data}">'
+    return _png(path.read_bytes(), path.stem)
+
+
+def _png(data: bytes, alt: str) -> str:
+    encoded = base64.b64encode(data).decode()
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
 def summary_paragraph(board: pd.DataFrame, primary: str, info: Info) -> str:
@@ -97,15 +102,18 @@ def summary_paragraph(board: pd.DataFrame, primary: str, info: Info) -> str:
 
 def _leaderboard_html(board: pd.DataFrame, primary: str, info: Info) -> str:
     metrics = [m for m in info if m in board.columns]
-    headline = {m for m in metrics if info[m].get("headline")}
+    if primary in metrics:  # the ranking metric first, right beside the variant
+        metrics = [primary] + [m for m in metrics if m != primary]
+    headline = {m for m in metrics if info[m].get("headline")} | {primary}
     ids = [c for c in ("rank", *ID_COLUMNS, "seeds") if c in board.columns]
     extra = [c for c in ("verdict", "delta", "prob_improve", "p_value") if c in board.columns]
     head = "".join(f'<th class="id" data-sort>{escape(c)}</th>' for c in ids)
-    for m in metrics:
+    for i, m in enumerate(metrics):
         cls = "" if m in headline else ' class="all-only"'
         title = escape(info[m].get("description", ""))
         head += f'<th{cls} title="{title}" data-sort>{escape(m)}</th>'
-    head += "".join(f"<th data-sort>{escape(c)}</th>" for c in extra)
+        if i == 0:  # the comparison with the reference, beside the ranking metric
+            head += "".join(f"<th data-sort>{escape(c)}</th>" for c in extra)
     best = {}
     for m in metrics:
         if info[m].get("compare", True) and board[m].notna().any():
@@ -116,7 +124,7 @@ def _leaderboard_html(board: pd.DataFrame, primary: str, info: Info) -> str:
             f'<td class="id" data-v="{escape(str(row[c]))}">{escape(str(row[c]))}</td>'
             for c in ids
         )
-        for m in metrics:
+        for i, m in enumerate(metrics):
             value, std = row[m], row.get(f"{m}_std")
             text = _fmt(info, m, value)
             if text != "—" and std is not None and not pd.isna(std):
@@ -127,17 +135,69 @@ def _leaderboard_html(board: pd.DataFrame, primary: str, info: Info) -> str:
             cls = f' class="{" ".join(classes)}"' if classes else ""
             v = "" if pd.isna(value) else value
             cells += f'<td{cls} data-v="{v}">{escape(text)}</td>'
-        for c in extra:
-            value = row[c]
-            shown = value if isinstance(value, str) else _fmt(info, primary, value)
-            cls = f' class="verdict-{escape(str(value))}"' if c == "verdict" else ""
-            v = "" if not isinstance(value, str) and pd.isna(value) else escape(str(value))
-            cells += f'<td{cls} data-v="{v}">{escape(str(shown))}</td>'
+            if i == 0:
+                cells += _comparison_cells(row, extra, info, primary)
         rows.append(f"<tr>{cells}</tr>")
     return (
-        f'<table id="leaderboard"><thead><tr>{head}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table>"
+        f'<div class="scroll"><table id="leaderboard"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
     )
+
+
+def _variant_curves(cells: list[dict[str, Any]], store: CellStore) -> bytes | None:
+    """A small PNG: the variant's pretraining loss and its fine-tuning curves, per seed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for r in cells:
+        history = read_table(store.path(r["cell_id"]) / "history.csv")
+        path = store.table_path(r, "finetune")
+        finetune = read_table(path) if path else None
+        panels.append((r["seed"], history, finetune))
+    has_loss = any(h is not None and "loss" in h for _, h, _ in panels)
+    has_ft = any(f is not None for _, _, f in panels)
+    if not (has_loss or has_ft):
+        return None
+    fig, axes = plt.subplots(1, has_loss + has_ft, figsize=(4 * (has_loss + has_ft), 2.6),
+                             squeeze=False)  # fmt: skip
+    axes = list(axes[0])
+    if has_loss:
+        ax = axes.pop(0)
+        for seed, history, _ in panels:
+            if history is not None and "loss" in history:
+                ax.plot(history["epoch"], history["loss"], label=f"seed {seed}")
+        ax.set(title="pretraining loss", xlabel="epoch")
+        ax.legend(fontsize=7)
+    if has_ft:
+        ax = axes.pop(0)
+        for seed, _, finetune in panels:
+            if finetune is None:
+                continue
+            if "val_acc" in finetune:
+                ax.plot(finetune["epoch"], finetune["val_acc"], label=f"val, seed {seed}")
+            tested = finetune.dropna(subset=["test_acc"]) if "test_acc" in finetune else None
+            if tested is not None and len(tested):
+                ax.plot(tested["epoch"], tested["test_acc"], "o--", label=f"test, seed {seed}")
+        ax.set(title="fine-tuning accuracy", xlabel="epoch")
+        ax.legend(fontsize=6)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _comparison_cells(row: pd.Series, extra: list[str], info: Info, primary: str) -> str:
+    cells = ""
+    for c in extra:
+        value = row[c]
+        shown = value if isinstance(value, str) else _fmt(info, primary, value)
+        cls = f' class="verdict-{escape(str(value))}"' if c == "verdict" else ""
+        v = "" if not isinstance(value, str) and pd.isna(value) else escape(str(value))
+        cells += f'<td{cls} data-v="{v}">{escape(str(shown))}</td>'
+    return cells
 
 
 def _variant_sections(
@@ -166,16 +226,9 @@ def _variant_sections(
             )
             rows += f'<tr class="seed"><td class="id">seed {r["seed"]}</td>{values}</tr>'
         parts.append(f'<table><tr><th class="id">seed</th>{head}</tr>{rows}</table>')
-        history = store.path(cells[0]["cell_id"]) / "history.csv"
-        if history.is_file() and not cells[0].get("baseline"):
-            table = pd.read_csv(history)
-            last = table.iloc[-1].to_dict() if len(table) else {}
-            parts.append(
-                '<p class="note">pretraining, last epoch (seed '
-                f"{cells[0]['seed']}): "
-                + ", ".join(f"{escape(k)} {v:.4g}" for k, v in last.items() if k != "epoch")
-                + "</p>"
-            )
+        curves = _variant_curves(cells, store)
+        if curves:
+            parts.append(_png(curves, f"{name}: curves"))
         thresholds = store.table_path(cells[0], "thresholds")
         if thresholds and thresholds.is_file():
             table = pd.read_csv(thresholds)

@@ -1,8 +1,10 @@
 """The self-contained results page: offline, escaped, one row per variant, seeds per variant."""
 
 import re
+import shutil
 from html.parser import HTMLParser
 
+import pytest
 import yaml
 
 from tests.conftest import invoke, tiny_suite_data
@@ -51,4 +53,57 @@ def test_report_writes_a_self_contained_escaped_page(tmp_path):
                           re.S)  # fmt: skip
     assert sorted(name for name, _ in sections) == ["mlp", "vit"]
     assert all(section.count('<tr class="seed">') == 2 for _, section in sections)
+    assert all('<img alt="' in section for _, section in sections)  # its curves
     assert "vit-seed9-x" in html and "lp_acc" in html and "Summary" in html
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Chromium (Debian package `chromium`; .ci/run installs it)"
+)
+def test_the_page_works_in_a_real_browser(tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright")
+    out = tmp_path / "out"
+    result = invoke("run", "suites/tiny.yaml", "--out", str(out), "--set", "seeds=[0, 1]",
+                    "--set", "eval.baselines=true")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert invoke("report", str(out / "tiny")).exit_code == 0
+    page_file = out / "tiny" / "report.html"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(page_file.as_uri())
+        page.wait_for_load_state("load")
+        assert errors == []
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
+        assert widths and all(w > 0 for w in widths)  # every image decoded
+        rows = page.locator("#leaderboard tbody tr")
+        names = rows.locator("td:nth-child(2)").all_inner_texts()
+        assert sorted(names) == ["mlp", "random-init-mlp", "random-init-vit", "vit"]
+        # clicking a header re-sorts the rows (ascending, then descending)
+        header = page.locator("#leaderboard th", has_text="variant")
+        header.click()
+        assert rows.locator("td:nth-child(2)").all_inner_texts() == sorted(names)
+        header.click()
+        assert rows.locator("td:nth-child(2)").all_inner_texts() == sorted(names, reverse=True)
+        # the toggle shows every column; expanding a variant shows its seeds
+        hidden = page.locator("th.all-only").first
+        assert not hidden.is_visible()
+        page.locator("#toggle").click()
+        assert hidden.is_visible()
+        seeds = page.locator('details[data-variant="vit"] tr.seed')
+        assert not seeds.first.is_visible()
+        page.locator('details[data-variant="vit"] summary').click()
+        assert seeds.count() == 2 and seeds.first.is_visible()
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=False)
+        browser.close()
+    assert (tmp_path / "report.png").stat().st_size > 10_000
