@@ -246,9 +246,9 @@ def leaderboard(results_dir: str) -> None:
 def report(results_dir: str, open_page: bool) -> None:
     """Regenerate every table and plot of a suite's results folder, and its self-contained
     results page DIR/report.html, without retraining."""
-    from mae_bench.report import render_all
+    from mae_bench.report import render_report
 
-    paths, page = render_all(Path(results_dir), load_registry())
+    paths, page = render_report(Path(results_dir), load_registry())
     for path in paths:
         click.echo(str(path))
     click.echo(str(page))

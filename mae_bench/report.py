@@ -289,16 +289,26 @@ def plot_tsne(stored: StoredModels, best: str, out: Path, max_points: int = 2000
     return _save(fig, out / "tsne.png")
 
 
-def render_report(root: Path, registry: Registry) -> list[Path]:
-    """Rewrite the tables and every plot of a suite's results folder."""
+def render_report(root: Path, registry: Registry) -> tuple[list[Path], Path]:
+    """Rewrite the tables, every plot and the self-contained ``report.html`` that embeds
+    them; returns the plots and the page."""
+    from mae_bench.page import render_page
+
     record = read_suite_record(root)
     store = CellStore(root)
     records = list(store.finished(suite_cells(record), repair=False).values())
     primary = record["resolved"].get("primary_metric", "lp_acc")
     reference = record["resolved"].get("reference")
     board, _ = write_leaderboard(root, records, record["name"], primary, reference)
-    if not records:
-        return []
+    plots = draw_plots(root, records, board, primary, registry) if records else []
+    return plots, render_page(root, record, records, board, plots)
+
+
+def draw_plots(
+    root: Path, records: list[dict[str, Any]], board: pd.DataFrame, primary: str, registry: Registry
+) -> list[Path]:
+    """Every plot of a suite's finished cells, under ``root/plots``."""
+    store = CellStore(root)
     out = root / "plots"
     losses = plot_loss_curves(records, store, out)
     paths = [losses] if losses else []
@@ -318,15 +328,3 @@ def render_report(root: Path, registry: Registry) -> list[Path]:
     if pretrained:  # the board is ranked: the first pretrained variant is the best
         paths.append(plot_tsne(stored, pretrained[0], out))
     return paths
-
-
-def render_all(root: Path, registry: Registry) -> tuple[list[Path], Path]:
-    """Every plot, then the self-contained ``report.html`` that embeds them."""
-    from mae_bench.page import render_page
-
-    paths = render_report(root, registry)
-    record = read_suite_record(root)
-    store = CellStore(root)
-    records = list(store.finished(suite_cells(record), repair=False).values())
-    board = pd.read_csv(root / "leaderboard.csv", keep_default_na=False, na_values=[""])
-    return paths, render_page(root, record, records, board, paths)

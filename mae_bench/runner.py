@@ -464,8 +464,7 @@ def _claim_folder(root: Path, suite: Suite, cells: list[Cell], replace: bool) ->
     except OlderResults:
         if not replace:
             raise
-        os.replace(root, aside)
-        warnings.warn(f"moved the previous results {root} to {aside}", MaeBenchWarning, 2)
+        _move_aside(root, aside)
         return
     except UserError as exc:
         warnings.warn(f"{exc}: it is rewritten", MaeBenchWarning, stacklevel=2)
@@ -476,8 +475,7 @@ def _claim_folder(root: Path, suite: Suite, cells: list[Cell], replace: bool) ->
     if old["name"] == suite.name and (not finished or ours & set(finished)):
         return
     if replace:
-        os.replace(root, aside)
-        warnings.warn(f"moved the previous results {root} to {aside}", MaeBenchWarning, 2)
+        _move_aside(root, aside)
         return
     raise UserError(
         f"--out: {root} holds the results of another suite ({old['name']!r} from "
@@ -485,6 +483,11 @@ def _claim_folder(root: Path, suite: Suite, cells: list[Cell], replace: bool) ->
         "suite, e.g. every setting changed); writing here would orphan them. Use another "
         f"--out, or --replace to move them aside to {aside.name}"
     )
+
+
+def _move_aside(root: Path, aside: Path) -> None:
+    os.replace(root, aside)
+    warnings.warn(f"moved the previous results {root} to {aside}", MaeBenchWarning, 3)
 
 
 def _result_bytes(cell: Cell, suite: Suite) -> int:
