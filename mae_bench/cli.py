@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
-import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -21,14 +21,6 @@ from mae_bench.plugins import KIND_PLURALS, describe_params, load_registry
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_TERMINATED = 143  # SIGTERM (what SLURM and `kill` send)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so that it stops as cleanly as on Ctrl-C."""
-
-
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated
 
 
 def _print_warning(text: str) -> None:
@@ -105,6 +97,24 @@ def cli() -> None:
     help="If OUT/<suite name>/ holds another suite's results, move them aside instead of "
     "refusing to run.",
 )
+@click.option(
+    "--launcher",
+    default="inline",
+    show_default=True,
+    help="How cells run: inline (this process), local (worker processes), submitit "
+    "(SLURM), or a plugin's launcher.",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Worker processes (the local launcher)."
+)
+@click.option(
+    "--launcher-opt",
+    "launcher_opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A launcher option, e.g. --launcher-opt partition=gpu (repeatable; see "
+    "`mae-bench plugins`).",
+)
 @set_option
 @_user_errors
 def run(
@@ -113,41 +123,128 @@ def run(
     device: str,
     loggers: tuple[str, ...],
     replace: bool,
+    launcher: str,
+    workers: int | None,
+    launcher_opts: tuple[str, ...],
     overrides: tuple[str, ...],
 ) -> None:
-    """Run a suite: pretrain and evaluate every (variant, seed) cell not yet finished."""
+    """Run a suite: pretrain and evaluate every (variant, seed) cell not yet finished.
+
+    Under torchrun every process runs this same command: the cells train data-parallel."""
     from mae_bench.device import resolve_device
+    from mae_bench.distributed import cell_device, env_world
     from mae_bench.memory import check_memory
     from mae_bench.runner import run_suite
     from mae_bench.suite import load_suite
 
     registry = load_registry()
     suite = load_suite(suite_file, registry, overrides, loggers)
-    for warning in (*registry.problems(), *suite.warnings):
-        _print_warning(warning)
-    torch_device = resolve_device(device)
+    chosen = _build_launcher(registry, launcher, workers, launcher_opts)
+    world = env_world()
+    if world.is_main:
+        for warning in (*registry.problems(), *suite.warnings):
+            _print_warning(warning)
+    torch_device = cell_device(resolve_device(device), world)
     check_memory(suite, torch_device)  # before anything is loaded or written
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        summary = run_suite(suite, Path(out_dir), torch_device, replace=replace)
-    except KeyboardInterrupt as exc:
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        click.echo(
-            f"\n{what}: finished cells are kept under {Path(out_dir) / suite.name}, nothing "
-            "half-written; run the same command again to resume",
-            err=True,
+    with _stopping(Path(out_dir) / suite.name):
+        summary = run_suite(
+            suite,
+            Path(out_dir),
+            torch_device,
+            replace=replace,
+            launcher=chosen,
+            device_option=device,
         )
-        sys.exit(EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    if not world.is_main:
+        return
     click.echo(summary.markdown)
     click.echo(f"results: {summary.root}", err=True)
+    _report_failures(summary)
+
+
+def _build_launcher(registry: Any, name: str, workers: int | None, options: tuple[str, ...]):
+    """The launcher named by --launcher with its --launcher-opt options (None: inline)."""
+    from mae_bench.suite import parse_options, resolve_launcher
+
+    params = parse_options(options, "--launcher-opt")
+    if workers is not None:
+        if name != "local":
+            raise UserError(f"--workers: only the local launcher has workers (not {name!r})")
+        params.setdefault("workers", workers)
+    launcher = resolve_launcher(registry, name, params)
+    return None if name == "inline" else launcher
+
+
+@contextlib.contextmanager
+def _stopping(root: Path):
+    """SIGTERM and SIGUSR1 checkpoint the cell in training (see mae_bench.resume); a stop
+    (or Ctrl-C) exits 143 (130) with one line saying what was kept."""
+    from mae_bench import resume
+
+    try:
+        with resume.handle_signals():
+            yield
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, resume.Terminated)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        saved = f"; {exc.detail}" if terminated and exc.detail else ""
+        click.echo(
+            f"\n{what}: finished cells are kept under {root}, nothing half-written{saved}; run "
+            "the same command again to resume",
+            err=True,
+        )
+        sys.exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED)
+
+
+def _report_failures(summary: Any) -> None:
     if summary.failed:
         click.echo(f"{len(summary.failed)} cell(s) failed (a re-run retries them):", err=True)
         for cell_id, failure in summary.failed.items():
             where = f" (traceback: {failure.log})" if failure.log else ""
             click.echo(f"  {cell_id}: {failure.reason}{where}", err=True)
         sys.exit(1)
+
+
+@cli.command("run-cell")
+@click.argument("results_dir", metavar="DIR", type=click.Path())
+@click.argument("cell_ids", metavar="[CELL_ID]...", nargs=-1)
+@click.option("--device", default="auto", show_default=True, help="As for run.")
+@_user_errors
+def run_cell(results_dir: str, cell_ids: tuple[str, ...], device: str) -> None:
+    """Run cells of a suite's results folder DIR (all pending ones if none are named).
+
+    What a launcher's worker runs: the suite is read from DIR/suite.json, each cell is
+    claimed (a cell another worker holds is left to it), resumed from its checkpoint and
+    stored. Under torchrun the processes train each cell data-parallel."""
+    from mae_bench.distributed import env_world
+    from mae_bench.runner import RunSummary, run_cells
+
+    summary = RunSummary(root=Path(results_dir))
+    with _stopping(Path(results_dir)):
+        run_cells(Path(results_dir), list(cell_ids), device, summary=summary)
+    if env_world().is_main:
+        _report_failures(summary)
+
+
+@cli.command()
+@click.argument("results_dir", metavar="DIR", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per cell.")
+@_user_errors
+def status(results_dir: str, as_json: bool) -> None:
+    """Per cell of a results folder: done, running (where, since when, epoch), failed (its
+    traceback) or pending (and from which checkpoint it would resume)."""
+    from mae_bench.runner import cell_status
+
+    rows = cell_status(Path(results_dir))
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+        click.echo(f"{row['state']:8} {row['cell_id']}  {row['detail']}".rstrip())
+    click.echo(", ".join(f"{n} {state}" for state, n in counts.items()), err=True)
 
 
 @cli.command()
@@ -224,19 +321,17 @@ def plugins(as_json: bool) -> None:
 @_user_errors
 def leaderboard(results_dir: str) -> None:
     """Re-render runs.csv and leaderboard.csv/.md of a suite's results folder."""
-    from mae_bench.leaderboard import write_leaderboard
-    from mae_bench.results import CellStore, read_suite_record, suite_cells
+    from mae_bench.results import read_suite_record, suite_cells
+    from mae_bench.runner import rebuild_leaderboard
 
     root = Path(results_dir)
     record = read_suite_record(root)
-    store = CellStore(root)
     ids = suite_cells(record)
-    done = list(store.finished(ids, repair=False).values())
     primary = record["resolved"].get("primary_metric", "lp_acc")
     reference = record["resolved"].get("reference")
-    _, markdown = write_leaderboard(root, done, record["name"], primary, reference)
+    _, markdown, done = rebuild_leaderboard(root, ids, record["name"], primary, reference)
     click.echo(markdown)
-    click.echo(f"{len(done)} of {len(ids)} cells finished; written under {root}", err=True)
+    click.echo(f"{done} of {len(ids)} cells finished; written under {root}", err=True)
 
 
 @cli.command()

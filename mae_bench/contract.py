@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
@@ -60,6 +61,10 @@ class Mask:
     ids_keep: Tensor  # (B, K) int64 indices of visible patches, in encoder order
     ids_restore: Tensor  # (B, L) int64 inverse permutation, to put tokens back in patch order
     mask: Tensor  # (B, L) float, 1 = masked, 0 = visible
+
+    def rows(self, index: slice) -> Mask:
+        """The masks of some rows of the batch (a data-parallel rank's share)."""
+        return Mask(self.ids_keep[index], self.ids_restore[index], self.mask[index])
 
     def validate(self, batch_size: int, num_patches: int, full: bool = True) -> None:
         """Raise ``ValueError`` saying what is wrong unless this is a consistent mask for
@@ -614,6 +619,73 @@ class Logger:
         return self.name
 
 
+@dataclass(frozen=True)
+class LaunchRequest:
+    """The cells a launcher must run, and how a worker runs them.
+
+    A worker is ``mae-bench run-cell ROOT [CELL_ID ...]``: it reads the suite from
+    ``ROOT/suite.json``, claims each cell's lease (so two workers never run the same cell;
+    without ids it runs any pending cell until none is left), resumes from a checkpoint and
+    stores the result. :meth:`command` gives that command line; :func:`run_cells` (a
+    picklable function of ``mae_bench``) runs it in the calling process. Workers on other
+    machines need the results folder on a shared filesystem.
+    """
+
+    root: Path  # the suite's results folder
+    cell_ids: tuple[str, ...]  # unfinished cells, in suite order
+    device: str  # the --device every worker uses (auto: each picks its own)
+
+    def run(self, cell_ids: Sequence[str] = (), stop_signal: tuple[int, Any] | None = None) -> bool:
+        """Run ``cell_ids`` (or any pending cell) in this process, as the worker command does.
+
+        ``stop_signal``: ``(signum, handler)`` of a scheduler's own preemption signal: in a
+        training loop it saves a checkpoint and stops (this returns False: call ``handler``
+        then, e.g. to requeue); elsewhere ``handler`` is called at once. True when done.
+        """
+        from mae_bench.runner import run_cells
+
+        return run_cells(self.root, list(cell_ids), self.device, stop_signal=stop_signal)
+
+    def command(self, cell_ids: Sequence[str] = ()) -> list[str]:
+        """The worker command line (running ``cell_ids``, or any pending cell)."""
+        import sys
+
+        return [
+            sys.executable,
+            "-m",
+            "mae_bench",
+            "run-cell",
+            str(self.root),
+            *cell_ids,
+            "--device",
+            self.device,
+        ]
+
+
+class Launcher:
+    """Runs a suite's cells as jobs: in this process, in worker processes, on a cluster.
+
+    :meth:`launch` returns when every cell it started has ended (finished or failed); the
+    runner then rebuilds the leaderboard from the results folder. ``Params`` are the launcher
+    options (``--launcher-opt key=value``), validated like suite fields.
+    """
+
+    kind: ClassVar[str] = "launcher"
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def launch(self, request: LaunchRequest, console: Any) -> None:
+        """Run the cells of ``request``; ``console`` is a ``rich.console.Console`` for progress."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """Short human-readable description."""
+        return self.name
+
+
 COMPONENT_BASES: dict[str, type] = {
     "encoder": MaskedAutoencoder,
     "masking": MaskingStrategy,
@@ -621,4 +693,5 @@ COMPONENT_BASES: dict[str, type] = {
     "dataset": Dataset,
     "evaluator": Evaluator,
     "logger": Logger,
+    "launcher": Launcher,
 }

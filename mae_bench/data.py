@@ -82,17 +82,26 @@ class ImageFeeder:
         batch: Tensor,
         augment: AugmentConfig | None = None,
         generator: torch.Generator | None = None,
+        rows: slice | None = None,
     ) -> Tensor:
-        """uint8 batch -> normalized model input, optionally augmented (in batch, on device)."""
+        """uint8 batch -> normalized model input, optionally augmented (in batch, on device).
+
+        ``rows``: feed only these rows of the batch (a data-parallel rank's share); random
+        augmentation is still drawn for the whole batch, so every image is augmented as in a
+        single-process run."""
         if augment is not None and (augment.crop_scale or augment.hflip):
-            x = self.augment(batch, augment, generator)
+            x = self.augment(batch, augment, generator, rows)
         else:
-            x = self.pixels(batch)
+            x = self.pixels(batch if rows is None else batch[rows])
         mean, std = self._stats(x)
         return x.sub_(mean).div_(std)  # x is a fresh tensor: normalize in place
 
     def augment(
-        self, batch: Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None
+        self,
+        batch: Tensor,
+        cfg: AugmentConfig,
+        generator: torch.Generator | None = None,
+        rows: slice | None = None,
     ) -> Tensor:
         """Random resized crop and horizontal flip of a whole batch at once, to [0, 1] pixels.
 
@@ -100,24 +109,27 @@ class ImageFeeder:
         Crop, resize to ``image_size`` (PIL's
         bilinear filter: linear when enlarging, an antialiasing triangle when shrinking) and
         flip are one linear map per axis, applied to the whole batch as two matrix products.
-        Random numbers come from ``generator`` on the CPU, so runs are reproducible.
+        Random numbers come from ``generator`` on the CPU, so runs are reproducible; they are
+        drawn for the whole batch, then only ``rows`` of it are made.
         """
-        x = batch.to(self.device, non_blocking=True).float().div_(255.0)
-        x = self._convert_channels(x)
-        b, _, h, w = x.shape
+        b, _, h, w = batch.shape
         x0, y0 = torch.zeros(b), torch.zeros(b)
         cw, ch = torch.full((b,), float(w)), torch.full((b,), float(h))
         if cfg.crop_scale:
             x0, y0, cw, ch = sample_crops(b, h, w, cfg.crop_scale, cfg.crop_ratio, generator)
-        rows = resample_weights(y0, ch, h, self.image_size)
+        flip = torch.rand(b, generator=generator) < 0.5 if cfg.hflip else torch.zeros(b, dtype=bool)
+        if rows is not None:
+            batch, x0, y0, cw, ch, flip = (t[rows] for t in (batch, x0, y0, cw, ch, flip))
+            b = len(batch)
+        x = batch.to(self.device, non_blocking=True).float().div_(255.0)
+        x = self._convert_channels(x)
+        row_weights = resample_weights(y0, ch, h, self.image_size)
         cols = resample_weights(x0, cw, w, self.image_size)
-        if cfg.hflip:
-            flip = torch.rand(b, generator=generator) < 0.5
-            cols[flip] = cols[flip].flip(1)
-        rows, cols = rows.to(x.device), cols.to(x.device)
+        cols[flip] = cols[flip].flip(1)
+        rows_w, cols = row_weights.to(x.device), cols.to(x.device)
         c, s = x.shape[1], self.image_size
         x = torch.bmm(x.reshape(b, c * h, w), cols.transpose(1, 2)).view(b, c, h, s)
-        x = torch.einsum("boh,bchp->bcop", rows, x)
+        x = torch.einsum("boh,bchp->bcop", rows_w, x)
         return x.clamp_(0.0, 1.0).contiguous()
 
     def _convert_channels(self, x: Tensor) -> Tensor:

@@ -55,3 +55,8 @@ def register_evaluators(register: Register) -> None:
 @hookspec
 def register_loggers(register: Register) -> None:
     """Register run observers (subclasses of ``mae_bench.Logger``)."""
+
+
+@hookspec
+def register_launchers(register: Register) -> None:
+    """Register ways to run a suite's cells (subclasses of ``mae_bench.Launcher``)."""

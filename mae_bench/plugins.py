@@ -32,6 +32,7 @@ HOOKS = {
     "dataset": "register_datasets",
     "evaluator": "register_evaluators",
     "logger": "register_loggers",
+    "launcher": "register_launchers",
 }
 KIND_PLURALS = {
     "encoder": "encoders",
@@ -40,6 +41,7 @@ KIND_PLURALS = {
     "dataset": "datasets",
     "evaluator": "evaluators",
     "logger": "loggers",
+    "launcher": "launchers",
 }
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 # Suite keys the core reads beside a component's own parameters: a Params may not use them.
@@ -50,6 +52,7 @@ RESERVED_KEYS = {
     "dataset": {"name", "image_size", "channels"},
     "evaluator": {"enabled"},
     "logger": {"name"},
+    "launcher": set(),
 }
 
 

@@ -57,6 +57,7 @@ EVALS_DIR = "evals"
 FAILED_DIR = "failed"  # <cell id>.log: why a cell failed
 SUITE_FILE = "suite.json"
 DAMAGED_DIR = ".damaged"
+LEADERBOARD_LOCK = ".leaderboard.lock"  # held while the leaderboard is rebuilt
 PRETRAIN_KEYS = {
     "cell_id": str,
     "variant": str,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime as dt
 import errno
 import io
 import os
+import sys
 import time
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,26 +20,40 @@ from typing import Any
 
 import pandas as pd
 import torch
+from filelock import FileLock
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import save_file
 
+from mae_bench import resume
 from mae_bench.checkpoints import load_weights
 from mae_bench.contract import (
     EvalContext,
     ImageData,
+    Launcher,
+    LaunchRequest,
     Logger,
     Loss,
     MaskedAutoencoder,
     MaskingStrategy,
 )
 from mae_bench.data import ImageFeeder
-from mae_bench.device import device_name, peak_memory_mb, prepare, reset_peak_memory
+from mae_bench.device import (
+    device_name,
+    peak_memory_mb,
+    prepare,
+    reset_peak_memory,
+    resolve_device,
+)
+from mae_bench.distributed import SINGLE, Dist, cell_device, env_world
+from mae_bench.distributed import start as start_world
 from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.evaluate import FeatureCache
 from mae_bench.leaderboard import write_leaderboard
+from mae_bench.leases import Lease, Leases
 from mae_bench.results import (
     FAILED_DIR,
+    LEADERBOARD_LOCK,
     PRETRAIN_FILE,
     RESULT_FILE,
     SUITE_FILE,
@@ -47,8 +63,10 @@ from mae_bench.results import (
     evaluations,
     provenance,
     read_suite_record,
+    suite_cells,
     write_json,
 )
+from mae_bench.resume import CHECKPOINT_DIR, Checkpoint
 from mae_bench.suite import Cell, Evaluation, Suite
 from mae_bench.train import EpochCallback, PretrainResult, pretrain
 
@@ -61,6 +79,8 @@ class RunSummary:
     finished: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, CellFailure] = field(default_factory=dict)
+    elsewhere: list[str] = field(default_factory=list)  # held by another live worker
+    resumed: dict[str, int] = field(default_factory=dict)  # cell -> epoch resumed from
     leaderboard: pd.DataFrame | None = None
     markdown: str = ""  # the leaderboard as printed
 
@@ -162,6 +182,10 @@ def pretrain_cell(
     feeder: ImageFeeder,
     display: _Display,
     on_epoch: EpochCallback | None = None,
+    *,
+    checkpoint: Checkpoint | None = None,
+    world: Dist = SINGLE,
+    on_resume: Callable[[int], None] | None = None,
 ) -> Pretrained:
     """Pretrain one cell (a baseline stays at its seeded random init).
 
@@ -195,6 +219,9 @@ def pretrain_cell(
             cfg.pretrain,
             seed=cell.seed,
             on_epoch=on_epoch or display.epoch,
+            checkpoint=checkpoint,
+            world=world,
+            on_resume=on_resume,
         )
         metrics.update(
             pretrain_s=trained.seconds,
@@ -225,6 +252,7 @@ def pretrain_cell(
         "provenance": {
             **provenance(device_name(feeder.device)),
             "plugins": suite.plugin_versions(),
+            "world_size": world.world_size,
         },
     }
     return Pretrained(record, model, trained.history)
@@ -305,109 +333,365 @@ def run_suite(
     console: Console | None = None,
     *,
     replace: bool = False,
+    launcher: Launcher | None = None,
+    device_option: str = "auto",
 ) -> RunSummary:
     """Run every unfinished cell of ``suite`` and write the leaderboard; resumable.
 
     Before any training: a results folder holding another suite's finished cells is refused
     (``replace`` moves it aside instead), damaged cells are set aside to be recomputed,
     stale temporary folders are removed, and the output is probed for writing and free space.
+    Cells run in this process (one rank of a ``torchrun`` world, if started so), or as jobs of
+    ``launcher`` (whose workers are started with ``--device device_option``).
+    Cells another process holds are left to it; whichever process ends last writes the
+    complete leaderboard.
     """
     console = console or Console(stderr=True)
     root = out_dir / suite.name
     cells = suite.cells()
-    _claim_folder(root, suite, cells, replace)
-    store = CellStore(root)
-    store.clean_stale_tmp()
+    world = env_world()
     summary = RunSummary(root=root)
-    plan = _plan(store, cells)
-    pending = [c for c in cells if plan[c.cell_id] is not None]
-    summary.skipped = [c.cell_id for c in cells if plan[c.cell_id] is None]
-    if summary.skipped:
-        console.print(f"{len(summary.skipped)} of {len(cells)} cells already finished: skipped")
-    reused = [c for c in pending if plan[c.cell_id][0] is not None]
-    if reused:
-        todo = sorted({e.name for c in reused for e in plan[c.cell_id][1]})
+    pending: list[Cell] = []
+    if world.is_main:
+        _claim_folder(root, suite, cells, replace)
+        store = CellStore(root)
+        store.clean_stale_tmp()
+        plan = _plan(store, cells)
+        pending = [c for c in cells if plan[c.cell_id] is not None]
+        summary.skipped = [c.cell_id for c in cells if plan[c.cell_id] is None]
+        if summary.skipped:
+            console.print(f"{len(summary.skipped)} of {len(cells)} cells already finished: skipped")
+        reused = [c for c in pending if plan[c.cell_id][0] is not None]
+        if reused:
+            todo = sorted({e.name for c in reused for e in plan[c.cell_id][1]})
+            console.print(
+                f"{len(reused)} cells reuse their stored pretraining and only run: "
+                f"{', '.join(todo)}",
+                highlight=False,
+            )
+    context = None
+    if launcher is None:
+        start_world(world, cell_device(device, world))
+        if world.is_main and pending:  # a missing dataset fails here, before any write
+            context = _Context.load(suite, root, device, world, console)
+    if world.is_main and pending:
+        fresh = [c for c in pending if plan[c.cell_id][0] is None]
+        store.check_writable(sum(_result_bytes(c, suite) for c in fresh) + (1 << 20))
+    if launcher is None:
+        _work(suite, root, device, cells, world, console, summary, context)
+    elif pending:
+        _write_suite_record(root, suite, cells)
+        ids = tuple(c.cell_id for c in pending)
         console.print(
-            f"{len(reused)} cells reuse their stored pretraining and only run: "
-            f"{', '.join(todo)}",
+            f"launching {len(ids)} cells of suite {suite.name!r} with {launcher.summary()}",
             highlight=False,
         )
-    if pending:
+        launcher.launch(LaunchRequest(root, ids, device_option), console)
+        _collect(root, pending, summary)
+    if world.is_main:
+        _write_suite_record(root, suite, cells)
+        summary.leaderboard, summary.markdown = _suite_leaderboard(root, suite, cells)
+    return summary
+
+
+def rebuild_leaderboard(
+    root: Path,
+    cells: list[tuple[str, list[str]]],
+    title: str,
+    primary: str,
+    reference: str | None,
+) -> tuple[pd.DataFrame, str, int]:
+    """Write the leaderboard from every finished one of ``cells`` (``(cell_id, eval_ids)``)
+    under a lock: of processes sharing the folder, the one that ends last writes one that
+    holds every cell. Returns the table, its Markdown and the number of finished cells."""
+    with FileLock(root / LEADERBOARD_LOCK):
+        records = list(CellStore(root).finished(cells, repair=False).values())
+        table, markdown = write_leaderboard(root, records, title, primary, reference)
+    return table, markdown, len(records)
+
+
+def _suite_leaderboard(root: Path, suite: Suite, cells: list[Cell]) -> tuple[pd.DataFrame, str]:
+    cfg = suite.config
+    table, markdown, _ = rebuild_leaderboard(
+        root, [_ids(c) for c in cells], suite.name, cfg.primary_metric, cfg.reference
+    )
+    return table, markdown
+
+
+def run_cells(
+    root: Path,
+    cell_ids: list[str],
+    device_option: str = "auto",
+    console: Console | None = None,
+    stop_signal: tuple[int, Any] | None = None,
+    summary: RunSummary | None = None,
+) -> bool:
+    """A worker: run the given cells (all pending ones if none are given) of the suite whose
+    results folder is ``root``, claiming each; rebuild the leaderboard at the end.
+
+    Returns False if a stop signal ended it (the cell in training saved a checkpoint).
+    """
+    from mae_bench.plugins import load_registry
+    from mae_bench.suite import resolve_suite
+
+    console = console or Console(stderr=True)
+    record = read_suite_record(root)
+    suite = resolve_suite(record["resolved"], load_registry(), source=record["source"])
+    cells = suite.cells()
+    known = {c.cell_id: c for c in cells}
+    unknown = [i for i in cell_ids if i not in known]
+    if unknown:
+        raise UserError(f"{root}: no cell {', '.join(unknown)} in suite {suite.name!r}")
+    chosen = [known[i] for i in cell_ids] if cell_ids else cells
+    world = env_world()
+    device = cell_device(resolve_device(device_option), world)
+    summary = summary if summary is not None else RunSummary(root=root)
+    stop, outside = stop_signal if stop_signal else (None, None)
+    signals = (
+        resume.handle_signals(stop=(stop,), save=(), outside=outside)
+        if stop is not None
+        else contextlib.nullcontext()  # the command line installed the handlers
+    )
+    try:
+        with signals:
+            start_world(world, device)
+            _work(suite, root, device, chosen, world, console, summary)
+    except resume.Terminated as exc:
+        if stop is None:
+            raise
+        console.print(f"stopped by signal {exc.signum}: {exc.detail or 'no cell in training'}")
+        return False
+    if world.is_main:
+        _suite_leaderboard(root, suite, cells)
+    return True
+
+
+def _work(
+    suite: Suite,
+    root: Path,
+    device: torch.device,
+    cells: list[Cell],
+    world: Dist,
+    console: Console,
+    summary: RunSummary,
+    context: _Context | None = None,
+) -> None:
+    """Claim and run ``cells`` one by one in this process (rank 0 claims; in a data-parallel
+    world every rank pretrains each cell, and rank 0 evaluates and stores it)."""
+    store, leases = CellStore(root), Leases(root)
+    by_id = {c.cell_id: c for c in cells}
+    queue = list(cells)
+    display = _Display(console if world.is_main else Console(quiet=True), len(cells))
+    with display.shown(), contextlib.ExitStack() as stack:
+        while True:
+            claimed = _claim_next(store, leases, queue, world, summary) if world.is_main else None
+            shared = world.broadcast(
+                (claimed[0].cell_id, claimed[2][0] is None) if claimed else None
+            )
+            if shared is None:
+                break
+            cell, needs_pretraining = by_id[shared[0]], shared[1]
+            if context is None:
+                context = _Context.load(suite, root, device, world, console)
+            if not context.started:
+                context.start(suite, root, world, console)
+                stack.callback(context.loggers.call, "end_run")
+            if not world.is_main:
+                if needs_pretraining:
+                    _pretrain_on_rank(cell, suite, context, display, world)
+                world.barrier()  # rank 0 evaluates and stores
+                continue
+            _, lease, (stored, missing) = claimed
+            try:
+                _run_one(cell, suite, context, display, world, lease, stored, missing, summary)
+            finally:
+                lease.release()
+            world.barrier()
+    if summary.elsewhere and world.is_main:
+        console.print(
+            f"{len(summary.elsewhere)} cells are running in other processes (see mae-bench "
+            f"status {root}); the one that ends last writes the complete leaderboard",
+            highlight=False,
+        )
+
+
+def _claim_next(
+    store: CellStore, leases: Leases, queue: list[Cell], world: Dist, summary: RunSummary
+) -> tuple[Cell, Lease, tuple[dict[str, Any] | None, list[Evaluation]]] | None:
+    """The next unfinished cell of ``queue`` this process could claim, with its lease and
+    plan; cells finished or held by a live worker are passed over."""
+    while queue:
+        cell = queue.pop(0)
+        if _plan(store, [cell])[cell.cell_id] is None:
+            continue
+        lease = leases.claim(cell.cell_id, world.world_size)
+        if lease is None:
+            summary.elsewhere.append(cell.cell_id)
+            continue
+        entry = _plan(store, [cell])[cell.cell_id]  # finished just before we claimed it?
+        if entry is None:
+            lease.release()
+            continue
+        return cell, lease, entry
+    return None
+
+
+@dataclass
+class _Context:
+    """What every cell of a suite shares in one process: data, feeder, loggers."""
+
+    root: Path
+    data: ImageData
+    feeder: ImageFeeder
+    mean_image: torch.Tensor
+    loggers: LoggerSet
+    store: CellStore
+    started: bool = False
+
+    @classmethod
+    def load(
+        cls, suite: Suite, root: Path, device: torch.device, world: Dist, console: Console
+    ) -> _Context:
         prepare(device)
         ds = suite.config.dataset
         console.print(f"loading dataset {ds.name} ...", highlight=False)
         data = suite.build_dataset().load()  # a missing dataset fails here, before any write
-        fresh = [c for c in pending if plan[c.cell_id][0] is None]
-        store.check_writable(sum(_result_bytes(c, suite) for c in fresh) + (1 << 20))
         feeder = ImageFeeder.fit(
             data.pretrain, image_size=ds.image_size, channels=ds.channels, device=device
         )
-        mean_image = feeder.mean_image(data.pretrain)
-        _write_suite_record(root, suite, cells)
-        loggers = LoggerSet(suite.build_loggers())
-        loggers.call("start_run", suite.name, root, suite.resolved)
-        console.print(
-            f"running {len(pending)} cells of suite {suite.name!r} on {device_name(device)}",
-            highlight=False,
+        loggers = LoggerSet(suite.build_loggers() if world.is_main else [])
+        return cls(root, data, feeder, feeder.mean_image(data.pretrain), loggers, CellStore(root))
+
+    def start(self, suite: Suite, root: Path, world: Dist, console: Console) -> None:
+        """Before the first cell: record the suite, start the loggers, say where it runs."""
+        self.started = True
+        if world.is_main:
+            _write_suite_record(root, suite, suite.cells())
+            self.loggers.call("start_run", suite.name, root, suite.resolved)
+            procs = f" x {world.world_size} processes" if world.active else ""
+            device = device_name(self.feeder.device)
+            console.print(f"running on {device}{procs}", highlight=False)
+
+    def checkpoint(self, cell: Cell, suite: Suite, world: Dist) -> Checkpoint:
+        """The cell's pretraining checkpoint (rank 0 writes it)."""
+        return Checkpoint(
+            self.root / CHECKPOINT_DIR / f"{cell.cell_id}.pt",
+            cell.config_hash,
+            suite.config.pretrain.checkpoint_every,
+            writer=world.is_main,
         )
-        display = _Display(console, len(pending))
-        with display.shown(), contextlib.ExitStack() as stack:
-            stack.callback(loggers.call, "end_run")
-            for cell in pending:
-                start = time.perf_counter()
-                stored, missing = plan[cell.cell_id]
-                loggers.call("start_cell", cell.cell_id, cell.config)
 
-                def on_epoch(epoch: int, row: dict[str, float], cell_id: str = cell.cell_id):
-                    display.epoch(epoch, row)
-                    loggers.call("log_epoch", cell_id, epoch, row)
 
-                try:
-                    if stored is None:
-                        pre = pretrain_cell(cell, suite, data, feeder, display, on_epoch)
-                        _store_pretrained(store, cell, pre)
-                    else:
-                        display.start_cell(cell, 0)
-                        pre = load_pretrained(cell, stored, store, feeder)
-                    display.evaluating()
-                    for out in evaluate_cell(
-                        cell, suite, data, feeder, pre.model, mean_image, missing
-                    ):
-                        _store_evaluation(store, cell, out)
-                        loggers.call(
-                            "log_evaluation",
-                            cell.cell_id,
-                            out.record["evaluator"],
-                            out.record["metrics"],
-                        )
-                except Exception as exc:  # one cell's failure is that cell's, not the suite's
-                    failure = _record_failure(root, cell, exc)
-                    summary.failed[cell.cell_id] = failure
-                    display.end_cell(f"[red]FAILED[/red] {cell.cell_id}: {failure.reason}")
-                    del exc  # drop the traceback's frames (and the cell's tensors) now
-                    if device.type == "cuda":  # give a failed cell's memory back
-                        torch.cuda.empty_cache()
-                    continue
-                (root / FAILED_DIR / f"{cell.cell_id}.log").unlink(missing_ok=True)
-                summary.finished.append(cell.cell_id)
-                whole = store.finished([_ids(cell)], repair=False).get(cell.cell_id, {})
-                loggers.call("end_cell", cell.cell_id, whole.get("metrics", {}))
-                shown = "  ".join(_headline(whole)[:4]) if whole else ""
-                reuse = " (pretraining reused)" if pre.reused else ""
-                display.end_cell(
-                    f"done {cell.variant.name} seed {cell.seed}{reuse}: {shown}  "
-                    f"({time.perf_counter() - start:.0f} s)"
-                )
-    _write_suite_record(root, suite, cells)
-    records = list(store.finished([_ids(c) for c in cells], repair=False).values())
-    summary.leaderboard, summary.markdown = write_leaderboard(
-        root,
-        records,
-        title=suite.name,
-        primary=suite.config.primary_metric,
-        reference=suite.config.reference,
+def _pretrain_on_rank(
+    cell: Cell, suite: Suite, ctx: _Context, display: _Display, world: Dist
+) -> None:
+    """A non-zero rank's part of a cell: its share of the data-parallel pretraining."""
+    try:
+        pretrain_cell(
+            cell,
+            suite,
+            ctx.data,
+            ctx.feeder,
+            display,
+            checkpoint=ctx.checkpoint(cell, suite, world),
+            world=world,
+        )
+    except Exception as exc:  # rank 0 records the cell's failure
+        print(f"rank {world.rank}: {cell.cell_id}: {failure_line(exc)}", file=sys.stderr)
+
+
+def _run_one(
+    cell: Cell,
+    suite: Suite,
+    ctx: _Context,
+    display: _Display,
+    world: Dist,
+    lease: Lease,
+    stored: dict[str, Any] | None,
+    missing: list[Evaluation],
+    summary: RunSummary,
+) -> None:
+    """Run one claimed cell on rank 0: pretrain (resuming a checkpoint) or load it, evaluate,
+    store; a failure is the cell's, recorded in ``failed/``."""
+    start = time.perf_counter()
+    store, root = ctx.store, ctx.root
+    ctx.loggers.call("start_cell", cell.cell_id, cell.config)
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        display.epoch(epoch, row)
+        lease.update(epoch=epoch)
+        ctx.loggers.call("log_epoch", cell.cell_id, epoch, row)
+
+    def on_resume(epoch: int) -> None:
+        summary.resumed[cell.cell_id] = epoch
+        display.console.print(f"resumed {cell.cell_id} from epoch {epoch}", highlight=False)
+
+    try:
+        if stored is None:
+            checkpoint = ctx.checkpoint(cell, suite, world)
+            lease.update(stage="pretraining", epochs=suite.config.pretrain.epochs)
+            pre = pretrain_cell(
+                cell,
+                suite,
+                ctx.data,
+                ctx.feeder,
+                display,
+                on_epoch,
+                checkpoint=checkpoint,
+                world=world,
+                on_resume=on_resume,
+            )
+            _store_pretrained(store, cell, pre)
+            checkpoint.remove()
+        else:
+            display.start_cell(cell, 0)
+            pre = load_pretrained(cell, stored, store, ctx.feeder)
+        display.evaluating()
+        lease.update(stage="evaluating")
+        for out in evaluate_cell(
+            cell, suite, ctx.data, ctx.feeder, pre.model, ctx.mean_image, missing
+        ):
+            _store_evaluation(store, cell, out)
+            ctx.loggers.call(
+                "log_evaluation", cell.cell_id, out.record["evaluator"], out.record["metrics"]
+            )
+    except Exception as exc:  # one cell's failure is that cell's, not the suite's
+        failure = _record_failure(root, cell, exc)
+        summary.failed[cell.cell_id] = failure
+        display.end_cell(f"[red]FAILED[/red] {cell.cell_id}: {failure.reason}")
+        del exc  # drop the traceback's frames (and the cell's tensors) now
+        if ctx.feeder.device.type == "cuda":  # give a failed cell's memory back
+            torch.cuda.empty_cache()
+        return
+    (root / FAILED_DIR / f"{cell.cell_id}.log").unlink(missing_ok=True)
+    summary.finished.append(cell.cell_id)
+    whole = store.finished([_ids(cell)], repair=False).get(cell.cell_id, {})
+    ctx.loggers.call("end_cell", cell.cell_id, whole.get("metrics", {}))
+    shown = "  ".join(_headline(whole)[:4]) if whole else ""
+    reuse = " (pretraining reused)" if pre.reused else ""
+    display.end_cell(
+        f"done {cell.variant.name} seed {cell.seed}{reuse}: {shown}  "
+        f"({time.perf_counter() - start:.0f} s)"
     )
-    return summary
+
+
+def _collect(root: Path, cells: list[Cell], summary: RunSummary) -> None:
+    """After a launcher returns: which of ``cells`` finished, failed or still run elsewhere."""
+    store, leases = CellStore(root), Leases(root)
+    done = store.finished([_ids(c) for c in cells], repair=False)
+    for cell in cells:
+        log = root / FAILED_DIR / f"{cell.cell_id}.log"
+        if cell.cell_id in done:
+            summary.finished.append(cell.cell_id)
+        elif log.is_file():
+            reason = log.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
+            summary.failed[cell.cell_id] = CellFailure(reason, log)
+        elif leases.read(cell.cell_id):
+            summary.elsewhere.append(cell.cell_id)
+        else:
+            summary.failed[cell.cell_id] = CellFailure(
+                "its job ended without a result or a failure log (see the launcher's logs)", None
+            )
 
 
 class LoggerSet:
@@ -582,3 +866,41 @@ def _write_suite_record(root: Path, suite: Suite, cells: list[Cell]) -> None:
         "cells": cell_ids,
     }
     write_json(root / SUITE_FILE, record)
+
+
+def cell_status(root: Path) -> list[dict[str, Any]]:
+    """Per cell of a results folder: ``state`` (done, running, failed, pending) and a
+    ``detail`` line: where and since when it runs and its stage and epoch, the path of its
+    traceback, or the checkpoint it would resume from."""
+    record = read_suite_record(root)
+    store, leases = CellStore(root), Leases(root)
+    rows = []
+    for cell_id, eval_ids in suite_cells(record):
+        row: dict[str, Any] = {"cell_id": cell_id}
+        lease = leases.read(cell_id)
+        log = root / FAILED_DIR / f"{cell_id}.log"
+        checkpoint = root / CHECKPOINT_DIR / f"{cell_id}.pt"
+        if store.finished([(cell_id, eval_ids)], repair=False):
+            row.update(state="done", detail="")
+        elif lease is not None:
+            since = dt.datetime.fromtimestamp(lease.since).astimezone()
+            progress = f" epoch {lease.epoch}/{lease.epochs}" if lease.epochs else ""
+            procs = f" x{lease.world_size} processes" if lease.world_size > 1 else ""
+            row.update(
+                state="running",
+                detail=f"on {lease.where()}{procs} since {since:%Y-%m-%d %H:%M:%S}: "
+                f"{lease.stage}{progress}",
+                host=lease.host,
+                pid=lease.pid,
+                since=lease.since,
+                stage=lease.stage,
+                epoch=lease.epoch,
+            )
+        elif log.is_file():
+            reason = log.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
+            row.update(state="failed", detail=f"{reason} (traceback: {log})", log=str(log))
+        else:
+            resumable = " (will resume from its checkpoint)" if checkpoint.is_file() else ""
+            row.update(state="pending", detail=resumable.strip())
+        rows.append(row)
+    return rows

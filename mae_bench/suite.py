@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -33,6 +34,7 @@ from mae_bench.checkpoints import checkpoint_digest, load_weights
 from mae_bench.contract import (
     Dataset,
     Evaluator,
+    Launcher,
     Logger,
     Loss,
     MaskedAutoencoder,
@@ -47,6 +49,8 @@ from mae_bench.metrics import CORE_METRICS
 from mae_bench.plugins import Registry
 
 RESULT_FORMAT = 3  # 2: fixed metrics; 3: evaluator plugins. Older cells are recomputed
+# pretraining settings that change how a cell runs, not what it computes: not in its key
+RUN_ONLY = {"accum_iter", "checkpoint_every"}
 SafeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=80)]
 
 
@@ -121,11 +125,19 @@ class AugmentConfig(_Strict):
 
 
 class PretrainConfig(_Strict):
-    """Pretraining budget and optimizer (AdamW, linear warmup then cosine decay)."""
+    """Pretraining budget and optimizer (AdamW, linear warmup then cosine decay).
+
+    ``batch_size`` is the effective batch of one optimizer step, whatever runs it: it is split
+    over data-parallel processes and ``accum_iter`` accumulated micro-batches. ``blr`` sets
+    the learning rate by the MAE paper's rule, lr = blr x batch_size / 256.
+    """
 
     epochs: PositiveInt
     batch_size: PositiveInt = 64
     lr: PositiveFloat = 1.5e-3
+    blr: PositiveFloat | None = None
+    accum_iter: PositiveInt = 1
+    checkpoint_every: NonNegativeInt | Literal["auto"] = "auto"
     min_lr: NonNegativeFloat = 0.0
     weight_decay: NonNegativeFloat = 0.05
     warmup_epochs: NonNegativeFloat = 0.0
@@ -135,6 +147,26 @@ class PretrainConfig(_Strict):
     )
     grad_clip: PositiveFloat | None = None
     augment: AugmentConfig = AugmentConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lr_rule(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("blr") is not None:
+            if data.get("lr") is not None:
+                lr_rule = data["blr"] * data.get("batch_size", 64) / 256
+                if not math.isclose(float(data["lr"]), lr_rule):
+                    raise ValueError("set lr or blr (lr = blr x batch_size / 256), not both")
+            data = {**data, "lr": data["blr"] * data.get("batch_size", 64) / 256}
+        return data
+
+    @model_validator(mode="after")
+    def _micro_batches(self) -> PretrainConfig:
+        if self.batch_size % self.accum_iter:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split into accum_iter={self.accum_iter} "
+                "equal micro-batches"
+            )
+        return self
 
 
 class ThresholdConfig(_Strict):
@@ -282,9 +314,11 @@ class Variant:
 
     def plugins(self) -> dict[str, str]:
         """Name and version of every plugin distribution providing one of its components."""
-        parts = [self.encoder] if self.baseline else [
-            self.encoder, self.masking, *(t.component for t in self.losses)
-        ]
+        parts = (
+            [self.encoder]
+            if self.baseline
+            else [self.encoder, self.masking, *(t.component for t in self.losses)]
+        )
         return {r.plugin: r.version for r in parts}
 
     def build_losses(self) -> list[tuple[Loss, float]]:
@@ -435,7 +469,9 @@ class Suite:
                     "plugins": {self.dataset.plugin: self.dataset.version, **variant.plugins()},
                 }
                 if not variant.baseline:
-                    config["pretrain"] = self.config.pretrain.model_dump(mode="json")
+                    config["pretrain"] = self.config.pretrain.model_dump(
+                        mode="json", exclude=RUN_ONLY
+                    )
                 key = config_hash(config)
                 evaluations = []
                 for evaluator in self.evaluators:
@@ -716,3 +752,28 @@ def load_suite(
         listed = raw.get("loggers") or []
         raw["loggers"] = [*listed, *({"name": name} for name in loggers)]
     return resolve_suite(raw, registry, source=str(path))
+
+
+def parse_options(items: Sequence[str], flag: str) -> dict[str, Any]:
+    """``key=value`` command-line options (values parsed as YAML) as a mapping."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{flag} {item!r}: expected key=value")
+        try:
+            options[key] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserError(f"{flag} {key}: cannot parse value {text!r}") from None
+    return options
+
+
+def resolve_launcher(registry: Registry, name: str, options: dict[str, Any]) -> Launcher:
+    """The launcher ``name`` with its options validated; ConfigError naming the option."""
+    info = _lookup(registry, "launcher", name, "--launcher", "command line")
+    try:
+        params = info.cls.Params.model_validate(options)
+    except ValidationError as exc:
+        error = _validation_error(exc, "", "command line")
+        raise ConfigError(f"--launcher-opt {error.field}", error.message, "command line") from None
+    return info.cls(params)

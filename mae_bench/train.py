@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,9 +13,12 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from mae_bench import resume
 from mae_bench.contract import Loss, LossInputs, Mask, MaskedAutoencoder, MaskingStrategy
 from mae_bench.data import ImageFeeder, index_batches
 from mae_bench.device import autocast, optimizer_options
+from mae_bench.distributed import SINGLE, Dist
+from mae_bench.resume import Checkpoint, rng_state, set_rng_state
 from mae_bench.suite import PretrainConfig
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -63,12 +68,17 @@ def loss_terms(
 
 
 def forward_loss(
-    model: MaskedAutoencoder, x: Tensor, mask: Mask, losses: list[tuple[Loss, float]]
+    model: MaskedAutoencoder,
+    x: Tensor,
+    mask: Mask,
+    losses: list[tuple[Loss, float]],
+    forward: torch.nn.Module | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The model's forward pass on a masked batch (bf16 autocast on CUDA) and the weighted
-    loss, computed in float32 outside autocast."""
+    loss, computed in float32 outside autocast. ``forward``: the module to call instead of
+    ``model`` (its DistributedDataParallel wrapper)."""
     with autocast(x.device):
-        out = model(x, mask)
+        out = (forward or model)(x, mask)
     inputs = LossInputs(
         x, out.pred.float(), mask.mask, out.latent.float(), model.patch_size, model.pool
     )
@@ -139,44 +149,169 @@ def pretrain(
     *,
     seed: int,
     on_epoch: EpochCallback | None = None,
+    checkpoint: Checkpoint | None = None,
+    world: Dist = SINGLE,
+    on_resume: Callable[[int], None] | None = None,
 ) -> PretrainResult:
     """Pretrain ``model`` (already on ``feeder.device``) on uint8 ``images``; deterministic on
-    CPU for a given seed. The logged ``mask_ratio`` is the fraction of patches actually masked."""
+    CPU for a given seed. The logged ``mask_ratio`` is the fraction of patches actually masked.
+
+    Every optimizer step takes ``cfg.batch_size`` images, whatever runs it: with ``world``
+    (data parallel) each process takes its share of every batch, drawn, masked and augmented
+    as in one process, and with ``cfg.accum_iter`` that share is split into micro-batches.
+    With ``checkpoint``, the run resumes from its saved state (``on_resume(epoch)`` is told)
+    and saves one after epochs (by its policy) and on SIGTERM/SIGUSR1 (see
+    :mod:`mae_bench.resume`); a stop signal raises :class:`resume.Terminated` after saving.
+    """
     device = feeder.device
     model.train()
+    net: torch.nn.Module = model
+    if world.active:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     optimizer = make_optimizer(model, cfg, device)
-    order_gen = torch.Generator().manual_seed(seed)
-    mask_gen = torch.Generator().manual_seed(seed + 1_000_003)
-    aug_gen = torch.Generator().manual_seed(seed + 2_000_003)
+    gens = {
+        "order": torch.Generator().manual_seed(seed),
+        "mask": torch.Generator().manual_seed(seed + 1_000_003),
+        "aug": torch.Generator().manual_seed(seed + 2_000_003),
+    }
     bs = min(cfg.batch_size, len(images))
+    shard = world.shard(bs)
+    micro = (shard.stop - shard.start) // cfg.accum_iter
+    if micro == 0 or (shard.stop - shard.start) % cfg.accum_iter:
+        raise ValueError(
+            f"a batch of {bs} images on {world.world_size} processes does not split into "
+            f"accum_iter={cfg.accum_iter} equal micro-batches"
+        )
     steps_per_epoch = len(images) // bs
     total = steps_per_epoch * cfg.epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     result = PretrainResult()
-    step = 0
+    step, first_epoch, skip = 0, 0, 0
+    sums: dict[str, Tensor] = {}
+    epoch_order = gens["order"].get_state()
+    saved = checkpoint.load() if checkpoint else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        for name, gen in gens.items():
+            gen.set_state(saved["generators"][name])
+        set_rng_state(saved["rng"], device)
+        step, first_epoch, skip = saved["step"], saved["epoch"], saved["batch"]
+        epoch_order = saved["epoch_order"]
+        sums = {k: v.to(device) for k, v in saved["sums"].items()}
+        result.history = saved["history"]
+        result.images_seen, result.seconds = saved["images_seen"], saved["seconds"]
+        if on_resume:
+            on_resume(first_epoch)
+
+    def state(epoch: int, batch: int) -> dict[str, object]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generators": {name: gen.get_state() for name, gen in gens.items()},
+            "rng": rng_state(device),
+            "scaler": None,  # bf16 autocast needs no gradient scaler
+            "step": step,
+            "epoch": epoch,
+            "batch": batch,
+            "epoch_order": epoch_order,
+            "sums": {k: v.detach().cpu() for k, v in sums.items()},
+            "history": result.history,
+            "images_seen": result.images_seen,
+            "seconds": result.seconds + time.perf_counter() - start,
+        }
+
     start = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        sums: dict[str, Tensor] = {}
-        for idx in index_batches(len(images), bs, generator=order_gen, drop_last=True):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, cfg)
-            x = feeder(images[idx], cfg.augment, aug_gen)
-            progress = step / total
-            mask = draw_mask(masking, len(x), model, progress, mask_gen, full_check=step == 0)
-            loss, terms = train_step(model, x, mask, losses, optimizer, cfg.grad_clip)
-            step += 1
-            result.images_seen += len(x)
-            drawn = mask.mask.detach().float().mean()
-            for key, value in {"loss": loss, **terms, "mask_ratio": drawn}.items():
-                sums[key] = sums[key] + value if key in sums else value  # no sync per step
-        if not math.isfinite(float(sums["loss"])):
-            raise FloatingPointError(f"the pretraining loss diverged in epoch {epoch + 1}")
-        row = {"epoch": epoch + 1, **{k: float(v) / steps_per_epoch for k, v in sums.items()}}
-        row["lr"] = optimizer.param_groups[0]["lr"]
-        result.history.append(row)
-        if on_epoch:
-            on_epoch(epoch + 1, row)
+    pending_stop: int | None = None
+    pending_save = False
+    with resume.training():
+        for epoch in range(first_epoch, cfg.epochs):
+            if skip == 0:
+                epoch_order = gens["order"].get_state()
+                sums = {}
+            else:  # resuming mid-epoch: the same order, from the batch after the saved one
+                gens["order"].set_state(epoch_order)
+            batches = list(index_batches(len(images), bs, generator=gens["order"], drop_last=True))
+            for b, idx in enumerate(batches[skip:], start=skip):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total, warmup, cfg)
+                x = feeder(images[idx], cfg.augment, gens["aug"], rows=shard)
+                mask = draw_mask(
+                    masking, bs, model, step / total, gens["mask"], full_check=step == 0
+                ).rows(shard)
+                loss, terms = _step(net, model, x, mask, losses, optimizer, cfg, micro)
+                step += 1
+                result.images_seen += bs
+                drawn = mask.mask.detach().float().mean()
+                for key, value in {"loss": loss, **terms, "mask_ratio": drawn}.items():
+                    sums[key] = sums[key] + value if key in sums else value  # no sync per step
+                stop, save = resume.requested()
+                if world.active:  # every rank acts on a signal any rank received
+                    stop = signal.SIGTERM if world.any(stop is not None, device) else None
+                    save = world.any(save, device)
+                if b + 1 == len(batches):  # acted on at the end of the epoch
+                    pending_stop, pending_save = stop, save
+                elif stop is not None or save:
+                    if checkpoint:
+                        checkpoint.save(state(epoch, b + 1))
+                    if stop is not None:
+                        resume.consume_stop()
+                        raise resume.Terminated(stop, f"checkpoint saved in epoch {epoch + 1}")
+            skip = 0
+            means = {k: world.mean(v) for k, v in sums.items()}
+            if not math.isfinite(float(means["loss"])):
+                raise FloatingPointError(f"the pretraining loss diverged in epoch {epoch + 1}")
+            row = {"epoch": epoch + 1, **{k: float(v) / steps_per_epoch for k, v in means.items()}}
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            result.history.append(row)
+            sums = {}
+            done = epoch + 1 == cfg.epochs
+            asked = pending_stop is not None or pending_save
+            if checkpoint and (asked or (not done and checkpoint.due(epoch + 1, epoch_end=True))):
+                checkpoint.save(state(epoch + 1, 0))
+            if on_epoch:
+                on_epoch(epoch + 1, row)
+            if pending_stop is not None:
+                resume.consume_stop()
+                raise resume.Terminated(pending_stop, f"checkpoint saved after epoch {epoch + 1}")
+            pending_save = False
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    result.seconds = time.perf_counter() - start
+    result.seconds += time.perf_counter() - start
     return result
+
+
+def _step(
+    net: torch.nn.Module,
+    model: MaskedAutoencoder,
+    x: Tensor,
+    mask: Mask,
+    losses: list[tuple[Loss, float]],
+    optimizer: torch.optim.Optimizer,
+    cfg: PretrainConfig,
+    micro: int,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One optimizer step over this process's share ``x`` of a batch, in micro-batches of
+    ``micro`` images whose gradients add up (synchronised across processes once, on the
+    last); returns the detached loss and terms averaged over the micro-batches."""
+    optimizer.zero_grad(set_to_none=True)
+    parts = range(0, len(x), micro)
+    loss_sum: Tensor | None = None
+    term_sums: dict[str, Tensor] = {}
+    for i, begin in enumerate(parts):
+        rows = slice(begin, begin + micro)
+        last = i == len(parts) - 1
+        sync = contextlib.nullcontext() if last or net is model else net.no_sync()
+        with sync:
+            loss, terms = forward_loss(model, x[rows], mask.rows(rows), losses, forward=net)
+            (loss / len(parts)).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        for k, v in terms.items():
+            term_sums[k] = term_sums[k] + v if k in term_sums else v
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    assert loss_sum is not None
+    return loss_sum / len(parts), {k: v / len(parts) for k, v in term_sums.items()}

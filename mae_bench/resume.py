@@ -1,0 +1,192 @@
+"""Exact resume: training checkpoints written atomically, and the signals that ask for one.
+
+A checkpoint holds everything a training loop needs to go on as if it had never stopped:
+model, optimizer, gradient scaler, every random generator's state, epoch, step and the
+running sums of the epoch. It is read back with ``torch.load(weights_only=True)``.
+
+Signals: SIGTERM (what SLURM, ``kill`` and a preempting scheduler send) stops a training loop
+at its next step boundary after saving a checkpoint; SIGUSR1 saves one and goes on. Outside a
+training loop SIGTERM stops the process where it is (:class:`Terminated`). A scheduler's own
+signal (submitit's SIGUSR2) is added with :func:`handle_signals`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mae_bench.errors import MaeBenchWarning
+from mae_bench.files import grant_umask
+
+CHECKPOINT_DIR = "checkpoints"  # <results>/<suite>/checkpoints/<cell id>.pt
+AUTO_SHARE = 0.05  # "auto": saving takes at most this share of the training time
+
+
+class Terminated(KeyboardInterrupt):
+    """A stop signal, raised where it can be handled cleanly (after a checkpoint, if in a
+    training loop): the process stops as on Ctrl-C and a re-run resumes."""
+
+    def __init__(self, signum: int = signal.SIGTERM, detail: str = "") -> None:
+        super().__init__(detail)
+        self.signum = signum
+        self.detail = detail
+
+
+_state: dict[str, Any] = {"training": 0, "stop": None, "save": False}
+Outside = Callable[[int, Any], None]
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def _on_stop(outside: Outside) -> Callable[[int, Any], None]:
+    def handler(signum: int, frame: Any) -> None:
+        if _state["training"]:
+            _state["stop"] = signum  # the loop saves a checkpoint at its next step and stops
+        else:
+            outside(signum, frame)
+
+    return handler
+
+
+def _on_save(signum: int, frame: Any) -> None:
+    _state["save"] = True
+
+
+@contextlib.contextmanager
+def handle_signals(
+    stop: tuple[int, ...] = (signal.SIGTERM,),
+    save: tuple[int, ...] = (signal.SIGUSR1,),
+    outside: Outside = _raise_terminated,
+) -> Iterator[None]:
+    """Install the checkpoint-aware handlers for the ``stop`` and ``save`` signals (main
+    thread only); ``outside`` is what a stop signal does outside a training loop."""
+    previous = {}
+    try:
+        for sig in stop:
+            previous[sig] = signal.signal(sig, _on_stop(outside))
+        for sig in save:
+            previous[sig] = signal.signal(sig, _on_save)
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def training() -> Iterator[None]:
+    """Mark a training loop: stop signals now wait for its next step boundary."""
+    _state["training"] += 1
+    try:
+        yield
+    finally:
+        _state["training"] -= 1
+        if not _state["training"] and _state["stop"] is not None:
+            signum, _state["stop"] = _state["stop"], None
+            raise Terminated(signum)  # a stop that arrived after the last step boundary
+
+
+def requested() -> tuple[int | None, bool]:
+    """The pending stop signal (None: none) and whether a checkpoint was asked for; the
+    save request is consumed."""
+    save, _state["save"] = _state["save"], False
+    return _state["stop"], save
+
+
+def consume_stop() -> int:
+    """Take the pending stop signal (the loop is about to raise it)."""
+    signum, _state["stop"] = _state["stop"], None
+    return signum or signal.SIGTERM
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global random generators' states (CPU, and CUDA on CUDA)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Checkpoint:
+    """The checkpoint file of one training run (e.g. a cell's pretraining), keyed by what
+    determines the run, so a stale file is never resumed from.
+
+    ``every``: save after every ``every`` epochs; 0 only on signals; ``"auto"`` after each
+    epoch while saving stays under 5% of the time since the last save.
+    """
+
+    def __init__(self, path: Path, key: str, every: int | str = "auto", writer: bool = True):
+        self.path = path
+        self.key = key
+        self.every = every
+        self.writer = writer  # rank 0 writes; every rank reads
+        self._last_save_s = 0.0
+        self._last_save_at = time.perf_counter()
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, or None if there is none (or it is damaged or another run's:
+        warned about and ignored, the run starts over)."""
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("key") != self.key:
+                raise ValueError("written for other settings")
+        except Exception as exc:
+            warnings.warn(
+                f"checkpoint {self.path} not used ({exc}): the run starts over",
+                MaeBenchWarning,
+                stacklevel=2,
+            )
+            return None
+        return state
+
+    def due(self, epoch: int, epoch_end: bool) -> bool:
+        """Whether to save after ``epoch`` (1-based) by the ``every`` policy."""
+        if not epoch_end or self.every == 0:
+            return False
+        if self.every == "auto":
+            elapsed = time.perf_counter() - self._last_save_at
+            return elapsed * AUTO_SHARE >= self._last_save_s
+        return epoch % int(self.every) == 0
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` (tensors and plain data) atomically: temporary file, fsync, rename."""
+        start = time.perf_counter()
+        if self.writer:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    torch.save({**state, "key": self.key}, handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                grant_umask(tmp)
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        self._last_save_at = time.perf_counter()
+        self._last_save_s = self._last_save_at - start
+
+    def remove(self) -> None:
+        """Delete the checkpoint (the run finished and its results are stored)."""
+        if self.writer:
+            self.path.unlink(missing_ok=True)
