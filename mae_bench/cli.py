@@ -145,7 +145,7 @@ def run(
         for warning in (*registry.problems(), *suite.warnings):
             _print_warning(warning)
     torch_device = cell_device(resolve_device(device), world)
-    check_memory(suite, torch_device)  # before anything is loaded or written
+    check_memory(suite, torch_device, world.world_size)  # before anything is loaded or written
     with _stopping(Path(out_dir) / suite.name):
         summary = run_suite(
             suite,

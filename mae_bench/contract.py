@@ -530,6 +530,9 @@ class EvalContext:
     masking: MaskingStrategy | None  # the variant's own masking (None on baselines)
     mean_image: Tensor  # mean pretraining image in [0, 1] pixels, (C, H, W)
     thresholds: list[float]  # the suite's decision thresholds for threshold tables
+    # this evaluation's checkpoint file (mae_bench.resume.Checkpoint), for evaluators that
+    # train long: load() at the start, epoch_end() after each epoch (see docs/plugins.md)
+    checkpoint: Any = None
 
     @property
     def device(self) -> torch.device:

@@ -23,14 +23,23 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def pretrain_step_bytes(variant: Variant, suite: Suite) -> int:
-    """Bytes one pretraining step of ``variant`` needs (weights x 4 for gradients and AdamW,
-    the batch, and the activations kept for backward), at the lowest mask ratio it uses."""
-    ds, cfg = suite.config.dataset, suite.config.pretrain
+def micro_batch(suite: Suite, processes: int = 1) -> int:
+    """Images one process holds in one forward pass: the batch split over data-parallel
+    ``processes`` and ``pretrain.accum_iter`` micro-batches."""
+    cfg = suite.config.pretrain
+    return max(1, cfg.batch_size // (processes * cfg.accum_iter))
+
+
+def pretrain_step_bytes(variant: Variant, suite: Suite, processes: int = 1) -> int:
+    """Bytes one process needs for a pretraining step of ``variant`` (weights x 4 for
+    gradients and AdamW, its micro-batch, and the activations kept for backward), at the
+    lowest mask ratio it uses."""
+    ds = suite.config.dataset
     with torch.device("meta"):
         model = variant.build_model(ds.image_size, ds.channels)
     masking, losses = variant.build_masking(), variant.build_losses()
-    x = torch.empty(cfg.batch_size, ds.channels, ds.image_size, ds.image_size, device="meta")
+    size = (micro_batch(suite, processes), ds.channels, ds.image_size, ds.image_size)
+    x = torch.empty(size, device="meta")
     weights = sum(_bytes(p) for p in model.parameters() if p.requires_grad)
     peak = 0
     for progress in (0.0, 1.0):  # a curriculum's lowest ratio keeps the most tokens
@@ -59,25 +68,31 @@ def memory_budget(device: torch.device) -> tuple[int, str]:
     return total, "this machine's"
 
 
-def memory_problem(suite: Suite, device: torch.device) -> str | None:
-    """Why ``suite``'s pretraining step cannot fit on ``device`` (with the figures), or None."""
+def memory_problem(suite: Suite, device: torch.device, processes: int = 1) -> str | None:
+    """Why ``suite``'s pretraining step cannot fit on ``device`` (with the figures), or None.
+
+    ``processes`` data-parallel processes on one CPU machine share its memory; on CUDA each
+    has its own device."""
     budget, whose = memory_budget(device)
-    ds, cfg = suite.config.dataset, suite.config.pretrain
+    if device.type != "cuda":
+        budget //= processes
+    ds = suite.config.dataset
+    micro = micro_batch(suite, processes)
     for i, variant in enumerate(suite.variants):
-        need = pretrain_step_bytes(variant, suite)
+        need = pretrain_step_bytes(variant, suite, processes)
         if need > budget:
             return (
                 f"{suite.source}: variants[{i}] ({variant.name}): one pretraining step needs "
-                f"about {need / 2**30:,.1f} GiB (batch {cfg.batch_size} at "
+                f"about {need / 2**30:,.1f} GiB per process (micro-batch {micro} at "
                 f"{ds.image_size}x{ds.image_size}: weights, gradients, AdamW state and "
                 f"activations), more than {whose} {budget / 2**30:,.1f} GiB of memory; lower "
-                "dataset.image_size, pretrain.batch_size or the model size"
+                "dataset.image_size or the model size, or raise pretrain.accum_iter"
             )
     return None
 
 
-def check_memory(suite: Suite, device: torch.device) -> None:
+def check_memory(suite: Suite, device: torch.device, processes: int = 1) -> None:
     """Refuse, with the figures, a suite whose pretraining step cannot fit on ``device``."""
-    problem = memory_problem(suite, device)
+    problem = memory_problem(suite, device, processes)
     if problem:
         raise UserError(problem)

@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,7 @@ import torch
 import mae_bench
 from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.files import grant_umask
+from mae_bench.leases import host_name, process_alive
 
 PRETRAIN_FILE = "pretrain.json"  # a cell's pretraining record
 RESULT_FILE = "result.json"  # an evaluation's record
@@ -320,13 +320,13 @@ class CellStore:
         removed = []
         if not self.cells_dir.is_dir():
             return removed
-        host, now = _host(), time.time()
+        host, now = host_name(), time.time()
         candidates = [*self.cells_dir.glob(".*.tmp"), *self.cells_dir.glob(f"*/{EVALS_DIR}/.*.tmp")]
         for tmp in candidates:
             parts = tmp.name[1:-4].rsplit(".", 3)
             owner_host, pid = (parts[1], parts[2]) if len(parts) == 4 else ("", "")
             if owner_host == host and pid.isdigit():
-                stale = not _alive(int(pid))
+                stale = not process_alive(int(pid))
             elif owner_host and pid.isdigit():
                 stale = now - tmp.stat().st_mtime > STALE_FOREIGN_TMP_S
             else:
@@ -364,7 +364,7 @@ class CellStore:
         finished first, ours is dropped); an unfinished or damaged one in the way is moved
         to ``cells/.damaged/``."""
         final.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{final.name}.{_host()}.{os.getpid()}."
+        prefix = f".{final.name}.{host_name()}.{os.getpid()}."
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=prefix, suffix=".tmp"))
         try:
             grant_umask(tmp, folder=True)
@@ -411,20 +411,6 @@ class CellStore:
                 f"--out: {self.root} is on a disk with {free / 2**20:.0f} MiB free; the "
                 f"results of this run need about {needed_bytes / 2**20:.0f} MiB"
             )
-
-
-def _host() -> str:
-    return socket.gethostname().replace(".", "_") or "host"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class OlderResults(UserError):

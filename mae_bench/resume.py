@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mae_bench.errors import MaeBenchWarning
@@ -124,6 +125,19 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def numpy_state(generator: np.random.RandomState) -> dict[str, Any]:
+    """A numpy RandomState's state as tensors and numbers (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = generator.get_state()
+    return {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+            "gauss": gauss, "kind": kind}  # fmt: skip
+
+
+def set_numpy_state(generator: np.random.RandomState, state: dict[str, Any]) -> None:
+    """Restore what :func:`numpy_state` returned."""
+    keys = state["keys"].numpy().astype(np.uint32)
+    generator.set_state((state["kind"], keys, state["pos"], state["has_gauss"], state["gauss"]))
+
+
 class Checkpoint:
     """The checkpoint file of one training run (e.g. a cell's pretraining), keyed by what
     determines the run, so a stale file is never resumed from.
@@ -186,7 +200,20 @@ class Checkpoint:
         self._last_save_at = time.perf_counter()
         self._last_save_s = self._last_save_at - start
 
+    def epoch_end(self, epoch: int, state: Callable[[], dict[str, Any]], last: bool) -> None:
+        """Call after each epoch of a loop run under :func:`training`: saves ``state()`` when
+        the policy says so or a signal asked for it, and after a stop signal raises
+        :class:`Terminated` (once saved)."""
+        stop, save = requested()
+        if stop is not None or save or (not last and self.due(epoch, epoch_end=True)):
+            self.save(state())
+        if stop is not None:
+            consume_stop()
+            raise Terminated(stop, f"checkpoint saved after epoch {epoch}")
+
     def remove(self) -> None:
         """Delete the checkpoint (the run finished and its results are stored)."""
         if self.writer:
             self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.parent.rmdir()  # only if no other cell's checkpoint is there

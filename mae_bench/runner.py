@@ -99,6 +99,7 @@ class Pretrained:
 class Evaluated:
     """One evaluation of a cell: its record and the evaluator's tables."""
 
+    evaluation: Evaluation
     record: dict[str, Any]
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)  # <name>.csv
 
@@ -275,8 +276,12 @@ def evaluate_cell(
     model: MaskedAutoencoder,
     mean_image: torch.Tensor,
     evaluations_to_run: list[Evaluation],
-) -> list[Evaluated]:
-    """Run the given evaluations on a cell's model, sharing one frozen-feature cache.
+    checkpoints: Callable[[Evaluation], Checkpoint | None] | None = None,
+) -> Iterator[Evaluated]:
+    """Run the given evaluations on a cell's model, sharing one frozen-feature cache, and
+    yield each as it ends (so it can be stored before the next starts).
+
+    ``checkpoints`` gives each evaluation its checkpoint file (``EvalContext.checkpoint``).
 
     Each record holds the evaluator's metrics, how to show them (so tables render without
     the plugin) and its tables' names. A metric an evaluator did not declare, or a table name
@@ -294,10 +299,10 @@ def evaluate_cell(
         mean_image=mean_image,
         thresholds=suite.config.eval.thresholds.values(),
     )
-    out = []
     for evaluation in evaluations_to_run:
         evaluator = evaluation.evaluator.cls(evaluation.evaluator.params)
         declared = evaluator.metrics()
+        ctx.checkpoint = checkpoints(evaluation) if checkpoints else None
         result = evaluator.evaluate(ctx)
         undeclared = sorted(set(result.metrics) - set(declared))
         reserved = sorted(name for name in result.tables if not name.isidentifier())
@@ -321,9 +326,8 @@ def evaluate_cell(
             "confusion": result.confusion,
             "provenance": provenance(device_name(feeder.device)),
         }
-        out.append(Evaluated(record, result.tables))
         model.eval()
-    return out
+        yield Evaluated(evaluation, record, result.tables)
 
 
 def run_suite(
@@ -572,11 +576,17 @@ class _Context:
             device = device_name(self.feeder.device)
             console.print(f"running on {device}{procs}", highlight=False)
 
-    def checkpoint(self, cell: Cell, suite: Suite, world: Dist) -> Checkpoint:
-        """The cell's pretraining checkpoint (rank 0 writes it)."""
+    def checkpoint(
+        self, cell: Cell, suite: Suite, world: Dist, evaluation: Evaluation | None = None
+    ) -> Checkpoint:
+        """The checkpoint of the cell's pretraining, or of one of its evaluations (rank 0
+        writes it)."""
+        name, key = cell.cell_id, cell.config_hash
+        if evaluation is not None:
+            name, key = f"{name}.{evaluation.eval_id}", evaluation.config_hash
         return Checkpoint(
-            self.root / CHECKPOINT_DIR / f"{cell.cell_id}.pt",
-            cell.config_hash,
+            self.root / CHECKPOINT_DIR / f"{name}.pt",
+            key,
             suite.config.pretrain.checkpoint_every,
             writer=world.is_main,
         )
@@ -649,9 +659,17 @@ def _run_one(
         display.evaluating()
         lease.update(stage="evaluating")
         for out in evaluate_cell(
-            cell, suite, ctx.data, ctx.feeder, pre.model, ctx.mean_image, missing
+            cell,
+            suite,
+            ctx.data,
+            ctx.feeder,
+            pre.model,
+            ctx.mean_image,
+            missing,
+            checkpoints=lambda evaluation: ctx.checkpoint(cell, suite, world, evaluation),
         ):
             _store_evaluation(store, cell, out)
+            ctx.checkpoint(cell, suite, world, out.evaluation).remove()
             ctx.loggers.call(
                 "log_evaluation", cell.cell_id, out.record["evaluator"], out.record["metrics"]
             )
@@ -879,7 +897,7 @@ def cell_status(root: Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"cell_id": cell_id}
         lease = leases.read(cell_id)
         log = root / FAILED_DIR / f"{cell_id}.log"
-        checkpoint = root / CHECKPOINT_DIR / f"{cell_id}.pt"
+        checkpoints = list((root / CHECKPOINT_DIR).glob(f"{cell_id}*.pt"))
         if store.finished([(cell_id, eval_ids)], repair=False):
             row.update(state="done", detail="")
         elif lease is not None:
@@ -900,7 +918,7 @@ def cell_status(root: Path) -> list[dict[str, Any]]:
             reason = log.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
             row.update(state="failed", detail=f"{reason} (traceback: {log})", log=str(log))
         else:
-            resumable = " (will resume from its checkpoint)" if checkpoint.is_file() else ""
-            row.update(state="pending", detail=resumable.strip())
+            resumable = "(will resume from its checkpoint)" if checkpoints else ""
+            row.update(state="pending", detail=resumable)
         rows.append(row)
     return rows

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Annotated, Literal
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -12,11 +14,12 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
-from mae_bench import EvalContext, EvalResult, Evaluator, Metric, Params, hookimpl
+from mae_bench import EvalContext, EvalResult, Evaluator, Metric, Params, hookimpl, resume
 from mae_bench.contract import ImageData, MaskedAutoencoder, Pool
 from mae_bench.data import ImageFeeder, index_batches
 from mae_bench.device import autocast, optimizer_options
 from mae_bench.metrics import classification_metric_info, classification_metrics, confusion
+from mae_bench.resume import Checkpoint, numpy_state, rng_state, set_numpy_state, set_rng_state
 from mae_bench.train import lr_at
 
 
@@ -167,6 +170,7 @@ def finetune(
     *,
     seed: int,
     baseline: bool = False,
+    checkpoint: Checkpoint | None = None,
 ) -> tuple[dict[str, float], list[dict[str, float]], Tensor]:
     """Fine-tune a copy of ``model``'s encoder (on ``feeder.device``) on a label fraction;
     returns (ft_* metrics, history, test probs); ``model`` itself is left untouched.
@@ -177,6 +181,10 @@ def finetune(
     ``steps`` or ``epochs`` (``scratch_steps``/``scratch_epochs`` for a ``baseline`` cell
     trained from scratch). The history has the training loss, the validation accuracy, and
     the test accuracy and macro F1 every ``eval_every`` epochs (for curves only).
+
+    With ``checkpoint``, the run resumes from its saved state and saves one after epochs (by
+    its policy, and when SIGTERM or SIGUSR1 asks): on CPU a resumed run ends exactly as an
+    uninterrupted one.
     """
     device = feeder.device
     torch.manual_seed(seed)
@@ -199,49 +207,60 @@ def finetune(
     total, warmup = steps_per_epoch * epochs, round(cfg.warmup_epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
     mixer = _augmenter(cfg, data.num_classes)
+    mix_rng = np.random.RandomState(seed)  # timm's Mixup draws from numpy's global generator
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     history, step, val_scores = [], 0, []
     best: tuple[float, int, dict[str, Tensor]] | None = None
     test_y = data.test_labels.numpy()
-    for epoch in range(epochs):
-        classifier.train()
-        total_loss = torch.zeros((), device=device)
-        for idx in index_batches(len(images), bs, generator=generator):
-            lr = lr_at(step, total, warmup, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            batch = images[idx]
-            if cfg.randaugment:
-                batch = _randaugment(batch, generator)
-            x, y = feeder(batch), labels[idx].to(device)
-            if mixer is not None and len(x) % 2 == 0:
-                x, soft = mixer(x, y)
-                with autocast(device):
-                    logits = classifier(x)
-                loss = torch.sum(-soft * logits.float().log_softmax(dim=-1), dim=-1).mean()
-            else:
-                with autocast(device):
-                    logits = classifier(x)
-                loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.detach()
-            step += 1
-        row: dict[str, float] = {"epoch": epoch + 1, "loss": float(total_loss) / steps_per_epoch}
-        if len(val_labels):
-            val_acc = float((predict(classifier, val_images, feeder).argmax(1) == val_labels)
-                            .float().mean())  # fmt: skip
-            val_scores.append(val_acc)
-            row["val_acc"] = val_acc
-            if best is None or val_acc > best[0]:
-                weights = {k: v.detach().clone() for k, v in classifier.state_dict().items()}
-                best = (val_acc, epoch + 1, weights)
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
-            scores = classification_metrics(test_y, predict(classifier, data.test_images,
-                                                            feeder).numpy())  # fmt: skip
-            row.update(test_acc=scores["acc"], test_f1_macro=scores["f1_macro"])
-        history.append(row)
+    first = 0
+    saved = checkpoint.load() if checkpoint else None
+    if saved is not None:
+        classifier.load_state_dict(saved["classifier"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        set_numpy_state(mix_rng, saved["mix_rng"])
+        set_rng_state(saved["rng"], device)
+        first, step = saved["epoch"], saved["step"]
+        history, val_scores = saved["history"], saved["val_scores"]
+        best = tuple(saved["best"]) if saved["best"] is not None else None
+
+    def state() -> dict[str, object]:
+        return {
+            "classifier": classifier.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "mix_rng": numpy_state(mix_rng),
+            "rng": rng_state(device),
+            "epoch": epoch + 1,
+            "step": step,
+            "history": history,
+            "val_scores": val_scores,
+            "best": list(best) if best is not None else None,
+        }
+
+    epoch = first
+    with resume.training():
+        for epoch in range(first, epochs):
+            step = _epoch(
+                classifier, optimizer, images, labels, feeder, cfg, generator, mixer, mix_rng,
+                loss_fn, step, total, warmup, bs, history, epoch,
+            )  # fmt: skip
+            row = history[-1]
+            if len(val_labels):
+                val_acc = float((predict(classifier, val_images, feeder).argmax(1) == val_labels)
+                                .float().mean())  # fmt: skip
+                val_scores.append(val_acc)
+                row["val_acc"] = val_acc
+                if best is None or val_acc > best[0]:
+                    weights = {k: v.detach().clone() for k, v in classifier.state_dict().items()}
+                    best = (val_acc, epoch + 1, weights)
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == epochs:
+                scores = classification_metrics(test_y, predict(classifier, data.test_images,
+                                                                feeder).numpy())  # fmt: skip
+                row.update(test_acc=scores["acc"], test_f1_macro=scores["f1_macro"])
+            if checkpoint:
+                checkpoint.epoch_end(epoch + 1, state, last=epoch + 1 == epochs)
+    chosen = epochs
     chosen = epochs
     if best is not None:
         classifier.load_state_dict(best[2])
@@ -260,6 +279,70 @@ def finetune(
         ft_converged=float("nan") if rising is None else float(not rising),
     )
     return metrics, history, probs
+
+
+def _epoch(
+    classifier: Classifier,
+    optimizer: torch.optim.Optimizer,
+    images: Tensor,
+    labels: Tensor,
+    feeder: ImageFeeder,
+    cfg: FinetuneParams,
+    generator: torch.Generator,
+    mixer: Any,
+    mix_rng: np.random.RandomState,
+    loss_fn: nn.Module,
+    step: int,
+    total: int,
+    warmup: int,
+    bs: int,
+    history: list[dict[str, float]],
+    epoch: int,
+) -> int:
+    """One fine-tuning epoch; appends its row to ``history`` and returns the step count."""
+    device = feeder.device
+    classifier.train()
+    total_loss = torch.zeros((), device=device)
+    steps = 0
+    for idx in index_batches(len(images), bs, generator=generator):
+        lr = lr_at(step, total, warmup, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        batch = images[idx]
+        if cfg.randaugment:
+            batch = _randaugment(batch, generator)
+        x, y = feeder(batch), labels[idx].to(device)
+        if mixer is not None and len(x) % 2 == 0:
+            with _numpy_global(mix_rng):
+                x, soft = mixer(x, y)
+            with autocast(device):
+                logits = classifier(x)
+            loss = torch.sum(-soft * logits.float().log_softmax(dim=-1), dim=-1).mean()
+        else:
+            with autocast(device):
+                logits = classifier(x)
+            loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.detach()
+        step += 1
+        steps += 1
+    history.append({"epoch": epoch + 1, "loss": float(total_loss) / max(1, steps)})
+    return step
+
+
+@contextlib.contextmanager
+def _numpy_global(rng: np.random.RandomState) -> Iterator[None]:
+    """Make ``rng`` numpy's global generator for a block (timm's Mixup draws from it), so
+    mixing is seeded and checkpointed, and the caller's global state is left as it was."""
+    outer = np.random.get_state()
+    np.random.set_state(rng.get_state())
+    try:
+        yield
+    finally:
+        rng.set_state(np.random.get_state())
+        np.random.set_state(outer)
 
 
 class FinetuneEvaluator(Evaluator):
@@ -292,7 +375,13 @@ class FinetuneEvaluator(Evaluator):
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         data, p = ctx.data, self.params
         scores, history, probs = finetune(
-            ctx.model, data, ctx.feeder, p, seed=ctx.seed, baseline=ctx.baseline
+            ctx.model,
+            data,
+            ctx.feeder,
+            p,
+            seed=ctx.seed,
+            baseline=ctx.baseline,
+            checkpoint=ctx.checkpoint,
         )
         return EvalResult(
             scores,

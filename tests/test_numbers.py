@@ -90,7 +90,10 @@ def test_every_cell_runs_its_model_on_the_feeders_device(registry, device_checke
     for cell in cells:
         with pytest.raises((NotImplementedError, RuntimeError), match=r"(?i)meta"):
             pre = pretrain_cell(cell, suite, data, feeder, display)
-            evaluate_cell(cell, suite, data, feeder, pre.model, mean_image, list(cell.evaluations))
+            evaluated = evaluate_cell(
+                cell, suite, data, feeder, pre.model, mean_image, list(cell.evaluations)
+            )
+            list(evaluated)
     assert device_checker.mismatches == []
     assert device_checker.input_devices == {"meta"}
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -474,3 +475,60 @@ def test_torchrun_two_gloo_processes_match_one(tmp_path):
 def replace_losses_data(variant: dict) -> dict:
     """A suite variant with MSE alone (batch-statistic losses see each rank's share)."""
     return {k: v for k, v in variant.items() if k != "loss"}
+
+
+def test_finetuning_resumes_exactly_from_its_checkpoint(tmp_path, registry, monkeypatch):
+    from mae_bench_plugins.finetune import FinetuneParams, finetune
+
+    from mae_bench import resume
+    from mae_bench.data import ImageFeeder
+    from mae_bench.suite import resolve_suite
+
+    suite = resolve_suite(tiny_suite_data(), registry)
+    data = suite.build_dataset().load()
+    cpu = torch.device("cpu")
+    feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=cpu)
+    torch.manual_seed(0)
+    model = suite.variants[1].build_model(16, 3)
+    cfg = FinetuneParams(epochs=4, batch_size=32, mixup=0.8, cutmix=1.0, randaugment=True,
+                         drop_path=0.1, val_fraction=0.25)  # fmt: skip
+    np_before = np.random.get_state()[1].copy()
+    straight = finetune(model, data, feeder, cfg, seed=3)
+    assert (np.random.get_state()[1] == np_before).all()  # numpy's global state untouched
+
+    checkpoint = resume.Checkpoint(tmp_path / "ft.pt", "key", every=0)
+    calls = {"n": 0}
+    real = resume.requested
+
+    def stop_after_epoch_2():
+        calls["n"] += 1
+        return (signal.SIGTERM, False) if calls["n"] == 2 else real()
+
+    monkeypatch.setattr(resume, "requested", stop_after_epoch_2)
+    with pytest.raises(resume.Terminated, match="after epoch 2"):
+        finetune(model, data, feeder, cfg, seed=3, checkpoint=checkpoint)
+    monkeypatch.setattr(resume, "requested", real)
+    torch.manual_seed(99)
+    np.random.seed(99)
+    again = finetune(model, data, feeder, cfg, seed=3, checkpoint=checkpoint)
+    assert again[0] == straight[0] and again[1] == straight[1]
+    assert torch.equal(again[2], straight[2])
+
+
+def test_checkpoint_policy(tmp_path):
+    from mae_bench.resume import Checkpoint
+
+    every3 = Checkpoint(tmp_path / "a.pt", "k", every=3)
+    assert [every3.due(e, epoch_end=True) for e in (1, 2, 3, 6)] == [False, False, True, True]
+    assert not Checkpoint(tmp_path / "b.pt", "k", every=0).due(1, epoch_end=True)
+    auto = Checkpoint(tmp_path / "checkpoints" / "c.pt", "k", every="auto")
+    assert auto.due(1, epoch_end=True)  # nothing measured yet: save
+    auto._last_save_s = 1.0  # a save took 1 s: at most one per 20 s of training
+    auto._last_save_at = time.perf_counter() - 10
+    assert not auto.due(2, epoch_end=True)
+    auto._last_save_at = time.perf_counter() - 25
+    assert auto.due(3, epoch_end=True)
+    auto.save({"x": torch.ones(2)})
+    assert torch.load(auto.path, weights_only=True)["key"] == "k"
+    auto.remove()
+    assert not (tmp_path / "checkpoints").exists()  # the emptied folder goes too
