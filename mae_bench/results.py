@@ -7,6 +7,9 @@ Layout under ``<out>/<suite>/``::
         evals/<evaluator>-<hash>/   result.json and the evaluator's tables (<name>.csv)
     cells/.damaged/                 records that did not load, kept for inspection
     failed/<cell id>.log            why a cell failed (removed once it succeeds)
+    leases/<cell id>.json           which worker runs a cell (mae_bench.leases)
+    checkpoints/<cell id>[.<eval id>].pt   training checkpoints (mae_bench.resume)
+    logs/, submitit/                workers' logs (launchers)
     runs.csv, leaderboard.csv, leaderboard.md
 
 Pretraining and evaluation are cached apart: a cell's key covers what determines its
@@ -15,8 +18,9 @@ plugins providing its components); an evaluation's key is the cell's key plus th
 evaluator's name, params and plugin version. Changing an evaluator re-runs only that
 evaluation, from the stored weights.
 
-Every folder is assembled under a temporary name (holding this host and process id) and
-renamed into place, so it exists complete or not at all, and a finished one is never
+Every folder is assembled under a temporary name (holding this host and process id), its
+files flushed to disk, and renamed into place, so it exists complete or not at all (also
+after a power loss), and a finished one is never
 replaced. A re-run skips every record that loads and validates; one that does not is moved
 to ``cells/.damaged/`` and recomputed. Temporary folders left by a killed run
 are removed by the next. Files and folders get the permissions the umask allows (not
@@ -371,6 +375,7 @@ class CellStore:
             write_files(tmp)
             if not (tmp / marker).is_file():
                 raise RuntimeError(f"{final.name} wrote no {marker}")
+            _sync_folder(tmp)
             if final.exists() and not done():
                 self.set_aside(final)
             try:
@@ -411,6 +416,22 @@ class CellStore:
                 f"--out: {self.root} is on a disk with {free / 2**20:.0f} MiB free; the "
                 f"results of this run need about {needed_bytes / 2**20:.0f} MiB"
             )
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush a folder's files and the folder itself to disk (before it is renamed into place)."""
+    for path in [*folder.rglob("*"), folder]:
+        if path.is_dir():
+            flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+        elif path.is_file():
+            flags = os.O_RDONLY
+        else:
+            continue
+        fd = os.open(path, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class OlderResults(UserError):

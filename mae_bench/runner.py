@@ -485,7 +485,8 @@ def _work(
     store, leases = CellStore(root), Leases(root)
     by_id = {c.cell_id: c for c in cells}
     queue = list(cells)
-    display = _Display(console if world.is_main else Console(quiet=True), len(cells))
+    console = console if world.is_main else Console(quiet=True)  # rank 0 reports
+    display = _Display(console, len(cells))
     with display.shown(), contextlib.ExitStack() as stack:
         while True:
             claimed = _claim_next(store, leases, queue, world, summary) if world.is_main else None
@@ -538,6 +539,10 @@ def _claim_next(
             continue
         return cell, lease, entry
     return None
+
+
+class LeaseLost(Exception):
+    """This worker's lease on a cell expired and another worker took the cell over."""
 
 
 @dataclass
@@ -629,6 +634,8 @@ def _run_one(
 
     def on_epoch(epoch: int, row: dict[str, float]) -> None:
         display.epoch(epoch, row)
+        if not world.active and not lease.held():  # (all ranks would have to stop at once)
+            raise LeaseLost(cell.cell_id)
         lease.update(epoch=epoch)
         ctx.loggers.call("log_epoch", cell.cell_id, epoch, row)
 
@@ -673,6 +680,13 @@ def _run_one(
             ctx.loggers.call(
                 "log_evaluation", cell.cell_id, out.record["evaluator"], out.record["metrics"]
             )
+    except LeaseLost:
+        summary.elsewhere.append(cell.cell_id)
+        display.end_cell(
+            f"[yellow]stopped[/yellow] {cell.cell_id}: its lease expired (no heartbeat for "
+            "too long) and another worker took the cell over"
+        )
+        return
     except Exception as exc:  # one cell's failure is that cell's, not the suite's
         failure = _record_failure(root, cell, exc)
         summary.failed[cell.cell_id] = failure
@@ -682,6 +696,8 @@ def _run_one(
             torch.cuda.empty_cache()
         return
     (root / FAILED_DIR / f"{cell.cell_id}.log").unlink(missing_ok=True)
+    for leftover in (root / CHECKPOINT_DIR).glob(f"{cell.cell_id}*.pt"):  # killed after storing
+        leftover.unlink(missing_ok=True)
     summary.finished.append(cell.cell_id)
     whole = store.finished([_ids(cell)], repair=False).get(cell.cell_id, {})
     ctx.loggers.call("end_cell", cell.cell_id, whole.get("metrics", {}))

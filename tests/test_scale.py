@@ -532,3 +532,88 @@ def test_checkpoint_policy(tmp_path):
     assert torch.load(auto.path, weights_only=True)["key"] == "k"
     auto.remove()
     assert not (tmp_path / "checkpoints").exists()  # the emptied folder goes too
+
+
+def test_rank_logic_from_the_environment(monkeypatch):
+    from mae_bench import UserError
+    from mae_bench.distributed import SINGLE, Dist, cell_device, env_world
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_world() is SINGLE and SINGLE.is_main and not SINGLE.active
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert env_world() == Dist(rank=2, world_size=4, local_rank=0)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(UserError, match="RANK=4 is not within WORLD_SIZE=4"):
+        env_world()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(UserError, match="not integers"):
+        env_world()
+
+    assert Dist(1, 4, 1).shard(32) == slice(8, 16)
+    with pytest.raises(ValueError, match="does not split over 4 processes"):
+        Dist(0, 4, 0).shard(30)
+    cpu = torch.device("cpu")
+    assert cell_device(cpu, Dist(1, 2, 1)) == cpu
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cell_device(torch.device("cuda"), Dist(3, 4, 1)) == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="local rank 2 has no device"):
+        cell_device(torch.device("cuda"), Dist(2, 4, 2))
+
+
+def test_process_group_backend_and_device(monkeypatch):
+    import torch.distributed as torch_dist
+
+    from mae_bench import distributed
+    from mae_bench.distributed import Dist
+
+    calls = []
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch_dist, "init_process_group", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set", device)))
+    distributed.start(Dist(0, 1, 0), torch.device("cpu"))
+    assert calls == []  # one process: no group
+    distributed.start(Dist(1, 2, 1), torch.device("cpu"))
+    (args, kwargs), = calls
+    assert args == ("gloo",) and kwargs["rank"] == 1 and kwargs["world_size"] == 2
+    assert "device_id" not in kwargs and kwargs["timeout"] == distributed.WAIT_TIMEOUT
+    calls.clear()
+    gpu = torch.device("cuda", 1)
+    distributed.start(Dist(1, 2, 1), gpu)
+    assert calls[0] == ("set", gpu)
+    args, kwargs = calls[1]
+    assert args == ("nccl",) and kwargs["device_id"] == gpu
+
+
+def test_local_launcher_gives_workers_gpu_slices_and_torchrun(tmp_path, monkeypatch):
+    from mae_bench_plugins import launchers
+    from mae_bench_plugins.launchers import LocalLauncher, LocalParams
+
+    from mae_bench import LaunchRequest
+
+    started = []
+
+    class FakeProcess:
+        returncode = 0
+
+        def __init__(self, command, env, **kwargs):
+            started.append((command, env))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(launchers.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    request = LaunchRequest(tmp_path, ("a-seed0-1", "b-seed0-2"), "auto")
+    from rich.console import Console
+
+    LocalLauncher(LocalParams(workers=2, procs_per_cell=2, threads=3)).launch(request, Console())
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["0,1", "2,3"]
+    assert all(env["OMP_NUM_THREADS"] == "3" for _, env in started)
+    command = started[0][0]
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert command[5:9] == ["-m", "mae_bench", "run-cell", str(tmp_path)]
+    assert command[-2:] == ["--device", "auto"]
