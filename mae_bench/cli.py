@@ -217,7 +217,7 @@ def run_cell(results_dir: str, cell_ids: tuple[str, ...], device: str) -> None:
     claimed (a cell another worker holds is left to it), resumed from its checkpoint and
     stored. Under torchrun the processes train each cell data-parallel."""
     from mae_bench.distributed import env_world
-    from mae_bench.runner import RunSummary, run_cells
+    from mae_bench.worker import RunSummary, run_cells
 
     summary = RunSummary(root=Path(results_dir))
     with _stopping(Path(results_dir)):
@@ -321,8 +321,8 @@ def plugins(as_json: bool) -> None:
 @_user_errors
 def leaderboard(results_dir: str) -> None:
     """Re-render runs.csv and leaderboard.csv/.md of a suite's results folder."""
+    from mae_bench.leaderboard import rebuild_leaderboard
     from mae_bench.results import read_suite_record, suite_cells
-    from mae_bench.runner import rebuild_leaderboard
 
     root = Path(results_dir)
     record = read_suite_record(root)

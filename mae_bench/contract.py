@@ -645,7 +645,7 @@ class LaunchRequest:
         training loop it saves a checkpoint and stops (this returns False: call ``handler``
         then, e.g. to requeue); elsewhere ``handler`` is called at once. True when done.
         """
-        from mae_bench.runner import run_cells
+        from mae_bench.worker import run_cells
 
         return run_cells(self.root, list(cell_ids), self.device, stop_signal=stop_signal)
 

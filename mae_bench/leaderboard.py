@@ -8,9 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from filelock import FileLock
 
 from mae_bench.metrics import CORE_METRICS
-from mae_bench.results import CellStore, atomic_write_text, evaluations, read_table
+from mae_bench.results import (
+    LEADERBOARD_LOCK,
+    CellStore,
+    atomic_write_text,
+    evaluations,
+    read_table,
+)
 from mae_bench.stats import compare, seeds_needed
 
 ID_COLUMNS = ["variant", "encoder", "masking", "loss"]
@@ -342,3 +349,19 @@ def glossary_markdown(info: Info, board: pd.DataFrame) -> str:
             better = "higher" if described.get("higher_is_better", True) else "lower"
             lines.append(f"| `{name}` | {described.get('description', '')} | {better} |")
     return "\n".join(lines) + "\n"
+
+
+def rebuild_leaderboard(
+    root: Path,
+    cells: list[tuple[str, list[str]]],
+    title: str,
+    primary: str,
+    reference: str | None,
+) -> tuple[pd.DataFrame, str, int]:
+    """Write the leaderboard from every finished one of ``cells`` (``(cell_id, eval_ids)``)
+    under a lock: of processes sharing the folder, the one that ends last writes one that
+    holds every cell. Returns the table, its Markdown and the number of finished cells."""
+    with FileLock(root / LEADERBOARD_LOCK):
+        records = list(CellStore(root).finished(cells, repair=False).values())
+        table, markdown = write_leaderboard(root, records, title, primary, reference)
+    return table, markdown, len(records)

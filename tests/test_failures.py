@@ -4,8 +4,8 @@ import pandas as pd
 import torch
 import yaml
 
-import mae_bench.runner
-from mae_bench.runner import failure_line
+import mae_bench.worker
+from mae_bench.cell import failure_line
 from tests.conftest import invoke, tiny_suite_data
 
 
@@ -16,7 +16,7 @@ def _suite(tmp_path):
 
 
 def _failing_for(variant: str, error: BaseException):
-    real = mae_bench.runner.pretrain_cell
+    real = mae_bench.worker.pretrain_cell
 
     def pretrain_cell(cell, *args, **kwargs):
         if cell.variant.name == variant and cell.seed == 0:
@@ -29,7 +29,7 @@ def _failing_for(variant: str, error: BaseException):
 def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
     suite, out = _suite(tmp_path), tmp_path / "out"
     bug = KeyError("a plugin bug")
-    monkeypatch.setattr(mae_bench.runner, "pretrain_cell", _failing_for("vit", bug))
+    monkeypatch.setattr(mae_bench.worker, "pretrain_cell", _failing_for("vit", bug))
     result = invoke("run", str(suite), "--out", str(out))
     assert result.exit_code == 1
     root = out / "tiny"
@@ -56,7 +56,7 @@ def test_out_of_memory_gets_a_hint():
 def test_ctrl_c_keeps_finished_cells_and_exits_130(tmp_path, monkeypatch):
     suite, out = _suite(tmp_path), tmp_path / "out"
     monkeypatch.setattr(
-        mae_bench.runner, "pretrain_cell", _failing_for("vit", KeyboardInterrupt())
+        mae_bench.worker, "pretrain_cell", _failing_for("vit", KeyboardInterrupt())
     )
     result = invoke("run", str(suite), "--out", str(out))
     assert result.exit_code == 130 and "interrupted" in result.stderr

@@ -22,7 +22,7 @@ from mae_bench_plugins.imagefolder import cached_images, decode, discover, to_rg
 from mae_bench_plugins.probes import knn_classify
 from PIL import Image
 
-import mae_bench.runner
+import mae_bench.cell
 from mae_bench.errors import MaeBenchWarning
 from mae_bench.metrics import best_thresholds
 from mae_bench.results import CellStore, write_json
@@ -300,14 +300,14 @@ def test_read_only_folder_by_permissions(tmp_path):
 
 
 def test_full_disk_while_storing_fails_that_cell_only(tmp_path, monkeypatch):
-    real = mae_bench.runner._save_weights
+    real = mae_bench.cell._save_weights
 
     def full_for_vit(module, path, meta):
         if meta["cell_id"].startswith("vit-"):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(module, path, meta)
 
-    monkeypatch.setattr(mae_bench.runner, "_save_weights", full_for_vit)
+    monkeypatch.setattr(mae_bench.cell, "_save_weights", full_for_vit)
     result = invoke("run", str(_suite(tmp_path)), "--out", str(tmp_path / "out"))
     assert result.exit_code == 1 and "the disk holding the results is full" in result.stderr
     cells = list((tmp_path / "out" / "tiny" / "cells").iterdir())
@@ -386,14 +386,14 @@ def test_sigterm_keeps_finished_cells_and_says_how_to_resume(tmp_path):
 def test_sigterm_while_a_cell_folder_is_written_leaves_nothing_half_written(
     tmp_path, monkeypatch
 ):
-    real = mae_bench.runner.write_json
+    real = mae_bench.cell.write_json
 
     def write_then_get_killed(path, data):
         if path.name == "pretrain.json" and data["variant"] == "vit":
             os.kill(os.getpid(), signal.SIGTERM)  # the real signal, mid-write
         real(path, data)
 
-    monkeypatch.setattr(mae_bench.runner, "write_json", write_then_get_killed)
+    monkeypatch.setattr(mae_bench.cell, "write_json", write_then_get_killed)
     suite = _suite(tmp_path)
     result = invoke("run", str(suite), "--out", str(tmp_path / "out"))
     assert result.exit_code == 143 and "terminated (SIGTERM)" in result.stderr

@@ -15,6 +15,7 @@ from rich.console import Console
 from scipy.stats import ks_2samp
 from torch import Tensor
 
+from mae_bench.cell import CellDisplay, evaluate_cell, pretrain_cell
 from mae_bench.contract import LossInputs, Mask
 from mae_bench.data import ImageFeeder, sample_crops
 from mae_bench.evaluate import evaluation_sample
@@ -26,7 +27,6 @@ from mae_bench.layers import (
     unpatchify,
 )
 from mae_bench.leaderboard import leaderboard_markdown, leaderboard_table, runs_table
-from mae_bench.runner import _Display, evaluate_cell, pretrain_cell
 from mae_bench.suite import resolve_suite
 from mae_bench.train import pretrain
 from tests.conftest import invoke, tiny_suite_data
@@ -83,7 +83,7 @@ def test_every_cell_runs_its_model_on_the_feeders_device(registry, device_checke
     data = suite.build_dataset().load()
     cpu_feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=CPU)
     feeder = dataclasses.replace(cpu_feeder, device=torch.device("meta"))
-    display = _Display(Console(file=io.StringIO()), 1)
+    display = CellDisplay(Console(file=io.StringIO()), 1)
     cells = suite.cells()
     assert [c.variant.baseline for c in cells] == [False, False, True, True]
     mean_image = cpu_feeder.mean_image(data.pretrain)

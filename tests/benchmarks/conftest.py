@@ -12,8 +12,8 @@ def pytest_runtest_logreport(report):
                 FIGURES.append(value)
 
 
-def pytest_terminal_summary(terminalreporter):
-    if FIGURES:
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if FIGURES and config.getoption("benchmark_enable", False):  # not for the smoke run
         terminalreporter.section("scale-out figures (this machine, one run)")
         for line in FIGURES:
             terminalreporter.write_line(line)

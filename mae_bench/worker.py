@@ -1,0 +1,385 @@
+"""A worker: claims the cells of a results folder one by one (leases) and runs each; the same
+loop runs a suite inline, under torchrun, and in every launcher's jobs (``run-cell``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from rich.console import Console
+
+from mae_bench import resume
+from mae_bench.cell import (
+    CellDisplay,
+    CellFailure,
+    LoggerSet,
+    evaluate_cell,
+    failure_line,
+    headline,
+    load_pretrained,
+    plan_cells,
+    pretrain_cell,
+    record_failure,
+    result_ids,
+    store_evaluation,
+    store_pretrained,
+)
+from mae_bench.contract import (
+    ImageData,
+)
+from mae_bench.data import ImageFeeder
+from mae_bench.device import (
+    device_name,
+    prepare,
+    resolve_device,
+)
+from mae_bench.distributed import Dist, cell_device, env_world
+from mae_bench.distributed import start as start_world
+from mae_bench.errors import UserError
+from mae_bench.leaderboard import rebuild_leaderboard
+from mae_bench.leases import Lease, Leases
+from mae_bench.results import (
+    FAILED_DIR,
+    SUITE_FILE,
+    CellStore,
+    read_suite_record,
+    write_json,
+)
+from mae_bench.resume import CHECKPOINT_DIR, Checkpoint
+from mae_bench.suite import Cell, Evaluation, Suite
+
+
+@dataclass
+class RunSummary:
+    """What a suite run did."""
+
+    root: Path
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, CellFailure] = field(default_factory=dict)
+    elsewhere: list[str] = field(default_factory=list)  # held by another live worker
+    resumed: dict[str, int] = field(default_factory=dict)  # cell -> epoch resumed from
+    leaderboard: pd.DataFrame | None = None
+    markdown: str = ""  # the leaderboard as printed
+
+
+def run_cells(
+    root: Path,
+    cell_ids: list[str],
+    device_option: str = "auto",
+    console: Console | None = None,
+    stop_signal: tuple[int, Any] | None = None,
+    summary: RunSummary | None = None,
+) -> bool:
+    """A worker: run the given cells (all pending ones if none are given) of the suite whose
+    results folder is ``root``, claiming each; rebuild the leaderboard at the end.
+
+    Returns False if a stop signal ended it (the cell in training saved a checkpoint).
+    """
+    from mae_bench.plugins import load_registry
+    from mae_bench.suite import resolve_suite
+
+    console = console or Console(stderr=True)
+    record = read_suite_record(root)
+    suite = resolve_suite(record["resolved"], load_registry(), source=record["source"])
+    cells = suite.cells()
+    known = {c.cell_id: c for c in cells}
+    unknown = [i for i in cell_ids if i not in known]
+    if unknown:
+        raise UserError(f"{root}: no cell {', '.join(unknown)} in suite {suite.name!r}")
+    chosen = [known[i] for i in cell_ids] if cell_ids else cells
+    world = env_world()
+    device = cell_device(resolve_device(device_option), world)
+    summary = summary if summary is not None else RunSummary(root=root)
+    stop, outside = stop_signal if stop_signal else (None, None)
+    signals = (
+        resume.handle_signals(stop=(stop,), save=(), outside=outside)
+        if stop is not None
+        else contextlib.nullcontext()  # the command line installed the handlers
+    )
+    try:
+        with signals:
+            start_world(world, device)
+            work(suite, root, device, chosen, world, console, summary)
+    except resume.Terminated as exc:
+        if stop is None:
+            raise
+        console.print(f"stopped by signal {exc.signum}: {exc.detail or 'no cell in training'}")
+        return False
+    if world.is_main:
+        suite_leaderboard(root, suite, cells)
+    return True
+
+
+def suite_leaderboard(root: Path, suite: Suite, cells: list[Cell]) -> tuple[pd.DataFrame, str]:
+    cfg = suite.config
+    table, markdown, _ = rebuild_leaderboard(
+        root, [result_ids(c) for c in cells], suite.name, cfg.primary_metric, cfg.reference
+    )
+    return table, markdown
+
+
+def work(
+    suite: Suite,
+    root: Path,
+    device: torch.device,
+    cells: list[Cell],
+    world: Dist,
+    console: Console,
+    summary: RunSummary,
+    context: WorkerContext | None = None,
+) -> None:
+    """Claim and run ``cells`` one by one in this process (rank 0 claims; in a data-parallel
+    world every rank pretrains each cell, and rank 0 evaluates and stores it)."""
+    store, leases = CellStore(root), Leases(root)
+    by_id = {c.cell_id: c for c in cells}
+    queue = list(cells)
+    console = console if world.is_main else Console(quiet=True)  # rank 0 reports
+    display = CellDisplay(console, len(cells))
+    with display.shown(), contextlib.ExitStack() as stack:
+        while True:
+            claimed = _claim_next(store, leases, queue, world, summary) if world.is_main else None
+            shared = world.broadcast(
+                (claimed[0].cell_id, claimed[2][0] is None) if claimed else None
+            )
+            if shared is None:
+                break
+            cell, needs_pretraining = by_id[shared[0]], shared[1]
+            if context is None:
+                context = WorkerContext.load(suite, root, device, world, console)
+            if not context.started:
+                context.start(suite, root, world, console)
+                stack.callback(context.loggers.call, "end_run")
+            if not world.is_main:
+                if needs_pretraining:
+                    _pretrain_on_rank(cell, suite, context, display, world)
+                world.barrier()  # rank 0 evaluates and stores
+                continue
+            _, lease, (stored, missing) = claimed
+            try:
+                _run_one(cell, suite, context, display, world, lease, stored, missing, summary)
+            finally:
+                lease.release()
+            world.barrier()
+    if summary.elsewhere and world.is_main:
+        console.print(
+            f"{len(summary.elsewhere)} cells are running in other processes (see mae-bench "
+            f"status {root}); the one that ends last writes the complete leaderboard",
+            highlight=False,
+        )
+
+
+def _claim_next(
+    store: CellStore, leases: Leases, queue: list[Cell], world: Dist, summary: RunSummary
+) -> tuple[Cell, Lease, tuple[dict[str, Any] | None, list[Evaluation]]] | None:
+    """The next unfinished cell of ``queue`` this process could claim, with its lease and
+    plan; cells finished or held by a live worker are passed over."""
+    while queue:
+        cell = queue.pop(0)
+        if plan_cells(store, [cell])[cell.cell_id] is None:
+            continue
+        lease = leases.claim(cell.cell_id, world.world_size)
+        if lease is None:
+            summary.elsewhere.append(cell.cell_id)
+            continue
+        entry = plan_cells(store, [cell])[cell.cell_id]  # finished just before we claimed it?
+        if entry is None:
+            lease.release()
+            continue
+        return cell, lease, entry
+    return None
+
+
+class LeaseLost(Exception):
+    """This worker's lease on a cell expired and another worker took the cell over."""
+
+
+@dataclass
+class WorkerContext:
+    """What every cell of a suite shares in one process: data, feeder, loggers."""
+
+    root: Path
+    data: ImageData
+    feeder: ImageFeeder
+    mean_image: torch.Tensor
+    loggers: LoggerSet
+    store: CellStore
+    started: bool = False
+
+    @classmethod
+    def load(
+        cls, suite: Suite, root: Path, device: torch.device, world: Dist, console: Console
+    ) -> WorkerContext:
+        prepare(device)
+        ds = suite.config.dataset
+        console.print(f"loading dataset {ds.name} ...", highlight=False)
+        data = suite.build_dataset().load()  # a missing dataset fails here, before any write
+        feeder = ImageFeeder.fit(
+            data.pretrain, image_size=ds.image_size, channels=ds.channels, device=device
+        )
+        loggers = LoggerSet(suite.build_loggers() if world.is_main else [])
+        return cls(root, data, feeder, feeder.mean_image(data.pretrain), loggers, CellStore(root))
+
+    def start(self, suite: Suite, root: Path, world: Dist, console: Console) -> None:
+        """Before the first cell: record the suite, start the loggers, say where it runs."""
+        self.started = True
+        if world.is_main:
+            write_suite_record(root, suite, suite.cells())
+            self.loggers.call("start_run", suite.name, root, suite.resolved)
+            procs = f" x {world.world_size} processes" if world.active else ""
+            device = device_name(self.feeder.device)
+            console.print(f"running on {device}{procs}", highlight=False)
+
+    def checkpoint(
+        self, cell: Cell, suite: Suite, world: Dist, evaluation: Evaluation | None = None
+    ) -> Checkpoint:
+        """The checkpoint of the cell's pretraining, or of one of its evaluations (rank 0
+        writes it)."""
+        name, key = cell.cell_id, cell.config_hash
+        if evaluation is not None:
+            name, key = f"{name}.{evaluation.eval_id}", evaluation.config_hash
+        return Checkpoint(
+            self.root / CHECKPOINT_DIR / f"{name}.pt",
+            key,
+            suite.config.pretrain.checkpoint_every,
+            writer=world.is_main,
+        )
+
+
+def _pretrain_on_rank(
+    cell: Cell, suite: Suite, ctx: WorkerContext, display: CellDisplay, world: Dist
+) -> None:
+    """A non-zero rank's part of a cell: its share of the data-parallel pretraining."""
+    try:
+        pretrain_cell(
+            cell,
+            suite,
+            ctx.data,
+            ctx.feeder,
+            display,
+            checkpoint=ctx.checkpoint(cell, suite, world),
+            world=world,
+        )
+    except Exception as exc:  # rank 0 records the cell's failure
+        print(f"rank {world.rank}: {cell.cell_id}: {failure_line(exc)}", file=sys.stderr)
+
+
+def _run_one(
+    cell: Cell,
+    suite: Suite,
+    ctx: WorkerContext,
+    display: CellDisplay,
+    world: Dist,
+    lease: Lease,
+    stored: dict[str, Any] | None,
+    missing: list[Evaluation],
+    summary: RunSummary,
+) -> None:
+    """Run one claimed cell on rank 0: pretrain (resuming a checkpoint) or load it, evaluate,
+    store; a failure is the cell's, recorded in ``failed/``."""
+    start = time.perf_counter()
+    store, root = ctx.store, ctx.root
+    ctx.loggers.call("start_cell", cell.cell_id, cell.config)
+
+    def on_epoch(epoch: int, row: dict[str, float]) -> None:
+        display.epoch(epoch, row)
+        if not world.active and not lease.held():  # (all ranks would have to stop at once)
+            raise LeaseLost(cell.cell_id)
+        lease.update(epoch=epoch)
+        ctx.loggers.call("log_epoch", cell.cell_id, epoch, row)
+
+    def on_resume(epoch: int) -> None:
+        summary.resumed[cell.cell_id] = epoch
+        display.console.print(f"resumed {cell.cell_id} from epoch {epoch}", highlight=False)
+
+    try:
+        if stored is None:
+            checkpoint = ctx.checkpoint(cell, suite, world)
+            lease.update(stage="pretraining", epochs=suite.config.pretrain.epochs)
+            pre = pretrain_cell(
+                cell,
+                suite,
+                ctx.data,
+                ctx.feeder,
+                display,
+                on_epoch,
+                checkpoint=checkpoint,
+                world=world,
+                on_resume=on_resume,
+            )
+            store_pretrained(store, cell, pre)
+            checkpoint.remove()
+        else:
+            display.start_cell(cell, 0)
+            pre = load_pretrained(cell, stored, store, ctx.feeder)
+        display.evaluating()
+        lease.update(stage="evaluating")
+        for out in evaluate_cell(
+            cell,
+            suite,
+            ctx.data,
+            ctx.feeder,
+            pre.model,
+            ctx.mean_image,
+            missing,
+            checkpoints=lambda evaluation: ctx.checkpoint(cell, suite, world, evaluation),
+        ):
+            store_evaluation(store, cell, out)
+            ctx.checkpoint(cell, suite, world, out.evaluation).remove()
+            ctx.loggers.call(
+                "log_evaluation", cell.cell_id, out.record["evaluator"], out.record["metrics"]
+            )
+    except LeaseLost:
+        summary.elsewhere.append(cell.cell_id)
+        display.end_cell(
+            f"[yellow]stopped[/yellow] {cell.cell_id}: its lease expired (no heartbeat for "
+            "too long) and another worker took the cell over"
+        )
+        return
+    except Exception as exc:  # one cell's failure is that cell's, not the suite's
+        failure = record_failure(root, cell, exc)
+        summary.failed[cell.cell_id] = failure
+        display.end_cell(f"[red]FAILED[/red] {cell.cell_id}: {failure.reason}")
+        del exc  # drop the traceback's frames (and the cell's tensors) now
+        if ctx.feeder.device.type == "cuda":  # give a failed cell's memory back
+            torch.cuda.empty_cache()
+        return
+    (root / FAILED_DIR / f"{cell.cell_id}.log").unlink(missing_ok=True)
+    for leftover in (root / CHECKPOINT_DIR).glob(f"{cell.cell_id}*.pt"):  # killed after storing
+        leftover.unlink(missing_ok=True)
+    summary.finished.append(cell.cell_id)
+    whole = store.finished([result_ids(cell)], repair=False).get(cell.cell_id, {})
+    ctx.loggers.call("end_cell", cell.cell_id, whole.get("metrics", {}))
+    shown = "  ".join(headline(whole)[:4]) if whole else ""
+    reuse = " (pretraining reused)" if pre.reused else ""
+    display.end_cell(
+        f"done {cell.variant.name} seed {cell.seed}{reuse}: {shown}  "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
+
+
+def write_suite_record(root: Path, suite: Suite, cells: list[Cell]) -> None:
+    cell_ids = [
+        {
+            "cell_id": c.cell_id,
+            "variant": c.variant.name,
+            "seed": c.seed,
+            "config_hash": c.config_hash,
+            "evaluations": [e.eval_id for e in c.evaluations],
+        }
+        for c in cells
+    ]
+    record = {
+        "name": suite.name,
+        "source": suite.source,
+        "resolved": suite.resolved,
+        "cells": cell_ids,
+    }
+    write_json(root / SUITE_FILE, record)
