@@ -115,6 +115,11 @@ def cli() -> None:
     help="A launcher option, e.g. --launcher-opt partition=gpu (repeatable; see "
     "`mae-bench plugins`).",
 )
+@click.option(
+    "--launcher-config",
+    type=click.Path(dir_okay=False),
+    help="A YAML file of launcher options (e.g. examples/slurm.yaml); --launcher-opt wins.",
+)
 @set_option
 @_user_errors
 def run(
@@ -126,6 +131,7 @@ def run(
     launcher: str,
     workers: int | None,
     launcher_opts: tuple[str, ...],
+    launcher_config: str | None,
     overrides: tuple[str, ...],
 ) -> None:
     """Run a suite: pretrain and evaluate every (variant, seed) cell not yet finished.
@@ -139,7 +145,7 @@ def run(
 
     registry = load_registry()
     suite = load_suite(suite_file, registry, overrides, loggers)
-    chosen = _build_launcher(registry, launcher, workers, launcher_opts)
+    chosen = _build_launcher(registry, launcher, workers, launcher_opts, launcher_config)
     world = env_world()
     if world.is_main:
         for warning in (*registry.problems(), *suite.warnings):
@@ -162,11 +168,21 @@ def run(
     _report_failures(summary)
 
 
-def _build_launcher(registry: Any, name: str, workers: int | None, options: tuple[str, ...]):
-    """The launcher named by --launcher with its --launcher-opt options (None: inline)."""
-    from mae_bench.suite import parse_options, resolve_launcher
+def _build_launcher(
+    registry: Any,
+    name: str,
+    workers: int | None,
+    options: tuple[str, ...],
+    config_file: str | None = None,
+):
+    """The launcher named by --launcher with its options (None: inline): those of
+    --launcher-config, then --launcher-opt."""
+    from mae_bench.suite import parse_options, read_suite_file, resolve_launcher
 
-    params = parse_options(options, "--launcher-opt")
+    params = {}
+    if config_file:
+        params = read_suite_file(config_file, "launcher options")
+    params.update(parse_options(options, "--launcher-opt"))
     if workers is not None:
         if name != "local":
             raise UserError(f"--workers: only the local launcher has workers (not {name!r})")

@@ -96,7 +96,7 @@ def run_suite(
             f"launching {len(ids)} cells of suite {suite.name!r} with {launcher.summary()}",
             highlight=False,
         )
-        launcher.launch(LaunchRequest(root, ids, device_option), console)
+        launcher.launch(LaunchRequest(root.resolve(), ids, device_option), console)
         _collect(root, pending, summary)
     if world.is_main:
         write_suite_record(root, suite, cells)

@@ -667,19 +667,20 @@ def _resolve_evaluators(registry: Registry, cfg: EvalConfig, source: str) -> tup
 
 
 # --------------------------------------------------------------------------- files
-def read_suite_file(path: str | Path) -> dict[str, Any]:
-    """Load a suite YAML safely; raise UserError for a missing file or bad YAML."""
+def read_suite_file(path: str | Path, what: str = "suite") -> dict[str, Any]:
+    """Load a suite (or another ``what``: a YAML mapping) safely; raise UserError for a
+    missing file or bad YAML."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"suite file not found: {path}")
+        raise UserError(f"{what} file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise UserError(
-            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the suite as UTF-8"
+            f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the {what} as UTF-8"
         ) from None
     except OSError as exc:
-        raise UserError(f"{path}: cannot read the suite file ({exc.strerror or exc})") from None
+        raise UserError(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -688,7 +689,7 @@ def read_suite_file(path: str | Path) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{path}: malformed YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
-        raise ConfigError("", "a suite must be a YAML mapping", str(path))
+        raise ConfigError("", f"the {what} must be a YAML mapping", str(path))
     return raw
 
 

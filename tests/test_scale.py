@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import cell_record, invoke, run_cli, tiny_suite_data
+from tests.conftest import ROOT, cell_record, invoke, run_cli, tiny_suite_data
 
 MAE_BENCH = str(Path(sys.executable).parent / "mae-bench")
 TIMING_KEYS = {"pretrain_s", "imgs_per_s", "peak_mem_mb"}
@@ -316,6 +316,11 @@ def test_launcher_options_are_validated(tmp_path, tiny_suite_file):
     assert typo.exit_code == 2 and "--launcher-opt wrokers: unknown key" in typo.stderr
     unknown = invoke("run", str(tiny_suite_file), "--out", out, "--launcher", "ray")
     assert unknown.exit_code == 2 and "--launcher" in unknown.stderr and "local" in unknown.stderr
+    bad = tmp_path / "opts.yaml"
+    bad.write_text("- not a mapping\n")
+    listed = invoke("run", str(tiny_suite_file), "--out", out, "--launcher", "submitit",
+                    "--launcher-config", str(bad))  # fmt: skip
+    assert listed.exit_code == 2 and "the launcher options must be a YAML mapping" in listed.stderr
     workers = invoke("run", str(tiny_suite_file), "--out", out, "--workers", "2")
     assert workers.exit_code == 2 and "only the local launcher" in workers.stderr
     assert not (tmp_path / "out").exists()
@@ -362,7 +367,9 @@ def test_local_workers_match_inline(tmp_path):
         assert b[cell]["history"]["loss"] == pytest.approx(a[cell]["history"]["loss"], rel=1e-4)
 
 
-def test_submitit_debug_executor_runs_the_suite(tmp_path, tiny_suite_file):
+def test_submitit_debug_executor_runs_the_suite_with_the_example_options(
+    tmp_path, tiny_suite_file
+):
     result = run_cli(
         "run",
         str(tiny_suite_file),
@@ -370,8 +377,10 @@ def test_submitit_debug_executor_runs_the_suite(tmp_path, tiny_suite_file):
         str(tmp_path / "out"),
         "--launcher",
         "submitit",
+        "--launcher-config",
+        str(ROOT / "examples" / "slurm.yaml"),
         "--launcher-opt",
-        "cluster=debug",
+        "cluster=debug",  # the example's SLURM options, run in this process
     )
     assert result.returncode == 0, result.stderr
     assert len(pd.read_csv(tmp_path / "out" / "tiny" / "runs.csv")) == 2
