@@ -101,8 +101,8 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_and_resumes_exactly(tmp_path, regi
     feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=torch.device("cpu"))
     variant = suite.variants[0]
 
-    def run(checkpoint=None):
-        torch.manual_seed(0)
+    def run(checkpoint=None, init_seed=0, on_resume=None):
+        torch.manual_seed(init_seed)
         model = variant.build_model(16, 3)
         result = pretrain(
             model,
@@ -113,6 +113,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_and_resumes_exactly(tmp_path, regi
             suite.config.pretrain,
             seed=0,
             checkpoint=checkpoint,
+            on_resume=on_resume,
         )
         return model, result
 
@@ -131,19 +132,8 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_and_resumes_exactly(tmp_path, regi
     monkeypatch.setattr(resume, "requested", real)
     assert torch.load(checkpoint.path, weights_only=True)["batch"] == 4
     resumed: list[int] = []
-    torch.manual_seed(123)  # the checkpoint restores every generator
-    model_b = variant.build_model(16, 3)
-    again = pretrain(
-        model_b,
-        data.pretrain,
-        feeder,
-        variant.build_masking(),
-        variant.build_losses(),
-        suite.config.pretrain,
-        seed=0,
-        checkpoint=checkpoint,
-        on_resume=resumed.append,
-    )
+    # another init and global seed: the checkpoint restores the weights and every generator
+    model_b, again = run(checkpoint, init_seed=123, on_resume=resumed.append)
     assert resumed == [1]  # one epoch done, then 4 batches of the second
     assert again.history == straight.history
     for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values(), strict=True):
