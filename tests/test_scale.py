@@ -616,3 +616,46 @@ def test_local_launcher_gives_workers_gpu_slices_and_torchrun(tmp_path, monkeypa
     assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     assert command[5:9] == ["-m", "mae_bench", "run-cell", str(tmp_path)]
     assert command[-2:] == ["--device", "auto"]
+
+
+def test_a_third_party_launcher_plugs_in_through_the_hook(tmp_path, tiny_suite_file):
+    """A launcher shipped by another package (here: a pool of worker commands, as a Ray
+    launcher would ship them) needs only the hook and the public contract."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mae_bench import Launcher, Params, hookimpl
+    from mae_bench.plugins import PluginInfo, _entry_point_candidates, build_registry
+    from mae_bench.runner import run_suite
+    from mae_bench.suite import load_suite, resolve_launcher
+
+    class PoolParams(Params):
+        jobs: int = 2
+
+    class PoolLauncher(Launcher):
+        """Each cell's worker command, run by a pool of threads."""
+
+        name = "pool"
+        Params = PoolParams
+
+        def launch(self, request, console):
+            def one(cell_id):
+                return subprocess.run(request.command([cell_id]), capture_output=True).returncode
+
+            with ThreadPoolExecutor(self.params.jobs) as pool:
+                self.codes = list(pool.map(one, request.cell_ids))
+
+    class Package:
+        @staticmethod
+        @hookimpl
+        def register_launchers(register):
+            register(PoolLauncher)
+
+    info = PluginInfo(name="pool", module="pool", distribution="mae-bench-pool", version="0.1")
+    registry = build_registry([*_entry_point_candidates(), (info, lambda: Package)])
+    launcher = resolve_launcher(registry, "pool", {"jobs": 2})
+    suite = load_suite(tiny_suite_file, registry)
+    summary = run_suite(suite, tmp_path / "out", torch.device("cpu"), launcher=launcher,
+                        device_option="cpu")  # fmt: skip
+    assert launcher.codes == [0, 0]
+    assert sorted(summary.finished) == sorted(c.cell_id for c in suite.cells())
+    assert not summary.failed and len(pd.read_csv(tmp_path / "out" / "tiny" / "runs.csv")) == 2
