@@ -649,6 +649,14 @@ class LaunchRequest:
 
         return run_cells(self.root, list(cell_ids), self.device, stop_signal=stop_signal)
 
+    def finished(self) -> int:
+        """How many of the request's cells are stored, pretrained and evaluated (for progress)."""
+        from mae_bench.results import CellStore, read_suite_record, suite_cells
+
+        wanted = set(self.cell_ids)
+        ids = [c for c in suite_cells(read_suite_record(self.root)) if c[0] in wanted]
+        return len(CellStore(self.root).finished(ids, repair=False))
+
     def command(self, cell_ids: Sequence[str] = ()) -> list[str]:
         """The worker command line (running ``cell_ids``, or any pending cell)."""
         import sys

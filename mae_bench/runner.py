@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from mae_bench.cell import CellFailure, plan_cells, result_ids
+from mae_bench.cell import CellFailure, plan_cells
 from mae_bench.contract import (
     Launcher,
     LaunchRequest,
@@ -106,16 +106,14 @@ def run_suite(
 
 def _collect(root: Path, cells: list[Cell], summary: RunSummary) -> None:
     """After a launcher returns: which of ``cells`` finished, failed or still run elsewhere."""
-    store, leases = CellStore(root), Leases(root)
-    done = store.finished([result_ids(c) for c in cells], repair=False)
+    states = {row["cell_id"]: row for row in cell_status(root)}
     for cell in cells:
-        log = root / FAILED_DIR / f"{cell.cell_id}.log"
-        if cell.cell_id in done:
+        row = states[cell.cell_id]
+        if row["state"] == "done":
             summary.finished.append(cell.cell_id)
-        elif log.is_file():
-            reason = log.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
-            summary.failed[cell.cell_id] = CellFailure(reason, log)
-        elif leases.read(cell.cell_id):
+        elif row["state"] == "failed":
+            summary.failed[cell.cell_id] = CellFailure(row["reason"], Path(row["log"]))
+        elif row["state"] == "running":
             summary.elsewhere.append(cell.cell_id)
         else:
             summary.failed[cell.cell_id] = CellFailure(
@@ -200,7 +198,9 @@ def cell_status(root: Path) -> list[dict[str, Any]]:
             )
         elif log.is_file():
             reason = log.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
-            row.update(state="failed", detail=f"{reason} (traceback: {log})", log=str(log))
+            row.update(
+                state="failed", detail=f"{reason} (traceback: {log})", reason=reason, log=str(log)
+            )
         else:
             resumable = "(will resume from its checkpoint)" if checkpoints else ""
             row.update(state="pending", detail=resumable)

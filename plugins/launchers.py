@@ -48,11 +48,7 @@ class _CellProgress:
         self.progress.__exit__(*exc)
 
     def refresh(self) -> None:
-        cells = self.request.root / "cells"
-        done = sum(
-            (cells / cell_id / "pretrain.json").is_file() for cell_id in self.request.cell_ids
-        )
-        self.progress.update(self.task, completed=done)
+        self.progress.update(self.task, completed=self.request.finished())
 
 
 class InlineLauncher(Launcher):

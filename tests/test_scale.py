@@ -46,15 +46,19 @@ def results_of(root: Path) -> dict[str, dict]:
     return out
 
 
-def wait_for_epoch(root: Path, epoch: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Wait until the run's lease says it finished ``epoch`` (its checkpoint is saved)."""
+def wait_for_epoch(
+    root: Path, epoch: int, proc: subprocess.Popen | None = None, timeout: float = 120
+) -> dict:
+    """Wait until a run's lease says it finished ``epoch`` (its checkpoint is saved); the
+    lease. ``proc``: the run, which must not end first."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
+        assert proc is None or proc.poll() is None, proc.communicate()
         for lease in (root / "leases").glob("*.json"):
             try:
-                if json.loads(lease.read_text())["epoch"] >= epoch:
-                    return
+                held = json.loads(lease.read_text())
+                if held["epoch"] >= epoch:
+                    return held
             except (OSError, ValueError, KeyError):
                 pass
         time.sleep(0.02)
@@ -405,16 +409,7 @@ def test_submitit_preempted_task_is_requeued_and_resumes_exactly(tmp_path, regis
     job = launcher.executor(root / "submitit" / "%j").submit(
         CellTask(), LaunchRequest(root, (cell,), "cpu"), cell
     )
-    lease = root / "leases" / f"{cell}.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            held = json.loads(lease.read_text())
-            if held["epoch"] >= 2:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.02)
+    held = wait_for_epoch(root, 2)
     os.kill(held["pid"], signal.SIGUSR2)  # what SLURM sends ahead of a preemption
     assert job.result() is True
     log = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
@@ -604,6 +599,7 @@ def test_local_launcher_gives_workers_gpu_slices_and_torchrun(tmp_path, monkeypa
             return 0
 
     monkeypatch.setattr(launchers.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(LaunchRequest, "finished", lambda self: 0)  # no results folder here
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     request = LaunchRequest(tmp_path, ("a-seed0-1", "b-seed0-2"), "auto")
