@@ -101,15 +101,36 @@ def train_step(
     losses: list[tuple[Loss, float]],
     optimizer: torch.optim.Optimizer,
     grad_clip: float | None = None,
+    *,
+    micro: int | None = None,
+    forward: torch.nn.Module | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """One optimisation step on a batch; returns the detached loss and its terms."""
-    loss, terms = forward_loss(model, x, mask, losses)
+    """One optimizer step on ``x`` (a batch, or this process's share of it); returns the
+    detached loss and terms, averaged over its micro-batches.
+
+    ``micro``: micro-batches of that many images whose gradients add up (default: one);
+    ``forward``: the model's DistributedDataParallel wrapper, whose gradients are then
+    synchronised across processes once, on the last micro-batch."""
+    net = forward or model
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    parts = range(0, len(x), micro or len(x))
+    loss_sum: Tensor | None = None
+    term_sums: dict[str, Tensor] = {}
+    for i, begin in enumerate(parts):
+        rows = slice(begin, begin + (micro or len(x)))
+        last = i == len(parts) - 1
+        sync = contextlib.nullcontext() if last or net is model else net.no_sync()
+        with sync:
+            loss, terms = forward_loss(model, x[rows], mask.rows(rows), losses, forward=net)
+            (loss / len(parts)).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        for k, v in terms.items():
+            term_sums[k] = term_sums[k] + v if k in term_sums else v
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
-    return loss.detach(), terms
+    assert loss_sum is not None
+    return loss_sum / len(parts), {k: v / len(parts) for k, v in term_sums.items()}
 
 
 def draw_mask(
@@ -241,7 +262,9 @@ def pretrain(
                 mask = draw_mask(
                     masking, bs, model, step / total, gens["mask"], full_check=step == 0
                 ).rows(shard)
-                loss, terms = _step(net, model, x, mask, losses, optimizer, cfg, micro)
+                loss, terms = train_step(
+                    model, x, mask, losses, optimizer, cfg.grad_clip, micro=micro, forward=net
+                )
                 step += 1
                 result.images_seen += bs
                 drawn = mask.mask.detach().float().mean()
@@ -281,37 +304,3 @@ def pretrain(
         torch.cuda.synchronize(device)
     result.seconds += time.perf_counter() - start
     return result
-
-
-def _step(
-    net: torch.nn.Module,
-    model: MaskedAutoencoder,
-    x: Tensor,
-    mask: Mask,
-    losses: list[tuple[Loss, float]],
-    optimizer: torch.optim.Optimizer,
-    cfg: PretrainConfig,
-    micro: int,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """One optimizer step over this process's share ``x`` of a batch, in micro-batches of
-    ``micro`` images whose gradients add up (synchronised across processes once, on the
-    last); returns the detached loss and terms averaged over the micro-batches."""
-    optimizer.zero_grad(set_to_none=True)
-    parts = range(0, len(x), micro)
-    loss_sum: Tensor | None = None
-    term_sums: dict[str, Tensor] = {}
-    for i, begin in enumerate(parts):
-        rows = slice(begin, begin + micro)
-        last = i == len(parts) - 1
-        sync = contextlib.nullcontext() if last or net is model else net.no_sync()
-        with sync:
-            loss, terms = forward_loss(model, x[rows], mask.rows(rows), losses, forward=net)
-            (loss / len(parts)).backward()
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-        for k, v in terms.items():
-            term_sums[k] = term_sums[k] + v if k in term_sums else v
-    if cfg.grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
-    assert loss_sum is not None
-    return loss_sum / len(parts), {k: v / len(parts) for k, v in term_sums.items()}

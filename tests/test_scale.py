@@ -94,32 +94,39 @@ def test_kill_9_resumes_from_checkpoint_with_identical_metrics(tmp_path):
     assert not list((root / "checkpoints").glob("*.pt"))  # removed once the cell is stored
 
 
-def test_sigterm_mid_epoch_saves_a_checkpoint_and_resumes_exactly(tmp_path, registry, monkeypatch):
-    from mae_bench import resume
+def pretrain_first_variant(suite, variant=None, *, init_seed=0, **options):
+    """Pretrain the suite's first variant (or ``variant``) in this process: (model, result)."""
     from mae_bench.data import ImageFeeder
-    from mae_bench.suite import resolve_suite
     from mae_bench.train import pretrain
 
-    suite = resolve_suite(yaml.safe_load(slow_suite(tmp_path, epochs=3).read_text()), registry)
     data = suite.build_dataset().load()
     feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=torch.device("cpu"))
-    variant = suite.variants[0]
+    variant = variant or suite.variants[0]
+    torch.manual_seed(init_seed)
+    model = variant.build_model(16, 3)
+    result = pretrain(
+        model,
+        data.pretrain,
+        feeder,
+        variant.build_masking(),
+        variant.build_losses(),
+        suite.config.pretrain,
+        seed=0,
+        **options,
+    )
+    return model, result
+
+
+def test_sigterm_mid_epoch_saves_a_checkpoint_and_resumes_exactly(tmp_path, registry, monkeypatch):
+    from mae_bench import resume
+    from mae_bench.suite import resolve_suite
+
+    suite = resolve_suite(yaml.safe_load(slow_suite(tmp_path, epochs=3).read_text()), registry)
 
     def run(checkpoint=None, init_seed=0, on_resume=None):
-        torch.manual_seed(init_seed)
-        model = variant.build_model(16, 3)
-        result = pretrain(
-            model,
-            data.pretrain,
-            feeder,
-            variant.build_masking(),
-            variant.build_losses(),
-            suite.config.pretrain,
-            seed=0,
-            checkpoint=checkpoint,
-            on_resume=on_resume,
+        return pretrain_first_variant(
+            suite, init_seed=init_seed, checkpoint=checkpoint, on_resume=on_resume
         )
-        return model, result
 
     model_a, straight = run()
     checkpoint = resume.Checkpoint(tmp_path / "c.pt", "key", every=0)  # only on signals
@@ -148,38 +155,23 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_and_resumes_exactly(tmp_path, regi
 
 
 def test_accumulated_micro_batches_and_blr_match_one_batch(tmp_path, registry):
-    from mae_bench.data import ImageFeeder
     from mae_bench.suite import resolve_suite
-    from mae_bench.train import pretrain
 
-    histories = []
+    histories, cell_ids = [], []
     for accum in (1, 4):
         raw = yaml.safe_load(slow_suite(tmp_path, epochs=2, accum_iter=accum).read_text())
         raw["pretrain"].pop("lr")
         raw["pretrain"]["blr"] = 8e-3  # lr = 8e-3 * 32 / 256 = 1e-3
         suite = resolve_suite(raw, registry)
         assert suite.config.pretrain.lr == pytest.approx(1e-3)
-        data = suite.build_dataset().load()
-        cpu = torch.device("cpu")
-        feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=cpu)
-        variant = replace_losses(suite.variants[0])
-        torch.manual_seed(0)
-        result = pretrain(
-            variant.build_model(16, 3),
-            data.pretrain,
-            feeder,
-            variant.build_masking(),
-            variant.build_losses(),
-            suite.config.pretrain,
-            seed=0,
-        )
+        _, result = pretrain_first_variant(suite, replace_losses(suite.variants[0]))
         histories.append(result.history)
-        cells = suite.cells()
+        cell_ids.append(suite.cells()[0].cell_id)
     ones, fours = histories
     for a, b in zip(ones, fours, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-    # accum_iter changes how a cell runs, not what it computes: same cell id
-    assert cells[0].cell_id.startswith("vit-seed0-")
+    # accum_iter changes how a cell runs, not what it computes: the same cell
+    assert cell_ids[0] == cell_ids[1] and cell_ids[0].startswith("vit-seed0-")
 
 
 def replace_losses(variant):
