@@ -1,5 +1,6 @@
 """One cell, stage by stage: pretraining (checkpointed, data-parallel), loading stored weights,
-evaluations, and storing each stage's result or the cell's failure.
+evaluations, and storing each stage's result or the cell's failure. Claiming cells, the
+progress display and the loggers are the worker's (:mod:`mae_bench.worker`).
 """
 
 from __future__ import annotations
@@ -8,49 +9,38 @@ import csv
 import errno
 import io
 import traceback
-import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import save_file
 
-from mae_bench.checkpoints import load_weights
+from mae_bench.weights import load_weights
 from mae_bench.contract import (
     EvalContext,
     ImageData,
-    Logger,
     Loss,
     MaskedAutoencoder,
     MaskingStrategy,
 )
 from mae_bench.data import ImageFeeder
-from mae_bench.device import (
-    device_name,
-    peak_memory_mb,
-    reset_peak_memory,
-)
+from mae_bench.device import device_name, peak_memory_mb, provenance, reset_peak_memory
 from mae_bench.distributed import SINGLE, Dist
-from mae_bench.errors import MaeBenchWarning
 from mae_bench.evaluate import FeatureCache
+from mae_bench.files import atomic_write
+from mae_bench.plan import Cell, Evaluation
 from mae_bench.results import (
     FAILED_DIR,
     PRETRAIN_FILE,
     RESULT_FILE,
     CellStore,
-    atomic_write_text,
-    evaluations,
-    provenance,
     write_json,
 )
 from mae_bench.resume import Checkpoint
-from mae_bench.suite import Cell, Evaluation, Suite
+from mae_bench.suite import Suite
 from mae_bench.train import EpochCallback, PretrainResult, pretrain
 
 
@@ -101,56 +91,11 @@ def _save_weights(module: torch.nn.Module, path: Path, metadata: dict[str, str])
     save_file(tensors, str(path), metadata=metadata)
 
 
-class CellDisplay:
-    """A rich progress display: cells done, and the current cell's epoch and loss."""
-
-    def __init__(self, console: Console, total_cells: int) -> None:
-        self.console = console
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        )
-        self.cells = self.progress.add_task("cells", total=total_cells, status="")
-        self.epochs = self.progress.add_task("epoch", total=1, status="", visible=False)
-
-    @contextmanager
-    def shown(self) -> Iterator[CellDisplay]:
-        with self.progress:
-            yield self
-
-    def start_cell(self, cell: Cell, epochs: int) -> None:
-        self.progress.update(self.cells, status=f"{cell.variant.name} seed {cell.seed}")
-        self.progress.reset(
-            self.epochs,
-            total=epochs,
-            visible=True,
-            status="",
-            description=f"{cell.variant.name}/seed{cell.seed} epoch",
-        )
-
-    def epoch(self, epoch: int, row: dict[str, float]) -> None:
-        status = f"loss {row['loss']:.4f}  mask {row['mask_ratio']:.2f}"
-        self.progress.update(self.epochs, completed=epoch, status=status)
-
-    def evaluating(self) -> None:
-        self.progress.update(self.epochs, status="evaluating")
-
-    def end_cell(self, message: str) -> None:
-        self.progress.advance(self.cells)
-        self.console.print(message, highlight=False)
-
-
 def pretrain_cell(
     cell: Cell,
     suite: Suite,
     data: ImageData,
     feeder: ImageFeeder,
-    display: CellDisplay,
     on_epoch: EpochCallback | None = None,
     *,
     checkpoint: Checkpoint | None = None,
@@ -173,7 +118,6 @@ def pretrain_cell(
     masking = cell.variant.build_masking()
     losses = cell.variant.build_losses()
     baseline = cell.variant.baseline
-    display.start_cell(cell, 0 if baseline else cfg.pretrain.epochs)
     metrics: dict[str, float] = {
         "params_m": count_params(model.encoder),
         "params_total_m": count_params(model),
@@ -188,7 +132,7 @@ def pretrain_cell(
             losses,
             cfg.pretrain,
             seed=cell.seed,
-            on_epoch=on_epoch or display.epoch,
+            on_epoch=on_epoch,
             checkpoint=checkpoint,
             world=world,
             on_resume=on_resume,
@@ -321,23 +265,13 @@ def failure_line(exc: BaseException) -> str:
     return line
 
 
-def headline(record: dict[str, Any]) -> list[str]:
-    """``name value`` of each evaluator's headline metrics, formatted as it declares."""
-    return [
-        f"{name} {info['fmt'].format(evaluation['metrics'][name])}"
-        for _, evaluation in evaluations(record)
-        for name, info in evaluation["info"].items()
-        if info["headline"]
-    ]
-
-
 def record_failure(root: Path, cell: Cell, exc: BaseException) -> CellFailure:
     """Write the cell's traceback to ``failed/<cell id>.log`` (a re-run retries the cell)."""
     reason = failure_line(exc)
     path = root / FAILED_DIR / f"{cell.cell_id}.log"
     text = "".join(traceback.format_exception(exc))
     try:
-        atomic_write_text(path, f"{reason}\n\n{text}")
+        atomic_write(path, f"{reason}\n\n{text}")
     except OSError:  # e.g. the disk is full: the reason is still reported
         return CellFailure(reason, None)
     return CellFailure(reason, path)
@@ -364,43 +298,3 @@ def store_evaluation(store: CellStore, cell: Cell, out: Evaluated) -> None:
     store.write_eval(cell.cell_id, out.record["eval_id"], write_files)
 
 
-def result_ids(cell: Cell) -> tuple[str, list[str]]:
-    return cell.cell_id, [e.eval_id for e in cell.evaluations]
-
-
-def plan_cells(
-    store: CellStore, cells: list[Cell]
-) -> dict[str, tuple[dict[str, Any] | None, list[Evaluation]] | None]:
-    """Per cell: None if it is finished, else its stored pretraining record (None: pretrain
-    it) and the evaluations still to run. Damaged records are set aside first."""
-    plan: dict[str, tuple[dict[str, Any] | None, list[Evaluation]] | None] = {}
-    for cell in cells:
-        whole = store.finished([result_ids(cell)], repair=True)
-        if cell.cell_id in whole:
-            plan[cell.cell_id] = None
-            continue
-        missing = [e for e in cell.evaluations if not store.is_done(cell.cell_id, e.eval_id)]
-        plan[cell.cell_id] = (store.read(cell.cell_id), missing)  # damage was set aside above
-    return plan
-
-
-class LoggerSet:
-    """The suite's loggers, each guarded: one that fails is reported once and switched off,
-    and the run goes on."""
-
-    def __init__(self, loggers: list[Logger]) -> None:
-        self.active = list(loggers)
-
-    def call(self, method: str, *args: Any) -> None:
-        """Call ``method`` on every active logger."""
-        for logger in list(self.active):
-            try:
-                getattr(logger, method)(*args)
-            except Exception as exc:
-                self.active.remove(logger)
-                warnings.warn(
-                    f"logger {logger.name!r} failed in {method} ({type(exc).__name__}: {exc}): "
-                    "switched off for the rest of the run",
-                    MaeBenchWarning,
-                    stacklevel=2,
-                )

@@ -1,4 +1,8 @@
-"""The ``mae-bench`` command line: run, validate, plugins, leaderboard."""
+"""The ``mae-bench`` command line: run, run-cell, status, validate, plugins, leaderboard,
+report, export.
+
+Each command imports what it needs when it runs, so ``--help`` and ``status`` answer without
+loading torch."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import functools
 import json
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,6 @@ import yaml
 
 from mae_bench import __version__
 from mae_bench.errors import MaeBenchWarning, UserError
-from mae_bench.plugins import KIND_PLURALS, describe_params, load_registry
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C
@@ -137,10 +140,10 @@ def run(
     """Run a suite: pretrain and evaluate every (variant, seed) cell not yet finished.
 
     Under torchrun every process runs this same command: the cells train data-parallel."""
-    from mae_bench.device import resolve_device
-    from mae_bench.distributed import cell_device, env_world
+    from mae_bench.distributed import env_world
     from mae_bench.memory import check_memory
-    from mae_bench.runner import run_suite
+    from mae_bench.plugins import load_registry
+    from mae_bench.runner import local_device, run_suite
     from mae_bench.suite import load_suite
 
     registry = load_registry()
@@ -150,17 +153,10 @@ def run(
     if world.is_main:
         for warning in (*registry.problems(), *suite.warnings):
             _print_warning(warning)
-    torch_device = cell_device(resolve_device(device), world)
-    check_memory(suite, torch_device, world.world_size)  # before anything is loaded or written
+    # before anything is loaded or written
+    check_memory(suite, local_device(device), world.world_size)
     with _stopping(Path(out_dir) / suite.name):
-        summary = run_suite(
-            suite,
-            Path(out_dir),
-            torch_device,
-            replace=replace,
-            launcher=chosen,
-            device_option=device,
-        )
+        summary = run_suite(suite, Path(out_dir), device, replace=replace, launcher=chosen)
     if not world.is_main:
         return
     click.echo(summary.markdown)
@@ -175,9 +171,10 @@ def _build_launcher(
     options: tuple[str, ...],
     config_file: str | None = None,
 ):
-    """The launcher named by --launcher with its options (None: inline): those of
-    --launcher-config, then --launcher-opt."""
-    from mae_bench.suite import parse_options, read_suite_file, resolve_launcher
+    """The launcher named by --launcher with its options: those of --launcher-config, then
+    --launcher-opt."""
+    from mae_bench.runner import resolve_launcher
+    from mae_bench.suite import read_suite_file
 
     params = {}
     if config_file:
@@ -187,8 +184,21 @@ def _build_launcher(
         if name != "local":
             raise UserError(f"--workers: only the local launcher has workers (not {name!r})")
         params.setdefault("workers", workers)
-    launcher = resolve_launcher(registry, name, params)
-    return None if name == "inline" else launcher
+    return resolve_launcher(registry, name, params)
+
+
+def parse_options(items: Sequence[str], flag: str) -> dict[str, Any]:
+    """``key=value`` command-line options (values parsed as YAML) as a mapping."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"{flag} {item!r}: expected key=value")
+        try:
+            options[key] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise UserError(f"{flag} {key}: cannot parse value {text!r}") from None
+    return options
 
 
 @contextlib.contextmanager
@@ -249,7 +259,7 @@ def run_cell(results_dir: str, cell_ids: tuple[str, ...], device: str) -> None:
 def status(results_dir: str, as_json: bool) -> None:
     """Per cell of a results folder: done, running (where, since when, epoch), failed (its
     traceback) or pending (and from which checkpoint it would resume)."""
-    from mae_bench.runner import cell_status
+    from mae_bench.results import cell_status
 
     rows = cell_status(Path(results_dir))
     if as_json:
@@ -272,6 +282,8 @@ def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
     """Check a suite file against the schema and the plugins, without running it."""
     from mae_bench.device import resolve_device
     from mae_bench.memory import memory_problem
+    from mae_bench.plan import baseline_variants, suite_cells
+    from mae_bench.plugins import load_registry
     from mae_bench.suite import load_suite
 
     registry = load_registry()
@@ -281,8 +293,8 @@ def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
     problem = memory_problem(suite, resolve_device("auto"))
     if problem:  # it may be run elsewhere: `run` refuses on the device it runs on
         _print_warning(f"{problem} (on this machine; `run` refuses it here)")
-    cells = suite.cells()
-    baselines = len(suite.baseline_variants())
+    cells = suite_cells(suite)
+    baselines = len(baseline_variants(suite))
     extra = f" + {baselines} baseline(s)" if baselines else ""
     click.echo(
         f"ok: suite {suite.name!r}: ({len(suite.variants)} variants{extra}) x "
@@ -296,6 +308,8 @@ def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plugins(as_json: bool) -> None:
     """List every plugin, the components it provides, and any load errors."""
+    from mae_bench.plugins import KINDS, describe_params, load_registry
+
     registry = load_registry()
     if as_json:
         data = [
@@ -305,8 +319,8 @@ def plugins(as_json: bool) -> None:
                 "distribution": p.distribution,
                 "version": p.version,
                 "components": {
-                    KIND_PLURALS[kind]: [c.name for c in p.components if c.kind == kind]
-                    for kind in KIND_PLURALS
+                    KINDS[kind].plural: [c.name for c in p.components if c.kind == kind]
+                    for kind in KINDS
                 },
                 "params": {
                     f"{c.kind}:{c.name}": describe_params(c.cls.Params) for c in p.components
@@ -322,7 +336,7 @@ def plugins(as_json: bool) -> None:
     for p in registry.plugins:
         status = click.style(" (errors)", fg="red") if p.errors else ""
         click.echo(f"{p.distribution} {p.version}: {p.name} ({p.module}){status}")
-        for kind in KIND_PLURALS:
+        for kind in KINDS:
             comps = [c for c in p.components if c.kind == kind]
             for c in comps:
                 click.echo(f"  {kind:9} {c.name:14} {c.description}")
@@ -357,6 +371,7 @@ def leaderboard(results_dir: str) -> None:
 def report(results_dir: str, open_page: bool) -> None:
     """Regenerate every table and plot of a suite's results folder, and its self-contained
     results page DIR/report.html, without retraining."""
+    from mae_bench.plugins import load_registry
     from mae_bench.report import render_report
 
     paths, page = render_report(Path(results_dir), load_registry())
@@ -390,6 +405,7 @@ def export(cell_dir: str, out_file: str, fmt: str) -> None:
     pretrained_cfg_overlay=dict(file=OUT)); the arguments are also saved as OUT.json.
     """
     from mae_bench.export import export_cell
+    from mae_bench.plugins import load_registry
 
     out, kwargs = export_cell(Path(cell_dir), Path(out_file), fmt, load_registry())
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "model_name")

@@ -1,40 +1,42 @@
-"""The small public contract every component implements.
+"""The small public contract every component implements, and the types they exchange.
 
-Five kinds of component plug into mae-bench: encoders (whole masked autoencoders),
-masking strategies, losses, datasets and evaluators. Each is a class with
+Components plug into mae-bench by kind: encoders (whole masked autoencoders), masking
+strategies, losses, datasets, evaluators, loggers and launchers (the launcher interface
+lives with the runner, :mod:`mae_bench.runner`). Each is a :class:`Component`:
 
+- ``kind``: which kind it is (set by its base class: ``"encoder"``, ``"loss"``, ...),
 - ``name``: the string a suite uses to select it (``encoder: {name: vit}``),
 - ``Params``: a pydantic model (subclass of :class:`Params`) validating its YAML parameters,
-- a constructor taking the validated params (plus context, for encoders).
+- a constructor taking the validated params (plus context, for encoders),
+- ``summary()``: a short description for leaderboards.
 
-Plugins depend on this module and ``mae_bench.layers``; the core never imports a plugin.
+This module imports nothing of mae-bench but :mod:`mae_bench.layers`; plugins depend on it,
+and the core never imports a plugin.
 """
 
 from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from timm.layers import DropPath
-from timm.models import group_parameters
-from timm.models.vision_transformer import Block
-from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
-from mae_bench.layers import patchify, random_mask
+from mae_bench.layers import (
+    layer_decay_param_groups,
+    patchify,
+    random_mask,
+    set_block_drop_path,
+    weight_decay_param_groups,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from mae_bench.data import ImageFeeder
-    from mae_bench.evaluate import FeatureCache
 
 Pool = Literal["cls", "mean"]
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
@@ -46,6 +48,22 @@ class Params(BaseModel):
     infinities and NaN refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class Component:
+    """Base of every plugin component: its kind, suite name, validated parameters and a
+    short description. A component class sets ``name`` and, if it has parameters, ``Params``."""
+
+    kind: ClassVar[str]  # set by each kind's base class; the registry checks it
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]] = Params
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def summary(self) -> str:
+        """Short human-readable description for leaderboards."""
+        return self.name
 
 
 # --------------------------------------------------------------------------- masking
@@ -103,15 +121,10 @@ class Mask:
             raise ValueError("Mask.ids_restore does not put the ids_keep patches first")
 
 
-class MaskingStrategy(ABC):
+class MaskingStrategy(Component, ABC):
     """Chooses which patches to hide, possibly depending on training progress in [0, 1]."""
 
     kind: ClassVar[str] = "masking"
-    name: ClassVar[str]
-    Params: ClassVar[type[Params]] = Params
-
-    def __init__(self, params: Params) -> None:
-        self.params = params
 
     @abstractmethod
     def ratio_at(self, progress: float) -> float:
@@ -139,10 +152,6 @@ class MaskingStrategy(ABC):
         )  # fmt: skip
         return Mask(ids_keep, ids_restore, mask)
 
-    def summary(self) -> str:
-        """Short human-readable description for leaderboards."""
-        return self.name
-
 
 # --------------------------------------------------------------------------- encoders
 @dataclass(frozen=True)
@@ -153,7 +162,7 @@ class MAEOutput:
     latent: Tensor  # (B, prefix + K, D) encoder tokens of the visible patches
 
 
-class MaskedAutoencoder(nn.Module, ABC):
+class MaskedAutoencoder(nn.Module, Component, ABC):
     """A masked autoencoder: ``encoder`` sees only visible patches, ``decoder`` fills the rest.
 
     Subclasses set ``patch_size``, ``embed_dim``, ``num_prefix_tokens`` (1 with a cls token)
@@ -163,8 +172,6 @@ class MaskedAutoencoder(nn.Module, ABC):
     """
 
     kind: ClassVar[str] = "encoder"
-    name: ClassVar[str]
-    Params: ClassVar[type[Params]] = Params
 
     patch_size: int
     embed_dim: int
@@ -173,7 +180,7 @@ class MaskedAutoencoder(nn.Module, ABC):
     decoder: nn.Module
 
     def __init__(self, params: Params, *, image_size: int, in_chans: int) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.params = params
         self.image_size = image_size
         self.in_chans = in_chans
@@ -238,47 +245,18 @@ class MaskedAutoencoder(nn.Module, ABC):
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups of the whole model for pretraining: weight decay except on
         ``no_weight_decay()`` and 1-D parameters."""
-        return param_groups_weight_decay(
-            self, weight_decay, no_weight_decay_list=sorted(self.no_weight_decay())
-        )
+        return weight_decay_param_groups(self, weight_decay, self.no_weight_decay())
 
     def encoder_param_groups(self, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups of the encoder alone for fine-tuning, each with an ``lr_scale``.
-
-        Layers come from the encoder's timm-style ``group_matcher`` (stem, ``blocks.N``; the
-        final norm merged with the last block, as timm groups it); the classifier head sits
-        one layer above, at scale 1. Block ``i`` of ``depth`` gets
-        ``layer_decay ** (depth - i)`` (the last block ``layer_decay``, as in the official
-        MAE), the stem ``layer_decay ** (depth + 1)``. Encoders without a ``group_matcher``
-        get one scale, 1. No weight decay on 1-D parameters and ``no_weight_decay()`` names.
-        """
-        encoder = self.encoder
-        no_decay = set(getattr(encoder, "no_weight_decay", set)())
-        layer_of: dict[str, int] = {}
-        if hasattr(encoder, "group_matcher"):
-            layer_of = group_parameters(encoder, encoder.group_matcher(coarse=False), reverse=True)
-        top = max(layer_of.values(), default=-1) + 1
-        groups: dict[tuple[float, bool], dict[str, Any]] = {}
-        for name, param in encoder.named_parameters():
-            if not param.requires_grad:
-                continue
-            scale = layer_decay ** (top - layer_of.get(name, top))
-            skip_decay = param.ndim <= 1 or name in no_decay
-            decay = 0.0 if skip_decay else weight_decay
-            group = groups.setdefault(
-                (scale, skip_decay), {"params": [], "weight_decay": decay, "lr_scale": scale}
-            )
-            group["params"].append(param)
-        return list(groups.values())
+        """AdamW groups of the encoder alone for fine-tuning, each with an ``lr_scale``:
+        layer-wise decay over the encoder's timm-style ``group_matcher`` (see
+        :func:`mae_bench.layers.layer_decay_param_groups`; one scale, 1, without one)."""
+        return layer_decay_param_groups(self.encoder, weight_decay, layer_decay)
 
     def set_drop_path(self, rate: float) -> None:
         """Stochastic depth on the encoder's timm ``Block``s, rising linearly to ``rate`` at the
         last block; override for encoders built from other blocks."""
-        blocks = [m for m in self.encoder.modules() if isinstance(m, Block)]
-        for i, block in enumerate(blocks):
-            r = rate * i / max(1, len(blocks) - 1)
-            block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
-            block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
+        set_block_drop_path(self.encoder, rate)
 
     def without_decoder(self) -> MaskedAutoencoder:
         """A deep copy holding the encoder only (for fine-tuning: the decoder is not trained)."""
@@ -303,10 +281,6 @@ class MaskedAutoencoder(nn.Module, ABC):
         """Frozen-feature extraction for probes: every patch visible, pooled to (B, D)."""
         ids_all = torch.arange(self.num_patches, device=imgs.device).expand(imgs.shape[0], -1)
         return self.pool(self.forward_encoder(imgs, ids_all), pool)
-
-    def summary(self) -> str:
-        """Short human-readable description for leaderboards."""
-        return self.name
 
 
 # --------------------------------------------------------------------------- losses
@@ -335,15 +309,10 @@ class LossInputs:
         return self.pooler(self.latent, pool)
 
 
-class Loss(ABC):
+class Loss(Component, ABC):
     """A training objective term; a variant sums several, each with a ``weight``."""
 
     kind: ClassVar[str] = "loss"
-    name: ClassVar[str]
-    Params: ClassVar[type[Params]] = Params
-
-    def __init__(self, params: Params) -> None:
-        self.params = params
 
     @property
     def prediction_space(self) -> str | None:
@@ -363,10 +332,6 @@ class Loss(ABC):
     def __call__(self, inputs: LossInputs) -> Tensor:
         """A scalar loss for the batch."""
 
-    def summary(self) -> str:
-        """Short human-readable description for leaderboards."""
-        return self.name
-
 
 def prediction_loss(losses: list[Loss]) -> Loss | None:
     """The first of a variant's losses that reads ``pred``: it says what predictions mean and
@@ -383,33 +348,18 @@ def prediction_loss(losses: list[Loss]) -> Loss | None:
 
 
 # --------------------------------------------------------------------------- datasets
-class ConcatImages:
-    """Several uint8 (N_i, C, H, W) tensors, e.g. memory-mapped files, seen as one; no copy."""
+class Images(Protocol):
+    """Stored images as the core reads them: a uint8 (N, C, H, W) tensor, a memory-mapped one,
+    or anything with this interface (e.g. :class:`mae_bench.files.ConcatImages`)."""
 
-    def __init__(self, *parts: Tensor) -> None:
-        if not parts or len({p.shape[1:] for p in parts}) != 1:
-            raise ValueError("ConcatImages needs one or more tensors of the same image shape")
-        self.parts = parts
-        self.offsets = torch.tensor([0, *torch.cumsum(torch.tensor([len(p) for p in parts]), 0)])
-        self.dtype = parts[0].dtype
-        self.ndim = parts[0].ndim
-        self.shape = torch.Size([int(self.offsets[-1]), *parts[0].shape[1:]])
+    dtype: torch.dtype
+    ndim: int
+    shape: torch.Size
 
-    def __len__(self) -> int:
-        return self.shape[0]
+    def __len__(self) -> int: ...
 
-    def __getitem__(self, index: Tensor | slice) -> Tensor:
-        """Images at ``index`` (a slice or a 1-D index tensor), read only from their parts."""
-        idx = torch.arange(len(self))[index] if isinstance(index, slice) else index.long()
-        part = torch.searchsorted(self.offsets, idx, right=True) - 1
-        out = torch.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
-        for k in part.unique().tolist():
-            where = part == k
-            out[where] = self.parts[k][idx[where] - self.offsets[k]]
-        return out
+    def __getitem__(self, index: Any) -> Tensor: ...
 
-
-Images = Tensor | ConcatImages
 
 
 @dataclass
@@ -417,7 +367,8 @@ class ImageData:
     """A dataset's splits as uint8 images (N, C, H, W) and int64 labels.
 
     Images may be memory-mapped tensors (``torch.from_numpy(np.memmap(...))``) or a
-    :class:`ConcatImages`; the core only takes ``len()`` and index-tensor batches of them.
+    :class:`mae_bench.files.ConcatImages`; the core only takes ``len()`` and index-tensor
+    batches of them.
     ``positive_class`` names the positive label of a binary task (threshold analysis).
     """
 
@@ -459,15 +410,10 @@ class ImageData:
         return self.pretrain.shape[1]
 
 
-class Dataset(ABC):
+class Dataset(Component, ABC):
     """Loads a dataset's pretraining and labelled splits."""
 
     kind: ClassVar[str] = "dataset"
-    name: ClassVar[str]
-    Params: ClassVar[type[Params]] = Params
-
-    def __init__(self, params: Params) -> None:
-        self.params = params
 
     @property
     def pretrain_sees_test(self) -> bool:
@@ -478,10 +424,6 @@ class Dataset(ABC):
     @abstractmethod
     def load(self) -> ImageData:
         """Read the data; raise ``mae_bench.UserError`` naming the file if it is missing."""
-
-    def summary(self) -> str:
-        """Short human-readable description for leaderboards."""
-        return self.name
 
 
 # --------------------------------------------------------------------------- evaluators
@@ -510,6 +452,31 @@ class Metric:
         }
 
 
+class Feeder(Protocol):
+    """Turns stored uint8 images into model input on ``device`` (``mae_bench.data.ImageFeeder``)."""
+
+    device: torch.device
+    image_size: int
+    channels: int
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """A batch of stored images as normalized model input (B, C, H, W) on ``device``."""
+        ...
+
+    def to_pixels(self, x: Tensor) -> Tensor:
+        """Normalized input back to [0, 1] pixels."""
+        ...
+
+
+class Features(Protocol):
+    """A cell's frozen features, extracted once per pooling
+    (``mae_bench.evaluate.FeatureCache``)."""
+
+    def get(self, pool: Pool) -> tuple[Tensor, Tensor]:
+        """(train, test) features with ``pool`` pooling, (N, D) each."""
+        ...
+
+
 @dataclass
 class EvalContext:
     """What an evaluator receives for one cell.
@@ -522,8 +489,8 @@ class EvalContext:
 
     model: MaskedAutoencoder
     data: ImageData
-    feeder: ImageFeeder
-    features: FeatureCache
+    feeder: Feeder
+    features: Features
     seed: int
     baseline: bool  # a no-pretraining cell: the model is at its random init
     decoder_loss: Loss | None  # maps the model's predictions to pixels (reconstruction)
@@ -550,7 +517,7 @@ class EvalResult:
     confusion: list[list[int]] | None = None
 
 
-class Evaluator(ABC):
+class Evaluator(Component, ABC):
     """An evaluation protocol run on every cell (linear probe, k-NN, fine-tuning, ...).
 
     A suite enables it as ``eval: {<name>: {<params>}}`` (``enabled: false`` turns a default
@@ -559,15 +526,10 @@ class Evaluator(ABC):
     """
 
     kind: ClassVar[str] = "evaluator"
-    name: ClassVar[str]
-    Params: ClassVar[type[Params]] = Params
     enabled_by_default: ClassVar[bool] = False  # runs on suites that do not mention it
     needs_pretraining: ClassVar[bool] = False  # skipped on no-pretraining baselines
     trains_encoder: ClassVar[bool] = False  # measures a trained copy: baselines' `scratch` row
     summary_priority: ClassVar[int] = 100  # lower fills the unprefixed summary columns first
-
-    def __init__(self, params: Params) -> None:
-        self.params = params
 
     @abstractmethod
     def metrics(self) -> dict[str, Metric]:
@@ -577,13 +539,9 @@ class Evaluator(ABC):
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         """Evaluate one cell's model."""
 
-    def summary(self) -> str:
-        """Short human-readable description."""
-        return self.name
-
 
 # --------------------------------------------------------------------------- loggers
-class Logger:
+class Logger(Component):
     """Observes a run (TensorBoard, Weights & Biases, ...): told of the run's start, each
     cell, each pretraining epoch, each evaluation and the end. Every method is optional.
 
@@ -593,11 +551,6 @@ class Logger:
     """
 
     kind: ClassVar[str] = "logger"
-    name: ClassVar[str]
-    Params: ClassVar[type[Params]] = Params
-
-    def __init__(self, params: Params) -> None:
-        self.params = params
 
     def start_run(self, suite: str, root: Any, config: dict[str, Any]) -> None:
         """A suite run starts, writing under ``root`` (a ``pathlib.Path``)."""
@@ -616,93 +569,3 @@ class Logger:
 
     def end_run(self) -> None:
         """The run ends (also after a failure or an interruption)."""
-
-    def summary(self) -> str:
-        """Short human-readable description."""
-        return self.name
-
-
-@dataclass(frozen=True)
-class LaunchRequest:
-    """The cells a launcher must run, and how a worker runs them.
-
-    A worker is ``mae-bench run-cell ROOT [CELL_ID ...]``: it reads the suite from
-    ``ROOT/suite.json``, claims each cell's lease (so two workers never run the same cell;
-    without ids it runs any pending cell until none is left), resumes from a checkpoint and
-    stores the result. :meth:`command` gives that command line; :func:`run_cells` (a
-    picklable function of ``mae_bench``) runs it in the calling process. Workers on other
-    machines need the results folder on a shared filesystem.
-    """
-
-    root: Path  # the suite's results folder
-    cell_ids: tuple[str, ...]  # unfinished cells, in suite order
-    device: str  # the --device every worker uses (auto: each picks its own)
-
-    def run(self, cell_ids: Sequence[str] = (), stop_signal: tuple[int, Any] | None = None) -> bool:
-        """Run ``cell_ids`` (or any pending cell) in this process, as the worker command does.
-
-        ``stop_signal``: ``(signum, handler)`` of a scheduler's own preemption signal: in a
-        training loop it saves a checkpoint and stops (this returns False: call ``handler``
-        then, e.g. to requeue); elsewhere ``handler`` is called at once. True when done.
-        """
-        from mae_bench.worker import run_cells
-
-        return run_cells(self.root, list(cell_ids), self.device, stop_signal=stop_signal)
-
-    def finished(self) -> int:
-        """How many of the request's cells are stored, pretrained and evaluated (for progress)."""
-        from mae_bench.results import CellStore, read_suite_record, suite_cells
-
-        wanted = set(self.cell_ids)
-        ids = [c for c in suite_cells(read_suite_record(self.root)) if c[0] in wanted]
-        return len(CellStore(self.root).finished(ids, repair=False))
-
-    def command(self, cell_ids: Sequence[str] = ()) -> list[str]:
-        """The worker command line (running ``cell_ids``, or any pending cell)."""
-        import sys
-
-        return [
-            sys.executable,
-            "-m",
-            "mae_bench",
-            "run-cell",
-            str(self.root),
-            *cell_ids,
-            "--device",
-            self.device,
-        ]
-
-
-class Launcher:
-    """Runs a suite's cells as jobs: in this process, in worker processes, on a cluster.
-
-    :meth:`launch` returns when every cell it started has ended (finished or failed); the
-    runner then rebuilds the leaderboard from the results folder. ``Params`` are the launcher
-    options (``--launcher-opt key=value``), validated like suite fields.
-    """
-
-    kind: ClassVar[str] = "launcher"
-    name: ClassVar[str]
-    Params: ClassVar[type[Params]] = Params
-
-    def __init__(self, params: Params) -> None:
-        self.params = params
-
-    def launch(self, request: LaunchRequest, console: Any) -> None:
-        """Run the cells of ``request``; ``console`` is a ``rich.console.Console`` for progress."""
-        raise NotImplementedError
-
-    def summary(self) -> str:
-        """Short human-readable description."""
-        return self.name
-
-
-COMPONENT_BASES: dict[str, type] = {
-    "encoder": MaskedAutoencoder,
-    "masking": MaskingStrategy,
-    "loss": Loss,
-    "dataset": Dataset,
-    "evaluator": Evaluator,
-    "logger": Logger,
-    "launcher": Launcher,
-}

@@ -1,12 +1,20 @@
-"""Device selection and the per-device training settings (autocast, fused optimizers)."""
+"""Device selection, the per-device training settings (autocast, fused optimizers), and the
+provenance (versions, commit, device, date) stored beside every result."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import platform
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
 
+import timm
 import torch
 
+import mae_bench
 from mae_bench.errors import UserError
 
 
@@ -77,3 +85,40 @@ def prepare(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+@cache
+def git_commit() -> str:
+    """The git commit of the mae-bench source tree ('+dirty' if modified), or 'unknown'."""
+    source = Path(mae_bench.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=source,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(device_name: str) -> dict[str, str]:
+    """Versions, commit, device and date to store beside every result (``device_name``:
+    :func:`device_name` of where it ran)."""
+    return {
+        "mae_bench_version": mae_bench.__version__,
+        "git_commit": git_commit(),
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+        "python_version": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": device_name,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }

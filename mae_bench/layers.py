@@ -7,11 +7,16 @@ row-major order over the grid.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
+from timm.models import group_parameters
 from timm.models.vision_transformer import Block
+from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
@@ -61,14 +66,14 @@ def random_mask(
     visible. The noise is drawn on the CPU from ``generator`` so masks are reproducible on
     every device.
     """
-    len_keep = max(1, round(num_patches * (1.0 - ratio)))
-    noise = torch.rand(batch_size, num_patches, generator=generator)
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    mask = torch.ones(batch_size, num_patches)
+    len_keep = max(1, round(num_patches * (1.0 - ratio)))  # K
+    noise = torch.rand(batch_size, num_patches, generator=generator)  # (B, L) in [0, 1)
+    ids_shuffle = torch.argsort(noise, dim=1)  # (B, L): small noise is kept, large is masked
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, L): the inverse permutation
+    ids_keep = ids_shuffle[:, :len_keep]  # (B, K)
+    mask = torch.ones(batch_size, num_patches)  # (B, L) in shuffled order: 0 keep, 1 masked
     mask[:, :len_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
+    mask = torch.gather(mask, 1, ids_restore)  # (B, L) unshuffled to patch order
     return ids_keep.to(device), ids_restore.to(device), mask.to(device)
 
 
@@ -182,13 +187,68 @@ class MAEDecoder(nn.Module):
         return {"mask_token"}
 
     def forward(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
-        """(B, prefix + K, D_enc), (B, L) -> (B, L, p*p*C)."""
-        x = self.embed(latent)
+        """The official MAE's ``forward_decoder``: (B, prefix + K, D_enc), (B, L) ->
+        (B, L, p*p*C), n = ``num_prefix_tokens``."""
+        x = self.embed(latent)  # (B, n + K, D_dec): embed tokens
         n = self.num_prefix_tokens
-        prefix, visible = x[:, :n], x[:, n:]
+        prefix, visible = x[:, :n], x[:, n:]  # (B, n, D_dec), (B, K, D_dec)
         b, k, d = visible.shape
-        mask_tokens = self.mask_token.expand(b, ids_restore.shape[1] - k, d)
+        mask_tokens = self.mask_token.expand(b, ids_restore.shape[1] - k, d)  # (B, L - K, D_dec)
+        # append mask tokens, then unshuffle to patch order: (B, L, D_dec)
         patches = gather_tokens(torch.cat([visible, mask_tokens], dim=1), ids_restore)
+        # add positions (the prefix gets none: the official one is a zero row): (B, n + L, D_dec)
         x = torch.cat([prefix, patches + self.pos_embed], dim=1)
-        x = self.norm(self.blocks(x))
-        return self.pred(x[:, n:])
+        x = self.norm(self.blocks(x))  # (B, n + L, D_dec): transformer blocks
+        return self.pred(x[:, n:])  # (B, L, p*p*C): predict pixels, prefix dropped
+
+
+# ----------------------------------------------------------- optimizer policy (timm's rules)
+def weight_decay_param_groups(
+    model: nn.Module, weight_decay: float, no_weight_decay: Iterable[str] = ()
+) -> list[dict[str, Any]]:
+    """AdamW groups of ``model``: weight decay except on 1-D parameters (biases, norms) and
+    the qualified names in ``no_weight_decay`` (tokens, positions), as timm groups them."""
+    return param_groups_weight_decay(
+        model, weight_decay, no_weight_decay_list=sorted(no_weight_decay)
+    )
+
+
+def layer_decay_param_groups(
+    encoder: nn.Module, weight_decay: float, layer_decay: float
+) -> list[dict[str, Any]]:
+    """AdamW groups of an encoder for fine-tuning, each with an ``lr_scale``.
+
+    Layers come from the encoder's timm-style ``group_matcher`` (stem, ``blocks.N``; the
+    final norm merged with the last block, as timm groups it); the classifier head sits
+    one layer above, at scale 1. Block ``i`` of ``depth`` gets
+    ``layer_decay ** (depth - i)`` (the last block ``layer_decay``, as in the official
+    MAE), the stem ``layer_decay ** (depth + 1)``. Encoders without a ``group_matcher``
+    get one scale, 1. No weight decay on 1-D parameters and ``no_weight_decay()`` names.
+    """
+    no_decay = set(getattr(encoder, "no_weight_decay", set)())
+    layer_of: dict[str, int] = {}
+    if hasattr(encoder, "group_matcher"):
+        layer_of = group_parameters(encoder, encoder.group_matcher(coarse=False), reverse=True)
+    top = max(layer_of.values(), default=-1) + 1
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    for name, param in encoder.named_parameters():
+        if not param.requires_grad:
+            continue
+        scale = layer_decay ** (top - layer_of.get(name, top))
+        skip_decay = param.ndim <= 1 or name in no_decay
+        decay = 0.0 if skip_decay else weight_decay
+        group = groups.setdefault(
+            (scale, skip_decay), {"params": [], "weight_decay": decay, "lr_scale": scale}
+        )
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def set_block_drop_path(module: nn.Module, rate: float) -> None:
+    """Stochastic depth on the timm ``Block``s of ``module``, rising linearly from 0 at the
+    first block to ``rate`` at the last."""
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for i, block in enumerate(blocks):
+        r = rate * i / max(1, len(blocks) - 1)
+        block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
+        block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()

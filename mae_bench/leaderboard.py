@@ -10,11 +10,11 @@ from typing import Any
 import pandas as pd
 from filelock import FileLock
 
+from mae_bench.files import atomic_write
 from mae_bench.metrics import CORE_METRICS
 from mae_bench.results import (
     LEADERBOARD_LOCK,
     CellStore,
-    atomic_write_text,
     evaluations,
     read_table,
 )
@@ -319,7 +319,7 @@ def write_leaderboard(
         metrics = [m for m in info if m in runs]
         directions = {m: higher_is_better(m, info) for m in metrics}
         comparisons = compare(runs, metrics, reference, directions)
-        atomic_write_text(root / "comparisons.csv", comparisons.to_csv(index=False))
+        atomic_write(root / "comparisons.csv", comparisons.to_csv(index=False))
     tables = {}
     store = CellStore(root)
     for record in records:
@@ -328,16 +328,16 @@ def write_leaderboard(
         if table is not None:
             name = f"{record['variant']}-seed{record['seed']}"
             tables[name] = table
-            atomic_write_text(root / "thresholds" / f"{name}.csv", table.to_csv(index=False))
+            atomic_write(root / "thresholds" / f"{name}.csv", table.to_csv(index=False))
     shown = leaderboard_markdown(board, title, info, primary)
     markdown = shown
     binary = {k: t for k, t in tables.items() if t["class"].nunique() == 1}
     if binary:
         markdown += "\n" + thresholds_markdown(binary)
     markdown += "\n" + glossary_markdown(info, board)
-    atomic_write_text(root / "runs.csv", runs.to_csv(index=False))
-    atomic_write_text(root / "leaderboard.csv", board.to_csv(index=False))
-    atomic_write_text(root / "leaderboard.md", markdown)
+    atomic_write(root / "runs.csv", runs.to_csv(index=False))
+    atomic_write(root / "leaderboard.csv", board.to_csv(index=False))
+    atomic_write(root / "leaderboard.md", markdown)
     return board, shown
 
 

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mae_bench.files import grant_umask
+from mae_bench.files import atomic_write
 
 LEASES_DIR = "leases"
 HEARTBEAT_S = float(os.environ.get("MAE_BENCH_HEARTBEAT_S", "30"))
@@ -199,20 +198,5 @@ def _read(path: Path) -> LeaseInfo | None:
 
 def _write(path: Path, info: LeaseInfo, *, replace: bool) -> bool:
     """Write the lease; without ``replace``, only if there is none (False then)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({k: v for k, v in asdict(info).items() if k != "heartbeat"}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        grant_umask(tmp)
-        if replace:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)  # atomic, and fails if a lease is there (also over NFS)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    text = json.dumps({k: v for k, v in asdict(info).items() if k != "heartbeat"})
+    return atomic_write(path, text, exclusive=not replace)

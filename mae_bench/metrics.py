@@ -15,6 +15,13 @@ if TYPE_CHECKING:
 
     from mae_bench.contract import ImageData
 
+DEFAULT_PRIMARY_METRIC = "lp_acc"
+"""What a suite ranks its variants by unless it sets ``primary_metric``."""
+THRESHOLDS_TABLE = "thresholds"
+"""A classifier's threshold table (:func:`threshold_analysis`), as evaluators store it."""
+PREDICTIONS_TABLE = "predictions"
+"""A classifier's test-set class probabilities: ``label`` and one ``p_<class>`` per class."""
+
 
 def classification_metrics(
     y_true: np.ndarray, probs: np.ndarray, prefix: str = ""

@@ -20,40 +20,37 @@ from typing import Any, Literal, get_args, get_origin
 import pluggy
 
 from mae_bench import hookspecs
-from mae_bench.contract import COMPONENT_BASES, Params
+from mae_bench.contract import Component, Params
 from mae_bench.errors import ConfigError
 
 ENV_VAR = "MAE_BENCH_PLUGINS"
 BUILTIN_DISTRIBUTION = "mae-bench"
-HOOKS = {
-    "encoder": "register_encoders",
-    "masking": "register_masking",
-    "loss": "register_losses",
-    "dataset": "register_datasets",
-    "evaluator": "register_evaluators",
-    "logger": "register_loggers",
-    "launcher": "register_launchers",
-}
-KIND_PLURALS = {
-    "encoder": "encoders",
-    "masking": "masking",
-    "loss": "losses",
-    "dataset": "datasets",
-    "evaluator": "evaluators",
-    "logger": "loggers",
-    "launcher": "launchers",
-}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
-# Suite keys the core reads beside a component's own parameters: a Params may not use them.
-RESERVED_KEYS = {
-    "encoder": {"name", "init_from"},
-    "masking": {"name"},
-    "loss": {"name", "weight"},
-    "dataset": {"name", "image_size", "channels"},
-    "evaluator": {"enabled"},
-    "logger": {"name"},
-    "launcher": set(),
-}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One kind of component: the hook that registers it, its plural (``mae-bench plugins``),
+    the name of its base class, and the suite keys the core reads beside its own parameters
+    (which its ``Params`` may therefore not use)."""
+
+    hook: str
+    plural: str
+    base: str
+    reserved: frozenset[str] = frozenset()
+
+
+KINDS: dict[str, Kind] = {
+    "encoder": Kind("register_encoders", "encoders", "MaskedAutoencoder",
+                    frozenset({"name", "init_from"})),
+    "masking": Kind("register_masking", "masking", "MaskingStrategy", frozenset({"name"})),
+    "loss": Kind("register_losses", "losses", "Loss", frozenset({"name", "weight"})),
+    "dataset": Kind("register_datasets", "datasets", "Dataset",
+                    frozenset({"name", "image_size", "channels"})),
+    "evaluator": Kind("register_evaluators", "evaluators", "Evaluator", frozenset({"enabled"})),
+    "logger": Kind("register_loggers", "loggers", "Logger", frozenset({"name"})),
+    "launcher": Kind("register_launchers", "launchers", "Launcher"),
+}  # fmt: skip
 
 
 def describe_params(params: type[Params]) -> dict[str, dict[str, Any]]:
@@ -114,7 +111,7 @@ class Registry:
 
     plugins: list[PluginInfo] = field(default_factory=list)
     components: dict[str, dict[str, ComponentInfo]] = field(
-        default_factory=lambda: {kind: {} for kind in HOOKS}
+        default_factory=lambda: {kind: {} for kind in KINDS}
     )
 
     def names(self, kind: str) -> list[str]:
@@ -149,9 +146,9 @@ class Registry:
 
 def _check_component(kind: str, cls: object) -> str | None:
     """Why ``cls`` cannot be registered as a ``kind``, or None if it can."""
-    base = COMPONENT_BASES[kind]
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        return f"{cls!r} is not a subclass of mae_bench.{base.__name__}"
+    base = KINDS[kind].base
+    if not (isinstance(cls, type) and issubclass(cls, Component) and cls.kind == kind):
+        return f"{cls!r} is not a subclass of mae_bench.{base}"
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not _NAME.match(name):
         return f"{cls.__name__}.name must be a lowercase name like 'my-loss', got {name!r}"
@@ -161,7 +158,7 @@ def _check_component(kind: str, cls: object) -> str | None:
             f"{cls.__name__}.Params must subclass mae_bench.Params (which refuses unknown "
             "keys, so a misspelt parameter is an error, not silently dropped)"
         )
-    clash = sorted(RESERVED_KEYS[kind] & set(params.model_fields))
+    clash = sorted(KINDS[kind].reserved & set(params.model_fields))
     if clash:
         return f"{cls.__name__}.Params uses reserved key(s) {', '.join(clash)}"
     return None
@@ -190,7 +187,8 @@ def build_registry(candidates: Iterable[tuple[PluginInfo, Callable[[], object]]]
             by_plugin_name.pop(name).errors.append(f"invalid hook: {exc}")
             pm.unregister(exc.plugin)
     order = list(by_plugin_name)
-    for kind, hook_name in HOOKS.items():
+    for kind, spec in KINDS.items():
+        hook_name = spec.hook
         impls = getattr(pm.hook, hook_name).get_hookimpls()
         for impl in sorted(impls, key=lambda impl: order.index(impl.plugin_name)):
             info = by_plugin_name[impl.plugin_name]
@@ -205,7 +203,7 @@ def _registrar(registry: Registry, kind: str, info: PluginInfo) -> Callable[[typ
     def register(cls: type) -> None:
         problem = _check_component(kind, cls)
         if problem:
-            info.errors.append(f"{HOOKS[kind]}: {problem}")
+            info.errors.append(f"{KINDS[kind].hook}: {problem}")
             return
         taken = registry.components[kind].get(cls.name)
         if taken is not None:

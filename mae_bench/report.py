@@ -1,330 +1,302 @@
-"""``mae-bench report``: tables and plots regenerated from stored results, no retraining.
+"""``report.html``: one self-contained results page per suite.
 
-Plots (PNG, under ``<out>/<suite>/plots/``): pretraining loss curves, the leaderboard bar
-chart with 95% intervals, reconstruction grids (same images, same masks for every variant),
-fine-tuning curves (pretrained vs scratch), a t-SNE of frozen features (the best variant vs
-a random init), ROC curves and precision/recall/F1 vs the threshold.
+Everything is inline (plots as PNG data URIs, a few lines of script and style), so the file
+opens offline from ``file://`` and can be mailed. Every text that comes from a suite or a
+result is HTML-escaped: a description holding ``<script>`` shows as text.
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
+import base64
+import datetime as dt
+import json
+import math
+from html import escape
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
-import seaborn as sns
-import torch
-from sklearn.metrics import roc_curve
+import yaml
 
-from mae_bench.checkpoints import load_weights
-from mae_bench.contract import ImageData, Mask, MaskedAutoencoder
-from mae_bench.data import ImageFeeder
-from mae_bench.errors import MaeBenchWarning, UserError
-from mae_bench.evaluate import evaluation_sample, extract_features, fixed_masks, reconstruct
-from mae_bench.layers import patch_mask_to_pixels
-from mae_bench.leaderboard import scratch_name, write_leaderboard
-from mae_bench.metrics import roc_auc
-from mae_bench.plugins import Registry
-from mae_bench.results import (
-    CellStore,
-    evaluations,
-    read_suite_record,
-    read_table,
-    suite_cells,
-)
-from mae_bench.suite import Suite, resolve_suite
+from mae_bench.files import atomic_write
+from mae_bench.leaderboard import ID_COLUMNS, Info, higher_is_better, metric_info
+from mae_bench.results import FAILED_DIR, CellStore, read_table
 
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:.5em 0}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}
+.scroll{overflow-x:auto}
+th{background:#f3f3f3;cursor:pointer;white-space:nowrap}
+td.id,th.id{text-align:left}
+.all-only{display:none} body.all .all-only{display:table-cell}
+.best{font-weight:bold} .verdict-better{color:#070} .verdict-worse{color:#a00}
+img{max-width:100%;border:1px solid #eee;margin:.3em 0}
+details{margin:.4em 0} summary{cursor:pointer;font-weight:600}
+pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:12px}
+.note{color:#555;font-size:13px}
+"""
 
-def lowest_seed_cells(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """One record per variant: the cell with its lowest seed, in record order."""
-    first: dict[str, dict[str, Any]] = {}
-    for r in records:
-        if r["variant"] not in first or r["seed"] < first[r["variant"]]["seed"]:
-            first[r["variant"]] = r
-    return first
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+SCRIPT = """
+function sortTable(th){const table=th.closest('table');const body=table.tBodies[0];
+const i=[...th.parentNode.children].indexOf(th);const asc=th.dataset.asc!=='1';
+th.dataset.asc=asc?'1':'0';const key=r=>{const c=r.children[i];const v=c.dataset.v;
+return v===undefined||v===''?null:(isNaN(+v)?v:+v)};
+[...body.rows].sort((a,b)=>{const x=key(a),y=key(b);if(x===null)return 1;if(y===null)return -1;
+return (x<y?-1:x>y?1:0)*(asc?1:-1)}).forEach(r=>body.appendChild(r))}
+document.addEventListener('DOMContentLoaded',()=>{
+document.querySelectorAll('th[data-sort]').forEach(th=>th.addEventListener('click',()=>sortTable(th)));
+const t=document.getElementById('toggle');if(t)t.addEventListener('click',()=>{
+document.body.classList.toggle('all');t.textContent=document.body.classList.contains('all')?
+'show headline columns':'show all columns'})});
+"""
 
 
-def plot_loss_curves(records: list[dict[str, Any]], store: CellStore, out: Path) -> Path | None:
-    """Pretraining loss per epoch, one line per variant (band: spread over seeds)."""
-    frames = []
-    for r in records:
-        if r.get("baseline"):
-            continue
-        path = store.path(r["cell_id"]) / "history.csv"
-        history = read_table(path)
-        if history is None or "loss" not in history:
-            if history is not None or not path.exists():
-                warnings.warn(f"{path}: no loss history: skipped", MaeBenchWarning, 2)
-            continue
-        frames.append(history.assign(variant=r["variant"], seed=r["seed"]))
-    if not frames:
-        return None
-    data = pd.concat(frames, ignore_index=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    sns.lineplot(data=data, x="epoch", y="loss", hue="variant", errorbar="sd", ax=ax)
-    ax.set(title="Pretraining loss", ylabel="loss (weighted sum of terms)")
-    return _save(fig, out / "loss_curves.png")
+def _fmt(info: Info, metric: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return info.get(metric, {}).get("fmt", "{:.4g}").format(value)
 
 
-def plot_leaderboard(board: pd.DataFrame, metric: str, out: Path) -> Path:
-    """Bar chart of ``metric`` per variant with its 95% confidence interval."""
-    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(board)))
-    ci = board.get(f"{metric}_ci95", pd.Series(np.nan, index=board.index)).fillna(0)
-    sns.barplot(x=board[metric], y=board["variant"], color="tab:blue", ax=ax, orient="h")
-    ax.errorbar(board[metric], np.arange(len(board)), xerr=ci, fmt="none", color="black")
-    ax.set(title=f"{metric} (mean, 95% CI over seeds)", xlabel=metric, ylabel="")
-    return _save(fig, out / f"leaderboard_{metric}.png")
+def _image(path: Path) -> str:
+    return _png(path.read_bytes(), path.stem)
 
 
-def plot_finetune_curves(records: list[dict[str, Any]], store: CellStore, out: Path) -> Path | None:
-    """Fine-tuning test accuracy and macro F1 per epoch: pretrained variants vs scratch."""
-    frames = []
-    for r in records:
-        path = store.table_path(r, "finetune")
-        table = read_table(path) if path else None
-        if table is not None:
-            name = scratch_name(r["variant"]) if r.get("baseline") else r["variant"]
-            frames.append(table.assign(variant=name, seed=r["seed"]))
-    if not frames:
-        return None
-    data = pd.concat(frames, ignore_index=True).dropna(subset=["test_acc"])
-    long = data.melt(["variant", "seed", "epoch"], ["test_acc", "test_f1_macro"], "score")
-    grid = sns.relplot(
-        data=long,
-        x="epoch",
-        y="value",
-        hue="variant",
-        col="score",
-        kind="line",
-        errorbar="sd",
-        height=3.5,
-        aspect=1.2,
-    )
-    grid.set_titles("fine-tuning: {col_name}")
-    return _save(grid.figure, out / "finetune_curves.png")
+def _png(data: bytes, alt: str) -> str:
+    encoded = base64.b64encode(data).decode()
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
-def plot_roc_and_thresholds(
-    records: list[dict[str, Any]], store: CellStore, out: Path
-) -> list[Path]:
-    """ROC curves and precision/recall/F1 vs threshold of the evaluator that stores test-set
-    ``predictions`` and ``thresholds`` tables (the linear probe), one line per variant
-    (lowest seed). Binary tasks use the positive class; multi-class tasks the
-    micro-averaged one-vs-rest ROC and the class-averaged threshold curves."""
-    with_predictions = [r for r in records if store.table_path(r, "predictions")]
-    first = lowest_seed_cells(with_predictions)
-    if not first:
-        return []
-    fig_t, ax_t = plt.subplots(figsize=(7, 4))
-    fig_r, ax_r = plt.subplots(figsize=(5, 5))
-    frames = []
-    source = "classifier"
-    for name, r in first.items():
-        source = next(
-            (e for e, ev in evaluations(r) if "predictions" in ev["tables"]),
-            source,
-        )
-        preds = read_table(store.table_path(r, "predictions"))
-        thresholds = store.table_path(r, "thresholds")
-        table = read_table(thresholds) if thresholds else None
-        if preds is None or table is None:
-            continue
-        probs = preds.filter(like="p_").to_numpy()
-        classes = [c.removeprefix("p_") for c in preds.columns if c.startswith("p_")]
-        if table["class"].nunique() == 1:  # binary: the positive class
-            k = classes.index(str(table["class"].iloc[0]))
-            fpr, tpr, _ = roc_curve(preds["label"] == k, probs[:, k])
-        else:  # micro-average over classes, one-vs-rest
-            onehot = np.eye(len(classes))[preds["label"].to_numpy()]
-            fpr, tpr, _ = roc_curve(onehot.ravel(), probs.ravel())
-        auc = roc_auc(preds["label"].to_numpy(), probs)
-        ax_r.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
-        curves = table.groupby("threshold")[["precision", "recall", "f1"]].mean().reset_index()
-        frames.append(curves.melt("threshold", var_name="score").assign(variant=name))
-    if not frames:
-        plt.close(fig_r)
-        plt.close(fig_t)
-        return []
-    ax_r.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax_r.set(title=f"ROC ({source})", xlabel="false positive rate", ylabel="true positive rate")
-    ax_r.legend(fontsize=7)
-    sns.lineplot(
-        data=pd.concat(frames), x="threshold", y="value", hue="variant", style="score", ax=ax_t
-    )
-    ax_t.set(title=f"{source}: precision, recall and F1 vs threshold", ylim=(0, 1.02))
-    ax_t.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-    return [_save(fig_r, out / "roc.png"), _save(fig_t, out / "thresholds.png")]
-
-
-@dataclass
-class StoredModels:
-    """A suite's dataset and, per variant (lowest seed), its stored model and feeder."""
-
-    suite: Suite
-    data: ImageData
-    models: dict[str, tuple[MaskedAutoencoder, ImageFeeder, dict[str, Any]]]
-
-
-def load_stored_models(
-    root: Path, records: list[dict[str, Any]], registry: Registry
-) -> StoredModels:
-    """Rebuild every variant's model (baselines included) from its stored weights."""
-    record = read_suite_record(root)
-    suite = resolve_suite(record["resolved"], registry, source=str(root / "suite.json"))
-    data = suite.build_dataset().load()
-    ds = suite.config.dataset
-    store = CellStore(root)
-    first = lowest_seed_cells(records)
-    models = {}
-    for variant in [*suite.variants, *suite.baseline_variants()]:
-        if variant.name not in first:
-            continue
-        r = first[variant.name]
-        mean, std = tuple(r["data"]["mean"]), tuple(r["data"]["std"])
-        feeder = ImageFeeder(ds.image_size, ds.channels, mean, std, torch.device("cpu"))
-        model = variant.build_model(ds.image_size, ds.channels).eval()
-        try:
-            load_weights(model, store.path(r["cell_id"]))
-        except UserError as exc:
-            warnings.warn(f"damaged weights: {exc}: {variant.name} skipped", MaeBenchWarning, 2)
-            continue
-        models[variant.name] = (model, feeder, r)
-    return StoredModels(suite, data, models)
-
-
-@torch.no_grad()
-def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 10) -> Path | None:
-    """Original / masked / each variant's reconstruction, same images and masks for all.
-
-    The images are a fixed-seed stratified sample of the test set (one of every class where
-    ``n_images`` allows); predictions are mapped to pixels by the variant's own loss
-    (``Loss.to_input_space``: ``norm_pix`` predictions are de-normalised from visible
-    patches only)."""
-    recon = stored.suite.eval_config.get("reconstruction", {})  # its masks, if it ran
-    ratio, seed = recon.get("mask_ratio", 0.75), recon.get("mask_seed", 0)
-    sample = evaluation_sample(stored.data.test_labels, n_images, seed)
-    images = stored.data.test_images[sample]
-    variants = {v.name: v for v in stored.suite.variants}
-    rows: list[tuple[str, torch.Tensor]] = []
-    for name, (model, feeder, record) in stored.models.items():
-        if record.get("baseline"):
-            continue
-        x = feeder(images)
-        mask: Mask = fixed_masks(len(x), model.num_patches, ratio, seed)
-        pred = reconstruct(model, x, mask, variants[name].decoder_loss())
-        pixel_mask = patch_mask_to_pixels(mask.mask, model.patch_size)
-        truth = feeder.to_pixels(x)
-        if not rows:
-            rows += [("original", truth), ("masked", truth * (1 - pixel_mask) + 0.5 * pixel_mask)]
-        recon = feeder.to_pixels(pred) * pixel_mask + truth * (1 - pixel_mask)
-        rows.append((name, recon))
-    if not rows:
-        return None
-    fig, axes = plt.subplots(
-        len(rows), len(images), figsize=(1.2 * len(images), 1.25 * len(rows)), squeeze=False
-    )
-    for i, (name, batch) in enumerate(rows):
-        for j in range(len(images)):
-            ax = axes[i][j]
-            img = batch[j].permute(1, 2, 0).numpy()
-            ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[i][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle("Reconstructions (visible patches from the input)", fontsize=9)
-    return _save(fig, out / "reconstructions.png")
-
-
-def plot_tsne(stored: StoredModels, best: str, out: Path, max_points: int = 2000) -> Path:
-    """t-SNE of frozen test-set features, coloured by label: ``best`` vs a random init.
-
-    The random init is the suite's stored ``random-init`` baseline for the same encoder when
-    there is one, else the same architecture freshly initialised with the cell's seed.
-    """
-    from sklearn.manifold import TSNE
-
-    model, feeder, record = stored.models[best]
-    variant = next(v for v in stored.suite.variants if v.name == best)
-    random_init = next(
-        (
-            m
-            for name, (m, _, r) in stored.models.items()
-            if r.get("baseline") and r["config"]["variant"]["encoder"] == variant.encoder.config
-        ),
-        None,
-    )
-    if random_init is None:
-        torch.manual_seed(record["seed"])
-        ds = stored.suite.config.dataset
-        random_init = variant.build_model(ds.image_size, ds.channels).eval()
-    sample = evaluation_sample(stored.data.test_labels, max_points)
-    images = stored.data.test_images[sample]
-    labels = stored.data.test_labels[sample].numpy()
-    settings = stored.suite.eval_config.values()
-    pools = [c["pool"] for c in settings if isinstance(c, dict) and "pool" in c]
-    pool = pools[0] if pools else "mean"  # as the first probe reads the features
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
-    for ax, (title, m) in zip(axes, ((best, model), ("random init", random_init)), strict=True):
-        feats = extract_features(m, images, feeder, pool).numpy()
-        perplexity = min(30.0, (len(feats) - 1) / 3)
-        xy = TSNE(perplexity=perplexity, init="pca", random_state=0).fit_transform(feats)
-        names = np.array(stored.data.class_names)[labels]
-        sns.scatterplot(x=xy[:, 0], y=xy[:, 1], hue=names, s=10, ax=ax, legend=ax is axes[1])
-        ax.set(title=f"t-SNE of frozen features: {title}", xticks=[], yticks=[])
-    if axes[1].get_legend():
-        axes[1].legend(fontsize=7, markerscale=1.5, bbox_to_anchor=(1.02, 1), loc="upper left")
-    return _save(fig, out / "tsne.png")
-
-
-def render_report(root: Path, registry: Registry) -> tuple[list[Path], Path]:
-    """Rewrite the tables, every plot and the self-contained ``report.html`` that embeds
-    them; returns the plots and the page."""
-    from mae_bench.page import render_page
-
-    record = read_suite_record(root)
-    store = CellStore(root)
-    records = list(store.finished(suite_cells(record), repair=False).values())
-    primary = record["resolved"].get("primary_metric", "lp_acc")
-    reference = record["resolved"].get("reference")
-    board, _ = write_leaderboard(root, records, record["name"], primary, reference)
-    plots = draw_plots(root, records, board, primary, registry) if records else []
-    return plots, render_page(root, record, records, board, plots)
-
-
-def draw_plots(
-    root: Path, records: list[dict[str, Any]], board: pd.DataFrame, primary: str, registry: Registry
-) -> list[Path]:
-    """Every plot of a suite's finished cells, under ``root/plots``."""
-    store = CellStore(root)
-    out = root / "plots"
-    losses = plot_loss_curves(records, store, out)
-    paths = [losses] if losses else []
-    if primary in board:
-        paths.append(plot_leaderboard(board, primary, out))
-    finetune = plot_finetune_curves(records, store, out)
-    paths += [finetune] if finetune else []
-    paths += plot_roc_and_thresholds(records, store, out)
-    stored = load_stored_models(root, records, registry)
-    grid = plot_reconstructions(stored, out)
-    paths += [grid] if grid else []
-    pretrained = [
-        n
-        for n in board["variant"]
-        if n in stored.models and not stored.models[n][2].get("baseline")
+def summary_paragraph(board: pd.DataFrame, primary: str, info: Info) -> str:
+    """What the results say, in one paragraph: the leader, the verdicts against the
+    reference, and how the best pretrained variant compares with training from scratch."""
+    if board.empty or primary not in board:
+        return "No finished cells yet."
+    leader = board.iloc[0]
+    parts = [
+        f"{escape(str(leader['variant']))} leads on {escape(primary)} "
+        f"({_fmt(info, primary, leader[primary])})."
     ]
-    if pretrained:  # the board is ranked: the first pretrained variant is the best
-        paths.append(plot_tsne(stored, pretrained[0], out))
-    return paths
+    if "verdict" in board:
+        reference = board.loc[board["verdict"] == "reference", "variant"]
+        counted = board["verdict"].value_counts()
+        if len(reference):
+            tally = ", ".join(
+                f"{counted.get(v, 0)} {v}" for v in ("better", "worse", "inconclusive")
+            )
+            parts.append(f"Against the reference {escape(str(reference.iloc[0]))}: {tally}.")
+    scratch = board[board["variant"].astype(str).str.startswith("scratch")]
+    pretrained = board[
+        ~board["variant"].astype(str).str.startswith(("scratch", "random-init"))
+        & board[primary].notna()
+    ]
+    if len(scratch) and len(pretrained) and scratch[primary].notna().any():
+        best, base = pretrained.iloc[0], scratch[primary].max()
+        gap = best[primary] - base
+        direction = "above" if (gap > 0) == higher_is_better(primary, info) else "below"
+        parts.append(
+            f"The best pretrained variant ({escape(str(best['variant']))}) is "
+            f"{_fmt(info, primary, abs(gap))} {direction} the best from-scratch run."
+        )
+    return " ".join(parts)
+
+
+def _leaderboard_html(board: pd.DataFrame, primary: str, info: Info) -> str:
+    metrics = [m for m in info if m in board.columns]
+    if primary in metrics:  # the ranking metric first, right beside the variant
+        metrics = [primary] + [m for m in metrics if m != primary]
+    headline = {m for m in metrics if info[m].get("headline")} | {primary}
+    ids = [c for c in ("rank", *ID_COLUMNS, "seeds") if c in board.columns]
+    extra = [c for c in ("verdict", "delta", "prob_improve", "p_value") if c in board.columns]
+    head = "".join(f'<th class="id" data-sort>{escape(c)}</th>' for c in ids)
+    for i, m in enumerate(metrics):
+        cls = "" if m in headline else ' class="all-only"'
+        title = escape(info[m].get("description", ""))
+        head += f'<th{cls} title="{title}" data-sort>{escape(m)}</th>'
+        if i == 0:  # the comparison with the reference, beside the ranking metric
+            head += "".join(f"<th data-sort>{escape(c)}</th>" for c in extra)
+    best = {}
+    for m in metrics:
+        if info[m].get("compare", True) and board[m].notna().any():
+            best[m] = board[m].max() if higher_is_better(m, info) else board[m].min()
+    rows = []
+    for _, row in board.iterrows():
+        cells = "".join(
+            f'<td class="id" data-v="{escape(str(row[c]))}">{escape(str(row[c]))}</td>'
+            for c in ids
+        )
+        for i, m in enumerate(metrics):
+            value, std = row[m], row.get(f"{m}_std")
+            text = _fmt(info, m, value)
+            if text != "—" and std is not None and not pd.isna(std):
+                text += " ± " + _fmt(info, m, std)
+            classes = ["all-only"] if m not in headline else []
+            if m in best and value == best[m] and len(board) > 1:
+                classes.append("best")
+            cls = f' class="{" ".join(classes)}"' if classes else ""
+            v = "" if pd.isna(value) else value
+            cells += f'<td{cls} data-v="{v}">{escape(text)}</td>'
+            if i == 0:
+                cells += _comparison_cells(row, extra, info, primary)
+        rows.append(f"<tr>{cells}</tr>")
+    return (
+        f'<div class="scroll"><table id="leaderboard"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _variant_curves(cells: list[dict[str, Any]], store: CellStore) -> bytes | None:
+    """A small PNG: the variant's pretraining loss and its fine-tuning curves, per seed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for r in cells:
+        history = read_table(store.path(r["cell_id"]) / "history.csv")
+        path = store.table_path(r, "finetune")
+        finetune = read_table(path) if path else None
+        panels.append((r["seed"], history, finetune))
+    has_loss = any(h is not None and "loss" in h for _, h, _ in panels)
+    has_ft = any(f is not None for _, _, f in panels)
+    if not (has_loss or has_ft):
+        return None
+    fig, axes = plt.subplots(1, has_loss + has_ft, figsize=(4 * (has_loss + has_ft), 2.6),
+                             squeeze=False)  # fmt: skip
+    axes = list(axes[0])
+    if has_loss:
+        ax = axes.pop(0)
+        for seed, history, _ in panels:
+            if history is not None and "loss" in history:
+                ax.plot(history["epoch"], history["loss"], label=f"seed {seed}")
+        ax.set(title="pretraining loss", xlabel="epoch")
+        ax.legend(fontsize=7)
+    if has_ft:
+        ax = axes.pop(0)
+        for seed, _, finetune in panels:
+            if finetune is None:
+                continue
+            if "val_acc" in finetune:
+                ax.plot(finetune["epoch"], finetune["val_acc"], label=f"val, seed {seed}")
+            tested = finetune.dropna(subset=["test_acc"]) if "test_acc" in finetune else None
+            if tested is not None and len(tested):
+                ax.plot(tested["epoch"], tested["test_acc"], "o--", label=f"test, seed {seed}")
+        ax.set(title="fine-tuning accuracy", xlabel="epoch")
+        ax.legend(fontsize=6)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _comparison_cells(row: pd.Series, extra: list[str], info: Info, primary: str) -> str:
+    cells = ""
+    for c in extra:
+        value = row[c]
+        shown = value if isinstance(value, str) else _fmt(info, primary, value)
+        cls = f' class="verdict-{escape(str(value))}"' if c == "verdict" else ""
+        v = "" if not isinstance(value, str) and pd.isna(value) else escape(str(value))
+        cells += f'<td{cls} data-v="{v}">{escape(str(shown))}</td>'
+    return cells
+
+
+def _variant_sections(
+    records: list[dict[str, Any]], store: CellStore, info: Info, order: list[str]
+) -> str:
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_variant.setdefault(r["variant"], []).append(r)
+    shown = [m for m in info if info[m].get("headline")]
+    out = []
+    for name in [v for v in order if v in by_variant] + [v for v in by_variant if v not in order]:
+        cells = sorted(by_variant[name], key=lambda r: r["seed"])
+        components = cells[0]["components"]
+        parts = [
+            "<p>"
+            + "; ".join(f"{escape(k)}: {escape(str(v))}" for k, v in components.items())
+            + "</p>"
+        ]
+        head = "".join(f"<th>{escape(m)}</th>" for m in shown if m in cells[0]["metrics"])
+        rows = ""
+        for r in cells:
+            values = "".join(
+                f"<td>{escape(_fmt(info, m, r['metrics'].get(m)))}</td>"
+                for m in shown
+                if m in cells[0]["metrics"]
+            )
+            rows += f'<tr class="seed"><td class="id">seed {r["seed"]}</td>{values}</tr>'
+        parts.append(f'<table><tr><th class="id">seed</th>{head}</tr>{rows}</table>')
+        curves = _variant_curves(cells, store)
+        if curves:
+            parts.append(_png(curves, f"{name}: curves"))
+        thresholds = store.table_path(cells[0], "thresholds")
+        if thresholds and thresholds.is_file():
+            table = pd.read_csv(thresholds)
+            if table["class"].nunique() == 1:  # binary: the threshold table
+                parts.append(table.drop(columns=["tp", "fp", "tn", "fn"]).round(3).to_html(
+                    index=False, escape=True, classes="thresholds"
+                ))  # fmt: skip
+        out.append(
+            f'<details class="variant" data-variant="{escape(name)}">'
+            f"<summary>{escape(name)} ({len(cells)} seeds)</summary>{''.join(parts)}</details>"
+        )
+    return "".join(out)
+
+
+def render_page(
+    root: Path,
+    suite_record: dict[str, Any],
+    records: list[dict[str, Any]],
+    board: pd.DataFrame,
+    plots: list[Path],
+) -> Path:
+    """Write ``root/report.html`` and return its path."""
+    resolved = suite_record["resolved"]
+    info = metric_info(records)
+    primary = resolved.get("primary_metric", "lp_acc")
+    store = CellStore(root)
+    provenance = records[0]["provenance"] if records else {}
+    dataset = resolved.get("dataset", {})
+    facts = {
+        "dataset": f"{dataset.get('name', '?')} at {dataset.get('image_size', '?')}px",
+        "pretraining": f"{resolved.get('pretrain', {}).get('epochs', '?')} epochs",
+        "seeds": ", ".join(str(s) for s in resolved.get("seeds", [])),
+        "device": provenance.get("device", "?"),
+        "results from": provenance.get("date", "?"),
+        "mae-bench": f"{provenance.get('mae_bench_version', '?')} "
+        f"({provenance.get('git_commit', '?')})",
+        "page written": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    failures = []
+    for log in sorted((root / FAILED_DIR).glob("*.log")):
+        first = log.read_text(encoding="utf-8", errors="replace").splitlines()[:1]
+        failures.append(f"<li><b>{escape(log.stem)}</b>: {escape(first[0] if first else '')}</li>")
+    order = list(board["variant"]) if "variant" in board else []
+    html = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{escape(suite_record["name"])}: mae-bench results</title>
+<style>{STYLE}</style><script>{SCRIPT}</script></head>
+<body>
+<h1>{escape(suite_record["name"])}</h1>
+<p>{escape(str(resolved.get("description", "")))}</p>
+<p class="note">{" · ".join(f"{escape(k)}: {escape(str(v))}" for k, v in facts.items())}</p>
+<h2>Summary</h2><p id="summary">{summary_paragraph(board, primary, info)}</p>
+<h2>Leaderboard</h2>
+<p class="note">mean ± std over seeds, ranked by {escape(primary)}; bold: best; click a column
+header to sort. <button id="toggle">show all columns</button></p>
+{_leaderboard_html(board, primary, info)}
+<h2>Variants</h2>{_variant_sections(records, store, info, order)}
+<h2>Plots</h2>{"".join(_image(p) for p in plots if p.suffix == ".png" and p.is_file())}
+<h2>Failed cells</h2>{f"<ul>{''.join(failures)}</ul>" if failures else "<p>none</p>"}
+<h2>Suite (resolved)</h2><pre>{escape(yaml.safe_dump(resolved, sort_keys=False))}</pre>
+<h2>Metrics</h2><table>{"".join(
+        f'<tr><td class="id">{escape(m)}</td><td class="id">{escape(d.get("description", ""))}'
+        f"</td></tr>" for m, d in info.items())}</table>
+<script type="application/json" id="data">{escape(json.dumps(
+        board.to_dict(orient="records"), default=str))}</script>
+</body></html>
+"""
+    path = root / "report.html"
+    atomic_write(path, html)
+    return path

@@ -34,26 +34,24 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-import timm
-import torch
 
-import mae_bench
 from mae_bench.errors import MaeBenchWarning, UserError
-from mae_bench.files import grant_umask
-from mae_bench.leases import host_name, process_alive
+from mae_bench.files import atomic_write, grant_umask
+from mae_bench.leases import Leases, host_name, process_alive
+from mae_bench.resume import CHECKPOINT_DIR
+
+if TYPE_CHECKING:
+    from mae_bench.plan import Cell
+    from mae_bench.suite import Suite
 
 PRETRAIN_FILE = "pretrain.json"  # a cell's pretraining record
 RESULT_FILE = "result.json"  # an evaluation's record
@@ -88,23 +86,6 @@ EVAL_KEYS = {
 STALE_FOREIGN_TMP_S = 24 * 3600  # another host's temporary folder older than this is stale
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder, flushed to disk
-    (fsync) before the rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        grant_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def strict_json(data: Any) -> Any:
     """``data`` with every NaN or infinite float replaced by None (JSON has no NaN)."""
     if isinstance(data, float):
@@ -119,7 +100,7 @@ def strict_json(data: Any) -> Any:
 def write_json(path: Path, data: Any) -> None:
     """Atomically write pretty, strict JSON (NaN and infinities as null)."""
     text = json.dumps(strict_json(data), indent=2, sort_keys=True, allow_nan=False)
-    atomic_write_text(path, text + "\n")
+    atomic_write(path, text + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -130,42 +111,6 @@ def read_json(path: Path) -> Any:
         raise ValueError(f"not UTF-8 text ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc})") from None
-
-
-@cache
-def git_commit() -> str:
-    """The git commit of the mae-bench source tree ('+dirty' if modified), or 'unknown'."""
-    source = Path(mae_bench.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=5
-        )
-        if commit.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=source,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def provenance(device_name: str) -> dict[str, str]:
-    """Versions, commit, device and date to store beside every result."""
-    return {
-        "mae_bench_version": mae_bench.__version__,
-        "git_commit": git_commit(),
-        "torch_version": torch.__version__,
-        "timm_version": timm.__version__,
-        "python_version": sys.version.split()[0],
-        "platform": platform.platform(),
-        "device": device_name,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 def read_table(path: Path) -> pd.DataFrame | None:
@@ -468,3 +413,55 @@ def read_suite_record(root: Path) -> dict[str, Any]:
 def suite_cells(record: dict[str, Any]) -> list[tuple[str, list[str]]]:
     """``(cell_id, eval_ids)`` of every cell a ``suite.json`` lists."""
     return [(c["cell_id"], list(c["evaluations"])) for c in record["cells"]]
+
+
+def write_suite_record(root: Path, suite: Suite, cells: list[Cell]) -> None:
+    """Write ``suite.json``: the resolved suite and its cells, from which any worker can
+    re-create the suite and run any of its cells."""
+    record = {
+        "name": suite.name,
+        "source": suite.source,
+        "resolved": suite.resolved,
+        "cells": [c.record() for c in cells],
+    }
+    write_json(root / SUITE_FILE, record)
+
+
+def cell_status(root: Path) -> list[dict[str, Any]]:
+    """Per cell of a results folder: ``state`` (done, running, failed, pending) and a
+    ``detail`` line: where and since when it runs and its stage and epoch, the path of its
+    traceback, or the checkpoint it would resume from."""
+    record = read_suite_record(root)
+    store, leases = CellStore(root), Leases(root)
+    rows = []
+    for cell_id, eval_ids in suite_cells(record):
+        row: dict[str, Any] = {"cell_id": cell_id}
+        lease = leases.read(cell_id)
+        log = root / FAILED_DIR / f"{cell_id}.log"
+        checkpoints = list((root / CHECKPOINT_DIR).glob(f"{cell_id}*.pt"))
+        if store.finished([(cell_id, eval_ids)], repair=False):
+            row.update(state="done", detail="")
+        elif lease is not None:
+            since = dt.datetime.fromtimestamp(lease.since).astimezone()
+            progress = f" epoch {lease.epoch}/{lease.epochs}" if lease.epochs else ""
+            procs = f" x{lease.world_size} processes" if lease.world_size > 1 else ""
+            row.update(
+                state="running",
+                detail=f"on {lease.where()}{procs} since {since:%Y-%m-%d %H:%M:%S}: "
+                f"{lease.stage}{progress}",
+                host=lease.host,
+                pid=lease.pid,
+                since=lease.since,
+                stage=lease.stage,
+                epoch=lease.epoch,
+            )
+        elif log.is_file():
+            reason = log.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
+            row.update(
+                state="failed", detail=f"{reason} (traceback: {log})", reason=reason, log=str(log)
+            )
+        else:
+            resumable = "(will resume from its checkpoint)" if checkpoints else ""
+            row.update(state="pending", detail=resumable)
+        rows.append(row)
+    return rows

@@ -13,9 +13,7 @@ signal (submitit's SIGUSR2) is added with :func:`handle_signals`.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 
 from mae_bench.errors import MaeBenchWarning
-from mae_bench.files import grant_umask
+from mae_bench.files import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"  # <results>/<suite>/checkpoints/<cell id>.pt
 AUTO_SHARE = 0.05  # "auto": saving takes at most this share of the training time
@@ -104,12 +102,6 @@ def requested() -> tuple[int | None, bool]:
     return _state["stop"], save
 
 
-def consume_stop() -> int:
-    """Take the pending stop signal (the loop is about to raise it)."""
-    signum, _state["stop"] = _state["stop"], None
-    return signum or signal.SIGTERM
-
-
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     """The global random generators' states (CPU, and CUDA on CUDA)."""
     state = {"cpu": torch.get_rng_state()}
@@ -185,31 +177,15 @@ class Checkpoint:
         """Write ``state`` (tensors and plain data) atomically: temporary file, fsync, rename."""
         start = time.perf_counter()
         if self.writer:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    torch.save({**state, "key": self.key}, handle)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                grant_umask(tmp)
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(self.path, lambda handle: torch.save({**state, "key": self.key}, handle))
         self._last_save_at = time.perf_counter()
         self._last_save_s = self._last_save_at - start
 
     def epoch_end(self, epoch: int, state: Callable[[], dict[str, Any]], last: bool) -> None:
         """Call after each epoch of a loop run under :func:`training`: saves ``state()`` when
         the policy says so or a signal asked for it, and after a stop signal raises
-        :class:`Terminated` (once saved)."""
-        stop, save = requested()
-        if stop is not None or save or (not last and self.due(epoch, epoch_end=True)):
-            self.save(state())
-        if stop is not None:
-            consume_stop()
-            raise Terminated(stop, f"checkpoint saved after epoch {epoch}")
+        :class:`Terminated` (once saved). See :func:`epoch_boundary`."""
+        epoch_boundary(self, epoch, state, last=last)
 
     def remove(self) -> None:
         """Delete the checkpoint (the run finished and its results are stored)."""
@@ -217,3 +193,49 @@ class Checkpoint:
             self.path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 self.path.parent.rmdir()  # only if no other cell's checkpoint is there
+
+
+# ------------------------------------------------ where a training loop acts on the signals
+def epoch_boundary(
+    checkpoint: Checkpoint | None,
+    epoch: int,
+    state: Callable[[], dict[str, Any]],
+    *,
+    last: bool,
+    asked: tuple[int | None, bool] | None = None,
+    then: Callable[[], None] | None = None,
+) -> None:
+    """The end of ``epoch`` (1-based) of a loop run under :func:`training`: the one epoch-end
+    path of pretraining, fine-tuning and plugins' loops (:meth:`Checkpoint.epoch_end`).
+
+    Saves ``state()`` to ``checkpoint`` when a signal asked for it or, unless this is the
+    ``last`` epoch, when its policy says so (:meth:`Checkpoint.due`); then calls ``then()``
+    (the epoch's report); after a stop signal raises :class:`Terminated`. ``asked``: the
+    ``(stop, save)`` request the loop took at its last step (a data-parallel loop agrees on
+    it across ranks first); by default :func:`requested` is asked here.
+    """
+    stop, save = requested() if asked is None else asked
+    if checkpoint is not None and stop is None and not save and not last:
+        save = checkpoint.due(epoch, epoch_end=True)
+    step_boundary(checkpoint, state, stop, save, where=f"after epoch {epoch}", then=then)
+
+
+def step_boundary(
+    checkpoint: Checkpoint | None,
+    state: Callable[[], dict[str, Any]],
+    stop: int | None,
+    save: bool,
+    *,
+    where: str,
+    then: Callable[[], None] | None = None,
+) -> None:
+    """Act on a request at a step boundary: save ``state()`` to ``checkpoint`` (if any) when
+    ``save`` or a ``stop`` signal asks, call ``then()``, and after ``stop`` raise
+    :class:`Terminated` (``where``: when it was saved, for the message)."""
+    if checkpoint is not None and (stop is not None or save):
+        checkpoint.save(state())
+    if then is not None:
+        then()
+    if stop is not None:
+        _state["stop"] = None  # taken: the loop stops here
+        raise Terminated(stop, f"checkpoint saved {where}")

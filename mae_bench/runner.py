@@ -1,64 +1,152 @@
-"""The suite runner: plans a suite's cells, runs them in this process or through a launcher,
-then writes the leaderboard; and reports each cell's state (``status``).
+"""The suite runner: plans a suite's cells, hands the unfinished ones to a launcher, then
+writes the leaderboard. Launching lives here: the :class:`Launcher` interface (the
+``register_launchers`` hook's components) and the :class:`LaunchRequest` it receives.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
+import sys
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from pydantic import ValidationError
 from rich.console import Console
 
-from mae_bench.cell import CellFailure, plan_cells
-from mae_bench.contract import (
-    Launcher,
-    LaunchRequest,
-)
+from mae_bench.cell import CellFailure
+from mae_bench.contract import Component
+from mae_bench.device import resolve_device
 from mae_bench.distributed import cell_device, env_world
 from mae_bench.distributed import start as start_world
-from mae_bench.errors import MaeBenchWarning, UserError
-from mae_bench.leases import Leases
+from mae_bench.errors import ConfigError, MaeBenchWarning, UserError
+from mae_bench.plan import Cell, remaining, suite_cells
+from mae_bench.plugins import Registry, load_registry
 from mae_bench.results import (
-    FAILED_DIR,
     SUITE_FILE,
     CellStore,
     OlderResults,
+    cell_status,
     read_suite_record,
-    suite_cells,
+    write_suite_record,
 )
-from mae_bench.resume import CHECKPOINT_DIR
-from mae_bench.suite import Cell, Suite
-from mae_bench.worker import RunSummary, WorkerContext, suite_leaderboard, work, write_suite_record
+from mae_bench.results import (
+    suite_cells as recorded_cells,
+)
+from mae_bench.suite import Suite, config_error, lookup_component
+from mae_bench.worker import InProcess, RunSummary, WorkerContext, run_cells, suite_leaderboard
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """The cells a launcher must run, and how a worker runs them.
+
+    A worker is ``mae-bench run-cell ROOT [CELL_ID ...]``: it reads the suite from
+    ``ROOT/suite.json``, claims each cell's lease (so two workers never run the same cell;
+    without ids it runs any pending cell until none is left), resumes from a checkpoint and
+    stores the result. :meth:`command` gives that command line; :meth:`run` (picklable, as a
+    bound method) runs it in the calling process. Workers on other machines need the results
+    folder on a shared filesystem.
+    """
+
+    root: Path  # the suite's results folder
+    cell_ids: tuple[str, ...]  # unfinished cells, in suite order
+    device: str  # the --device every worker uses (auto: each picks its own)
+    # an in-process launch's shared state (the inline launcher); dropped when pickled
+    local: InProcess | None = field(default=None, compare=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "local": None}
+
+    def run(self, cell_ids: Sequence[str] = (), stop_signal: tuple[int, Any] | None = None) -> bool:
+        """Run ``cell_ids`` (or any pending cell) in this process, as the worker command does.
+
+        ``stop_signal``: ``(signum, handler)`` of a scheduler's own preemption signal: in a
+        training loop it saves a checkpoint and stops (this returns False: call ``handler``
+        then, e.g. to requeue); elsewhere ``handler`` is called at once. True when done.
+        """
+        return run_cells(
+            self.root, list(cell_ids), self.device, stop_signal=stop_signal, local=self.local
+        )
+
+    def finished(self) -> int:
+        """How many of the request's cells are stored, pretrained and evaluated (for progress)."""
+        wanted = set(self.cell_ids)
+        ids = [c for c in recorded_cells(read_suite_record(self.root)) if c[0] in wanted]
+        return len(CellStore(self.root).finished(ids, repair=False))
+
+    def command(self, cell_ids: Sequence[str] = ()) -> list[str]:
+        """The worker command line (running ``cell_ids``, or any pending cell)."""
+        return [
+            sys.executable,
+            "-m",
+            "mae_bench",
+            "run-cell",
+            str(self.root),
+            *cell_ids,
+            "--device",
+            self.device,
+        ]
+
+
+class Launcher(Component):
+    """Runs a suite's cells as jobs: in this process, in worker processes, on a cluster.
+
+    :meth:`launch` returns when every cell it started has ended (finished or failed); the
+    runner then reads their states from the results folder and rebuilds the leaderboard.
+    ``Params`` are the launcher options (``--launcher-opt key=value``), validated like suite
+    fields. A launcher that runs the cells in the calling process (``in_process``) gets the
+    runner's loaded data and summary through ``request.run``, and every data-parallel rank
+    started by torchrun takes part in it.
+    """
+
+    kind: ClassVar[str] = "launcher"
+    in_process: ClassVar[bool] = False
+
+    def launch(self, request: LaunchRequest, console: Any) -> None:
+        """Run the cells of ``request``; ``console`` is a ``rich.console.Console`` for progress."""
+        raise NotImplementedError
+
+
+def resolve_launcher(registry: Registry, name: str, options: dict[str, Any]) -> Launcher:
+    """The launcher ``name`` with its options validated; ConfigError naming the option."""
+    info = lookup_component(registry, "launcher", name, "--launcher", "command line")
+    try:
+        params = info.cls.Params.model_validate(options)
+    except ValidationError as exc:
+        error = config_error(exc, "", "command line")
+        raise ConfigError(f"--launcher-opt {error.field}", error.message, "command line") from None
+    return info.cls(params)
 
 
 def run_suite(
     suite: Suite,
     out_dir: Path,
-    device: torch.device,
+    device: str | torch.device = "auto",
     console: Console | None = None,
     *,
     replace: bool = False,
     launcher: Launcher | None = None,
-    device_option: str = "auto",
 ) -> RunSummary:
     """Run every unfinished cell of ``suite`` and write the leaderboard; resumable.
 
     Before any training: a results folder holding another suite's finished cells is refused
     (``replace`` moves it aside instead), damaged cells are set aside to be recomputed,
     stale temporary folders are removed, and the output is probed for writing and free space.
-    Cells run in this process (one rank of a ``torchrun`` world, if started so), or as jobs of
-    ``launcher`` (whose workers are started with ``--device device_option``).
+    The cells run as jobs of ``launcher`` (default: ``inline``, in this process, as one rank
+    of a ``torchrun`` world if started so), whose workers use ``--device device``.
     Cells another process holds are left to it; whichever process ends last writes the
     complete leaderboard.
     """
     console = console or Console(stderr=True)
+    launcher = launcher or resolve_launcher(load_registry(), "inline", {})
+    device_option = str(device)
     root = out_dir / suite.name
-    cells = suite.cells()
+    cells = suite_cells(suite)
     world = env_world()
     summary = RunSummary(root=root)
     pending: list[Cell] = []
@@ -66,7 +154,7 @@ def run_suite(
         _claim_folder(root, suite, cells, replace)
         store = CellStore(root)
         store.clean_stale_tmp()
-        plan = plan_cells(store, cells)
+        plan = remaining(store, cells)
         pending = [c for c in cells if plan[c.cell_id] is not None]
         summary.skipped = [c.cell_id for c in cells if plan[c.cell_id] is None]
         if summary.skipped:
@@ -79,35 +167,48 @@ def run_suite(
                 f"{', '.join(todo)}",
                 highlight=False,
             )
-    context = None
-    if launcher is None:
-        start_world(world, cell_device(device, world))
+    local = None
+    if launcher.in_process:
+        torch_device = local_device(device_option)
+        start_world(world, torch_device)
+        local = InProcess(suite, console, summary)
         if world.is_main and pending:  # a missing dataset fails here, before any write
-            context = WorkerContext.load(suite, root, device, world, console)
+            local.context = WorkerContext.load(suite, root, torch_device, world, console)
     if world.is_main and pending:
         fresh = [c for c in pending if plan[c.cell_id][0] is None]
         store.check_writable(sum(_result_bytes(c, suite) for c in fresh) + (1 << 20))
-    if launcher is None:
-        work(suite, root, device, cells, world, console, summary, context)
-    elif pending:
         write_suite_record(root, suite, cells)
+    # every rank of an in-process data-parallel launch takes part in it
+    launch = world.broadcast(bool(pending)) if launcher.in_process else bool(pending)
+    if launch:
         ids = tuple(c.cell_id for c in pending)
-        console.print(
-            f"launching {len(ids)} cells of suite {suite.name!r} with {launcher.summary()}",
-            highlight=False,
-        )
-        launcher.launch(LaunchRequest(root.resolve(), ids, device_option), console)
-        _collect(root, pending, summary)
+        if not launcher.in_process:
+            console.print(
+                f"launching {len(ids)} cells of suite {suite.name!r} with {launcher.summary()}",
+                highlight=False,
+            )
+        launcher.launch(LaunchRequest(root.resolve(), ids, device_option, local), console)
+        if world.is_main:
+            _collect(root, pending, summary)
     if world.is_main:
         write_suite_record(root, suite, cells)
         summary.leaderboard, summary.markdown = suite_leaderboard(root, suite, cells)
     return summary
 
 
+def local_device(device_option: str) -> torch.device:
+    """This process's device for ``device_option`` (``cuda:LOCAL_RANK`` under torchrun)."""
+    return cell_device(resolve_device(device_option), env_world())
+
+
 def _collect(root: Path, cells: list[Cell], summary: RunSummary) -> None:
-    """After a launcher returns: which of ``cells`` finished, failed or still run elsewhere."""
+    """After a launcher returns: which of ``cells`` finished, failed or still run elsewhere
+    (an in-process launch has told the summary of the cells it ran)."""
     states = {row["cell_id"]: row for row in cell_status(root)}
+    told = {*summary.finished, *summary.failed, *summary.elsewhere}
     for cell in cells:
+        if cell.cell_id in told:
+            continue
         row = states[cell.cell_id]
         if row["state"] == "done":
             summary.finished.append(cell.cell_id)
@@ -166,43 +267,3 @@ def _result_bytes(cell: Cell, suite: Suite) -> int:
         model = cell.variant.build_model(ds.image_size, ds.channels)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return weights + (1 << 20)
-
-
-def cell_status(root: Path) -> list[dict[str, Any]]:
-    """Per cell of a results folder: ``state`` (done, running, failed, pending) and a
-    ``detail`` line: where and since when it runs and its stage and epoch, the path of its
-    traceback, or the checkpoint it would resume from."""
-    record = read_suite_record(root)
-    store, leases = CellStore(root), Leases(root)
-    rows = []
-    for cell_id, eval_ids in suite_cells(record):
-        row: dict[str, Any] = {"cell_id": cell_id}
-        lease = leases.read(cell_id)
-        log = root / FAILED_DIR / f"{cell_id}.log"
-        checkpoints = list((root / CHECKPOINT_DIR).glob(f"{cell_id}*.pt"))
-        if store.finished([(cell_id, eval_ids)], repair=False):
-            row.update(state="done", detail="")
-        elif lease is not None:
-            since = dt.datetime.fromtimestamp(lease.since).astimezone()
-            progress = f" epoch {lease.epoch}/{lease.epochs}" if lease.epochs else ""
-            procs = f" x{lease.world_size} processes" if lease.world_size > 1 else ""
-            row.update(
-                state="running",
-                detail=f"on {lease.where()}{procs} since {since:%Y-%m-%d %H:%M:%S}: "
-                f"{lease.stage}{progress}",
-                host=lease.host,
-                pid=lease.pid,
-                since=lease.since,
-                stage=lease.stage,
-                epoch=lease.epoch,
-            )
-        elif log.is_file():
-            reason = log.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
-            row.update(
-                state="failed", detail=f"{reason} (traceback: {log})", reason=reason, log=str(log)
-            )
-        else:
-            resumable = "(will resume from its checkpoint)" if checkpoints else ""
-            row.update(state="pending", detail=resumable)
-        rows.append(row)
-    return rows

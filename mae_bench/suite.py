@@ -6,7 +6,6 @@ below (unknown keys are errors), then every component against its plugin's ``Par
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -30,11 +29,9 @@ from pydantic import (
     model_validator,
 )
 
-from mae_bench.checkpoints import checkpoint_digest, load_weights
 from mae_bench.contract import (
     Dataset,
     Evaluator,
-    Launcher,
     Logger,
     Loss,
     MaskedAutoencoder,
@@ -45,12 +42,10 @@ from mae_bench.contract import (
     prediction_loss,
 )
 from mae_bench.errors import ConfigError, UserError
-from mae_bench.metrics import CORE_METRICS
+from mae_bench.metrics import CORE_METRICS, DEFAULT_PRIMARY_METRIC
 from mae_bench.plugins import Registry
+from mae_bench.weights import checkpoint_digest, load_weights
 
-RESULT_FORMAT = 3  # 2: fixed metrics; 3: evaluator plugins. Older cells are recomputed
-# pretraining settings that change how a cell runs, not what it computes: not in its key
-RUN_ONLY = {"accum_iter", "checkpoint_every"}
 SafeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=80)]
 
 
@@ -229,7 +224,7 @@ class SuiteConfig(_Strict):
     variants: list[VariantConfig] = Field(min_length=1)
     eval: EvalConfig = EvalConfig()
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
-    primary_metric: str = "lp_acc"
+    primary_metric: str = DEFAULT_PRIMARY_METRIC
     loggers: list[ComponentRef] = Field(default_factory=list)
     reference: SafeName | None = Field(
         default=None,
@@ -327,45 +322,6 @@ class Variant:
 
 
 @dataclass(frozen=True)
-class Evaluation:
-    """One evaluator run on one cell's pretrained model, keyed by what determines it: the
-    cell's pretraining key, the evaluator, its params and plugin version, the thresholds."""
-
-    evaluator: Resolved
-    config: dict[str, Any]
-    config_hash: str
-
-    @property
-    def name(self) -> str:
-        """The evaluator's name."""
-        return self.evaluator.config["name"]
-
-    @property
-    def eval_id(self) -> str:
-        """Folder name of the evaluation's results, under its cell's ``evals/``."""
-        return f"{self.name}-{self.config_hash[:10]}"
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One unit of pretraining: a variant trained with one seed, keyed by what determines
-    its weights (dataset, variant, pretraining settings, seed, result format and the
-    versions of the plugins providing its components); then one evaluation per evaluator."""
-
-    suite: str
-    variant: Variant
-    seed: int
-    config: dict[str, Any]
-    config_hash: str
-    evaluations: tuple[Evaluation, ...] = ()
-
-    @property
-    def cell_id(self) -> str:
-        """Folder name of the cell's results."""
-        return f"{self.variant.name}-seed{self.seed}-{self.config_hash[:10]}"
-
-
-@dataclass(frozen=True)
 class Suite:
     """A validated suite with every component resolved."""
 
@@ -436,64 +392,6 @@ class Suite:
         """The dataset plugin instance."""
         return self.dataset.cls(self.dataset.params)
 
-    def baseline_variants(self) -> list[Variant]:
-        """With ``eval.baselines``: one no-pretraining variant per distinct encoder config."""
-        if not self.config.eval.baselines:
-            return []
-        by_encoder: dict[str, Variant] = {}
-        for v in self.variants:
-            by_encoder.setdefault(json.dumps(v.encoder.config, sort_keys=True), v)
-        single = len(by_encoder) == 1
-        return [
-            replace(
-                v,
-                name="random-init" if single else f"random-init-{v.name}",
-                baseline=True,
-                init_from=None,
-                init_digest=None,
-            )
-            for v in by_encoder.values()
-        ]
-
-    def cells(self) -> list[Cell]:
-        """Every (variant, seed) cell, variant by variant, baselines last."""
-        cells = []
-        thresholds = self.config.eval.thresholds.model_dump(mode="json")
-        for variant in [*self.variants, *self.baseline_variants()]:
-            for seed in self.config.seeds:
-                config = {
-                    "format": RESULT_FORMAT,
-                    "dataset": self.dataset_config,
-                    "variant": variant.config,
-                    "seed": seed,
-                    "plugins": {self.dataset.plugin: self.dataset.version, **variant.plugins()},
-                }
-                if not variant.baseline:
-                    config["pretrain"] = self.config.pretrain.model_dump(
-                        mode="json", exclude=RUN_ONLY
-                    )
-                key = config_hash(config)
-                evaluations = []
-                for evaluator in self.evaluators:
-                    if variant.baseline and evaluator.cls.needs_pretraining:
-                        continue
-                    eval_config = {
-                        "format": RESULT_FORMAT,
-                        "cell": key,
-                        "evaluator": evaluator.config,
-                        "thresholds": thresholds,
-                        "plugins": {evaluator.plugin: evaluator.version},
-                    }
-                    evaluations.append(Evaluation(evaluator, eval_config, config_hash(eval_config)))
-                cells.append(Cell(self.name, variant, seed, config, key, tuple(evaluations)))
-        return cells
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of a resolved config."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
 
 def _format_loc(loc: Sequence[str | int], prefix: str = "") -> str:
     path = prefix
@@ -505,7 +403,9 @@ def _format_loc(loc: Sequence[str | int], prefix: str = "") -> str:
     return path
 
 
-def _validation_error(exc: ValidationError, prefix: str, source: str) -> ConfigError:
+def config_error(exc: ValidationError, prefix: str, source: str) -> ConfigError:
+    """A pydantic validation error as one ConfigError naming the field (more lines for more
+    errors), under ``prefix`` in ``source``."""
     lines = []
     for err in exc.errors():
         loc = _format_loc(err["loc"], prefix)
@@ -530,7 +430,9 @@ def _check_masking(variant: Variant, grid: tuple[int, int]) -> None:
     variant.build_masking().check_grid(grid)
 
 
-def _lookup(registry: Registry, kind: str, name: str, path: str, source: str) -> Any:
+def lookup_component(registry: Registry, kind: str, name: str, path: str, source: str) -> Any:
+    """The registered component ``name`` of ``kind``; a ConfigError naming ``path`` in
+    ``source`` (and the known names) if there is none."""
     try:
         return registry.get(kind, name, path)
     except ConfigError as exc:
@@ -538,11 +440,11 @@ def _lookup(registry: Registry, kind: str, name: str, path: str, source: str) ->
 
 
 def _resolve(registry: Registry, kind: str, ref: ComponentRef, path: str, source: str) -> Resolved:
-    info = _lookup(registry, kind, ref.name, f"{path}.name", source)
+    info = lookup_component(registry, kind, ref.name, f"{path}.name", source)
     try:
         validated = info.cls.Params.model_validate(ref.params)
     except ValidationError as exc:
-        raise _validation_error(exc, path, source) from None
+        raise config_error(exc, path, source) from None
     config = {"name": ref.name, **validated.model_dump(mode="json")}
     return Resolved(info.cls, validated, config, info.plugin.distribution, info.plugin.version)
 
@@ -554,7 +456,7 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
     try:
         config = SuiteConfig.model_validate(raw)
     except ValidationError as exc:
-        raise _validation_error(exc, "", source) from None
+        raise config_error(exc, "", source) from None
     ds = config.dataset
     dataset = _resolve(registry, "dataset", ds, "dataset", source)
     variants = []
@@ -647,7 +549,7 @@ def _resolve_evaluators(registry: Registry, cfg: EvalConfig, source: str) -> tup
     out = []
     for name, raw in named.items():
         path = f"eval.{name}"
-        _lookup(registry, "evaluator", name, path, source)  # unknown: lists the known ones
+        lookup_component(registry, "evaluator", name, path, source)  # unknown: lists the known ones
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
@@ -753,28 +655,3 @@ def load_suite(
         listed = raw.get("loggers") or []
         raw["loggers"] = [*listed, *({"name": name} for name in loggers)]
     return resolve_suite(raw, registry, source=str(path))
-
-
-def parse_options(items: Sequence[str], flag: str) -> dict[str, Any]:
-    """``key=value`` command-line options (values parsed as YAML) as a mapping."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"{flag} {item!r}: expected key=value")
-        try:
-            options[key] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise UserError(f"{flag} {key}: cannot parse value {text!r}") from None
-    return options
-
-
-def resolve_launcher(registry: Registry, name: str, options: dict[str, Any]) -> Launcher:
-    """The launcher ``name`` with its options validated; ConfigError naming the option."""
-    info = _lookup(registry, "launcher", name, "--launcher", "command line")
-    try:
-        params = info.cls.Params.model_validate(options)
-    except ValidationError as exc:
-        error = _validation_error(exc, "", "command line")
-        raise ConfigError(f"--launcher-opt {error.field}", error.message, "command line") from None
-    return info.cls(params)

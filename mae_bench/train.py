@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -78,7 +79,7 @@ def forward_loss(
     loss, computed in float32 outside autocast. ``forward``: the module to call instead of
     ``model`` (its DistributedDataParallel wrapper)."""
     with autocast(x.device):
-        out = (forward or model)(x, mask)
+        out = (forward or model)(x, mask)  # pred (B, L, p*p*C), latent (B, prefix + K, D)
     inputs = LossInputs(
         x, out.pred.float(), mask.mask, out.latent.float(), model.patch_size, model.pool
     )
@@ -181,7 +182,8 @@ def pretrain(
     (data parallel) each process takes its share of every batch, drawn, masked and augmented
     as in one process, and with ``cfg.accum_iter`` that share is split into micro-batches.
     With ``checkpoint``, the run resumes from its saved state (``on_resume(epoch)`` is told)
-    and saves one after epochs (by its policy) and on SIGTERM/SIGUSR1 (see
+    and saves one after epochs (by its policy, on the epoch-end path fine-tuning takes too:
+    :func:`resume.epoch_boundary`) and at the next step on SIGTERM/SIGUSR1 (see
     :mod:`mae_bench.resume`); a stop signal raises :class:`resume.Terminated` after saving.
     """
     device = feeder.device
@@ -245,8 +247,6 @@ def pretrain(
         }
 
     start = time.perf_counter()
-    pending_stop: int | None = None
-    pending_save = False
     with resume.training():
         for epoch in range(first_epoch, cfg.epochs):
             if skip == 0:
@@ -274,14 +274,11 @@ def pretrain(
                 if world.active:  # every rank acts on a signal any rank received
                     stop = signal.SIGTERM if world.any(stop is not None, device) else None
                     save = world.any(save, device)
-                if b + 1 == len(batches):  # acted on at the end of the epoch
-                    pending_stop, pending_save = stop, save
-                elif stop is not None or save:
-                    if checkpoint:
-                        checkpoint.save(state(epoch, b + 1))
-                    if stop is not None:
-                        resume.consume_stop()
-                        raise resume.Terminated(stop, f"checkpoint saved in epoch {epoch + 1}")
+                if b + 1 < len(batches):  # the last step's request is the epoch end's
+                    resume.step_boundary(
+                        checkpoint, partial(state, epoch, b + 1), stop, save,
+                        where=f"in epoch {epoch + 1}",
+                    )  # fmt: skip
             skip = 0
             means = {k: world.mean(v) for k, v in sums.items()}
             if not math.isfinite(float(means["loss"])):
@@ -290,16 +287,10 @@ def pretrain(
             row["lr"] = optimizer.param_groups[0]["lr"]
             result.history.append(row)
             sums = {}
-            done = epoch + 1 == cfg.epochs
-            asked = pending_stop is not None or pending_save
-            if checkpoint and (asked or (not done and checkpoint.due(epoch + 1, epoch_end=True))):
-                checkpoint.save(state(epoch + 1, 0))
-            if on_epoch:
-                on_epoch(epoch + 1, row)
-            if pending_stop is not None:
-                resume.consume_stop()
-                raise resume.Terminated(pending_stop, f"checkpoint saved after epoch {epoch + 1}")
-            pending_save = False
+            resume.epoch_boundary(
+                checkpoint, epoch + 1, partial(state, epoch + 1, 0), last=epoch + 1 == cfg.epochs,
+                asked=(stop, save), then=partial(on_epoch, epoch + 1, row) if on_epoch else None,
+            )  # fmt: skip
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     result.seconds += time.perf_counter() - start

@@ -1,5 +1,7 @@
-"""A worker: claims the cells of a results folder one by one (leases) and runs each; the same
-loop runs a suite inline, under torchrun, and in every launcher's jobs (``run-cell``).
+"""A worker: claims the cells of a results folder one by one (leases) and runs each, showing
+its progress and telling the loggers. The same loop runs every cell: in the runner's own
+process (the inline launcher, also under torchrun) and in every launcher's jobs
+(``mae-bench run-cell``).
 """
 
 from __future__ import annotations
@@ -7,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,46 +19,38 @@ from typing import Any
 import pandas as pd
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mae_bench import resume
 from mae_bench.cell import (
-    CellDisplay,
     CellFailure,
-    LoggerSet,
     evaluate_cell,
     failure_line,
-    headline,
     load_pretrained,
-    plan_cells,
     pretrain_cell,
     record_failure,
-    result_ids,
     store_evaluation,
     store_pretrained,
 )
-from mae_bench.contract import (
-    ImageData,
-)
+from mae_bench.contract import ImageData, Logger
 from mae_bench.data import ImageFeeder
-from mae_bench.device import (
-    device_name,
-    prepare,
-    resolve_device,
-)
+from mae_bench.device import device_name, prepare, resolve_device
 from mae_bench.distributed import Dist, cell_device, env_world
 from mae_bench.distributed import start as start_world
-from mae_bench.errors import UserError
+from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.leaderboard import rebuild_leaderboard
 from mae_bench.leases import Lease, Leases
+from mae_bench.plan import Cell, CellPlan, Evaluation, remaining, suite_cells
+from mae_bench.plugins import load_registry
 from mae_bench.results import (
     FAILED_DIR,
-    SUITE_FILE,
     CellStore,
+    evaluations,
     read_suite_record,
-    write_json,
+    write_suite_record,
 )
 from mae_bench.resume import CHECKPOINT_DIR, Checkpoint
-from mae_bench.suite import Cell, Evaluation, Suite
+from mae_bench.suite import Suite, resolve_suite
 
 
 @dataclass
@@ -65,9 +62,20 @@ class RunSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, CellFailure] = field(default_factory=dict)
     elsewhere: list[str] = field(default_factory=list)  # held by another live worker
-    resumed: dict[str, int] = field(default_factory=dict)  # cell -> epoch resumed from
     leaderboard: pd.DataFrame | None = None
     markdown: str = ""  # the leaderboard as printed
+
+
+@dataclass
+class InProcess:
+    """What a launch in the runner's own process shares with it (the inline launcher): the
+    resolved suite, the console, the run's summary, and the data already loaded (so that a
+    missing dataset fails before anything is written). Never leaves the process."""
+
+    suite: Suite
+    console: Console
+    summary: RunSummary
+    context: WorkerContext | None = None
 
 
 def run_cells(
@@ -77,19 +85,23 @@ def run_cells(
     console: Console | None = None,
     stop_signal: tuple[int, Any] | None = None,
     summary: RunSummary | None = None,
+    *,
+    local: InProcess | None = None,
 ) -> bool:
     """A worker: run the given cells (all pending ones if none are given) of the suite whose
-    results folder is ``root``, claiming each; rebuild the leaderboard at the end.
+    results folder is ``root``, claiming each; rebuild the leaderboard at the end (unless
+    ``local``: then the runner that started it does).
 
+    The suite comes from ``root/suite.json``, or from ``local`` in the runner's process.
     Returns False if a stop signal ended it (the cell in training saved a checkpoint).
     """
-    from mae_bench.plugins import load_registry
-    from mae_bench.suite import resolve_suite
-
+    if local is not None:
+        suite, console, summary = local.suite, local.console, local.summary
+    else:
+        record = read_suite_record(root)
+        suite = resolve_suite(record["resolved"], load_registry(), source=record["source"])
     console = console or Console(stderr=True)
-    record = read_suite_record(root)
-    suite = resolve_suite(record["resolved"], load_registry(), source=record["source"])
-    cells = suite.cells()
+    cells = suite_cells(suite)
     known = {c.cell_id: c for c in cells}
     unknown = [i for i in cell_ids if i not in known]
     if unknown:
@@ -104,24 +116,26 @@ def run_cells(
         if stop is not None
         else contextlib.nullcontext()  # the command line installed the handlers
     )
+    context = local.context if local is not None else None
     try:
         with signals:
             start_world(world, device)
-            work(suite, root, device, chosen, world, console, summary)
+            work(suite, root, device, chosen, world, console, summary, context)
     except resume.Terminated as exc:
         if stop is None:
             raise
         console.print(f"stopped by signal {exc.signum}: {exc.detail or 'no cell in training'}")
         return False
-    if world.is_main:
+    if world.is_main and local is None:
         suite_leaderboard(root, suite, cells)
     return True
 
 
 def suite_leaderboard(root: Path, suite: Suite, cells: list[Cell]) -> tuple[pd.DataFrame, str]:
+    """Rebuild the leaderboard of ``cells`` from the results folder: (table, Markdown)."""
     cfg = suite.config
     table, markdown, _ = rebuild_leaderboard(
-        root, [result_ids(c) for c in cells], suite.name, cfg.primary_metric, cfg.reference
+        root, [c.result_ids for c in cells], suite.name, cfg.primary_metric, cfg.reference
     )
     return table, markdown
 
@@ -159,7 +173,7 @@ def work(
                 stack.callback(context.loggers.call, "end_run")
             if not world.is_main:
                 if needs_pretraining:
-                    _pretrain_on_rank(cell, suite, context, display, world)
+                    _pretrain_on_rank(cell, suite, context, world)
                 world.barrier()  # rank 0 evaluates and stores
                 continue
             _, lease, (stored, missing) = claimed
@@ -178,18 +192,18 @@ def work(
 
 def _claim_next(
     store: CellStore, leases: Leases, queue: list[Cell], world: Dist, summary: RunSummary
-) -> tuple[Cell, Lease, tuple[dict[str, Any] | None, list[Evaluation]]] | None:
+) -> tuple[Cell, Lease, CellPlan] | None:
     """The next unfinished cell of ``queue`` this process could claim, with its lease and
     plan; cells finished or held by a live worker are passed over."""
     while queue:
         cell = queue.pop(0)
-        if plan_cells(store, [cell])[cell.cell_id] is None:
+        if remaining(store, [cell])[cell.cell_id] is None:
             continue
         lease = leases.claim(cell.cell_id, world.world_size)
         if lease is None:
             summary.elsewhere.append(cell.cell_id)
             continue
-        entry = plan_cells(store, [cell])[cell.cell_id]  # finished just before we claimed it?
+        entry = remaining(store, [cell])[cell.cell_id]  # finished just before we claimed it?
         if entry is None:
             lease.release()
             continue
@@ -231,7 +245,7 @@ class WorkerContext:
         """Before the first cell: record the suite, start the loggers, say where it runs."""
         self.started = True
         if world.is_main:
-            write_suite_record(root, suite, suite.cells())
+            write_suite_record(root, suite, suite_cells(suite))
             self.loggers.call("start_run", suite.name, root, suite.resolved)
             procs = f" x {world.world_size} processes" if world.active else ""
             device = device_name(self.feeder.device)
@@ -253,9 +267,7 @@ class WorkerContext:
         )
 
 
-def _pretrain_on_rank(
-    cell: Cell, suite: Suite, ctx: WorkerContext, display: CellDisplay, world: Dist
-) -> None:
+def _pretrain_on_rank(cell: Cell, suite: Suite, ctx: WorkerContext, world: Dist) -> None:
     """A non-zero rank's part of a cell: its share of the data-parallel pretraining."""
     try:
         pretrain_cell(
@@ -263,7 +275,6 @@ def _pretrain_on_rank(
             suite,
             ctx.data,
             ctx.feeder,
-            display,
             checkpoint=ctx.checkpoint(cell, suite, world),
             world=world,
         )
@@ -296,19 +307,18 @@ def _run_one(
         ctx.loggers.call("log_epoch", cell.cell_id, epoch, row)
 
     def on_resume(epoch: int) -> None:
-        summary.resumed[cell.cell_id] = epoch
         display.console.print(f"resumed {cell.cell_id} from epoch {epoch}", highlight=False)
 
     try:
         if stored is None:
             checkpoint = ctx.checkpoint(cell, suite, world)
             lease.update(stage="pretraining", epochs=suite.config.pretrain.epochs)
+            display.start_cell(cell, 0 if cell.variant.baseline else suite.config.pretrain.epochs)
             pre = pretrain_cell(
                 cell,
                 suite,
                 ctx.data,
                 ctx.feeder,
-                display,
                 on_epoch,
                 checkpoint=checkpoint,
                 world=world,
@@ -355,7 +365,7 @@ def _run_one(
     for leftover in (root / CHECKPOINT_DIR).glob(f"{cell.cell_id}*.pt"):  # killed after storing
         leftover.unlink(missing_ok=True)
     summary.finished.append(cell.cell_id)
-    whole = store.finished([result_ids(cell)], repair=False).get(cell.cell_id, {})
+    whole = store.finished([cell.result_ids], repair=False).get(cell.cell_id, {})
     ctx.loggers.call("end_cell", cell.cell_id, whole.get("metrics", {}))
     shown = "  ".join(headline(whole)[:4]) if whole else ""
     reuse = " (pretraining reused)" if pre.reused else ""
@@ -365,21 +375,77 @@ def _run_one(
     )
 
 
-def write_suite_record(root: Path, suite: Suite, cells: list[Cell]) -> None:
-    cell_ids = [
-        {
-            "cell_id": c.cell_id,
-            "variant": c.variant.name,
-            "seed": c.seed,
-            "config_hash": c.config_hash,
-            "evaluations": [e.eval_id for e in c.evaluations],
-        }
-        for c in cells
+def headline(record: dict[str, Any]) -> list[str]:
+    """``name value`` of each evaluator's headline metrics, formatted as it declares."""
+    return [
+        f"{name} {info['fmt'].format(evaluation['metrics'][name])}"
+        for _, evaluation in evaluations(record)
+        for name, info in evaluation["info"].items()
+        if info["headline"]
     ]
-    record = {
-        "name": suite.name,
-        "source": suite.source,
-        "resolved": suite.resolved,
-        "cells": cell_ids,
-    }
-    write_json(root / SUITE_FILE, record)
+
+
+class CellDisplay:
+    """A rich progress display: cells done, and the current cell's epoch and loss."""
+
+    def __init__(self, console: Console, total_cells: int) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.cells = self.progress.add_task("cells", total=total_cells, status="")
+        self.epochs = self.progress.add_task("epoch", total=1, status="", visible=False)
+
+    @contextmanager
+    def shown(self) -> Iterator[CellDisplay]:
+        with self.progress:
+            yield self
+
+    def start_cell(self, cell: Cell, epochs: int) -> None:
+        self.progress.update(self.cells, status=f"{cell.variant.name} seed {cell.seed}")
+        self.progress.reset(
+            self.epochs,
+            total=epochs,
+            visible=True,
+            status="",
+            description=f"{cell.variant.name}/seed{cell.seed} epoch",
+        )
+
+    def epoch(self, epoch: int, row: dict[str, float]) -> None:
+        status = f"loss {row['loss']:.4f}  mask {row['mask_ratio']:.2f}"
+        self.progress.update(self.epochs, completed=epoch, status=status)
+
+    def evaluating(self) -> None:
+        self.progress.update(self.epochs, status="evaluating")
+
+    def end_cell(self, message: str) -> None:
+        self.progress.advance(self.cells)
+        self.console.print(message, highlight=False)
+
+
+class LoggerSet:
+    """The suite's loggers, each guarded: one that fails is reported once and switched off,
+    and the run goes on."""
+
+    def __init__(self, loggers: list[Logger]) -> None:
+        self.active = list(loggers)
+
+    def call(self, method: str, *args: Any) -> None:
+        """Call ``method`` on every active logger."""
+        for logger in list(self.active):
+            try:
+                getattr(logger, method)(*args)
+            except Exception as exc:
+                self.active.remove(logger)
+                warnings.warn(
+                    f"logger {logger.name!r} failed in {method} ({type(exc).__name__}: {exc}): "
+                    "switched off for the rest of the run",
+                    MaeBenchWarning,
+                    stacklevel=2,
+                )

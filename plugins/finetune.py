@@ -261,7 +261,6 @@ def finetune(
             if checkpoint:
                 checkpoint.epoch_end(epoch + 1, state, last=epoch + 1 == epochs)
     chosen = epochs
-    chosen = epochs
     if best is not None:
         classifier.load_state_dict(best[2])
         chosen = best[1]

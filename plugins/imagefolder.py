@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,7 +25,7 @@ from pydantic import Field, PositiveInt
 
 from mae_bench import Dataset, ImageData, MaeBenchWarning, Params, UserError, hookimpl
 from mae_bench.contract import Seed
-from mae_bench.files import grant_umask, require_dir
+from mae_bench.files import atomic_write, require_dir
 
 CACHE_VERSION = 2  # 2: decoding by image mode (16-bit and float images no longer clipped)
 HINT = "Expected <root>/<class name>/<image files>, one folder per class."
@@ -180,15 +179,7 @@ def cached_images(files: list[Path], size: int, cache_dir: Path) -> torch.Tensor
     array = np.empty(shape, dtype=np.uint8)
     for i, f in enumerate(track(files, description="decoding images", transient=True)):
         array[i] = decode(f, size)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        grant_umask(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda handle: np.save(handle, array))
     return torch.from_numpy(np.load(path, mmap_mode="c"))
 
 

@@ -52,9 +52,11 @@ class _CellProgress:
 
 
 class InlineLauncher(Launcher):
-    """Runs every cell in this process, one after another (the default)."""
+    """Runs every cell in this process, one after another (the default; under torchrun,
+    every process takes part in each cell)."""
 
     name = "inline"
+    in_process = True
 
     def launch(self, request: LaunchRequest, console: Any) -> None:
         request.run(request.cell_ids)

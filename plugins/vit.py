@@ -1,8 +1,43 @@
-"""The MAE ViT (He et al. 2021): encoder on visible patches only, light decoder, mask tokens.
+"""The MAE ViT (He et al. 2021), read top to bottom like the official ``models_mae.py``.
 
-Parameter names, initialisation, LayerNorm eps and the 2D sin-cos positions follow the
-official ``models_mae.py``, so its checkpoints load (``adapt_state_dict``) and an encoder
-exports to timm's ``VisionTransformer`` unchanged (``export_state_dict``).
+One pretraining step, in order. B images of C x H x W, patch size p, L = (H/p)*(W/p) patches,
+K of them visible, D / D_dec the encoder / decoder width; each step names where its code is.
+
+1. patchify -- ``mae_bench/layers.py:patchify``: (B, C, H, W) -> (B, L, p*p*C), a patch
+   flattened as (p, p, C), patches row-major. This is the target the loss compares with
+   (``mae_bench/contract.py:LossInputs.target``).
+2. random masking -- ``mae_bench/layers.py:random_mask``, drawn per step by
+   ``mae_bench/train.py:draw_mask`` through ``mae_bench/contract.py:MaskingStrategy.__call__``
+   (``plugins/masking.py`` sets the ratio) into a ``mae_bench/contract.py:Mask``:
+   noise (B, L) -> ids_shuffle = argsort(noise); ids_keep = ids_shuffle[:, :K] (B, K), the
+   visible patches; ids_restore = argsort(ids_shuffle) (B, L), which puts
+   [visible..., masked...] back in patch order; mask (B, L), 1 = masked, 0 = visible.
+3. encoder on the visible patches -- ``plugins/vit.py:ViTEncoder.forward`` (the official
+   ``forward_encoder``): patch_embed (B, L, D) + fixed 2D sin-cos positions
+   (``mae_bench/layers.py:sincos_pos_embed``); gather ids_keep -> (B, K, D); prepend the cls
+   token -> (B, 1 + K, D); timm ``Block``s; norm -> latent (B, 1 + K, D).
+4. decoder -- ``mae_bench/layers.py:MAEDecoder.forward`` (the official ``forward_decoder``):
+   embed -> (B, 1 + K, D_dec); append L - K mask tokens -> (B, L, D_dec) (cls set aside);
+   unshuffle with ids_restore; add the decoder's sin-cos positions; cls back in front ->
+   (B, 1 + L, D_dec); blocks, norm; predict p*p*C per token and drop the cls token ->
+   pred (B, L, p*p*C). ``mae_bench/contract.py:MaskedAutoencoder.forward`` runs 3 then 4
+   and returns ``MAEOutput(pred, latent)``.
+5. loss on the masked patches only -- ``plugins/losses.py:MSELoss.__call__`` (the official
+   ``forward_loss``), called by ``mae_bench/train.py:forward_loss`` (the forward in bf16
+   autocast on CUDA, the loss in float32) from ``mae_bench/train.py:train_step``: target =
+   patchify(imgs); with ``norm_pix`` each target patch is normalized by its own mean and
+   (var + 1e-6) ** 0.5 (``plugins/losses.py:_patch_stats``); squared error averaged per patch
+   (B, L), then over the masked patches (mask == 1).
+
+Same numbers, other lines: positions are added before masking and the cls token gets none
+(the official cls position, in the encoder and the decoder, is a zero row). Differences: the
+mask is drawn outside the model (a masking plugin can replace step 2), its noise on the CPU
+from a seeded generator, and K = round(L * (1 - ratio)), at least 1 (official: ``int``, the
+same K for ratio 0.75 on 14x14 or 4x4 grids). Parameter names, initialisation, LayerNorm
+eps 1e-6 and the positions follow ``models_mae.py``, so its checkpoints load
+(``ViTMAE.adapt_state_dict``: its ``decoder_*`` and ``mask_token`` keys are our
+``decoder.*``, the rest our ``encoder.*``) and an encoder exports to timm's
+``VisionTransformer`` unchanged (``ViTMAE.export_state_dict``).
 """
 
 from __future__ import annotations
@@ -73,7 +108,8 @@ class ViTEncoder(nn.Module):
         super().__init__()
         self.patch_embed = PatchEmbed(image_size, p.patch_size, in_chans, p.dim)
         grid = image_size // p.patch_size
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, p.dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, p.dim))  # (1, 1, D)
+        # (1, L, D), fixed: a buffer, not in the state_dict (a checkpoint's is checked)
         self.register_buffer("pos_embed", sincos_pos_embed(p.dim, grid)[None], persistent=False)
         self.blocks = nn.Sequential(
             *[
@@ -99,14 +135,24 @@ class ViTEncoder(nn.Module):
         }
 
     def forward(self, imgs: Tensor, ids_keep: Tensor) -> Tensor:
-        """(B, C, H, W), (B, K) -> (B, 1 + K, D)."""
-        x = gather_tokens(self.patch_embed(imgs) + self.pos_embed, ids_keep)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.norm(self.blocks(x))
+        """The official ``forward_encoder``, given the visible patches ``ids_keep`` (the
+        masking is drawn outside): (B, C, H, W), (B, K) -> (B, 1 + K, D)."""
+        x = self.patch_embed(imgs)  # (B, L, D): embed patches
+        x = x + self.pos_embed  # (B, L, D): add positions, before masking
+        x = gather_tokens(x, ids_keep)  # (B, K, D): the visible patches only
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D): no position (a zero row)
+        x = torch.cat([cls, x], dim=1)  # (B, 1 + K, D)
+        x = self.blocks(x)  # (B, 1 + K, D): transformer blocks
+        return self.norm(x)  # (B, 1 + K, D)
 
 
 class ViTMAE(MaskedAutoencoder):
-    """MAE ViT: the encoder runs on the visible patches only, a light decoder fills the rest."""
+    """MAE ViT: the encoder runs on the visible patches only, a light decoder fills the rest.
+
+    Its forward is ``MaskedAutoencoder.forward``: ``encoder(imgs, mask.ids_keep)`` (step 3 of
+    the module docstring) -> latent (B, 1 + K, D), ``decoder(latent, mask.ids_restore)``
+    (step 4) -> pred (B, L, p*p*C).
+    """
 
     name = "vit"
     Params = ViTParams

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import yaml
 
+from mae_bench.plan import suite_cells
 from mae_bench.suite import resolve_suite
 from tests.conftest import cell_record, invoke, tiny_suite_data
 
@@ -80,7 +81,7 @@ def test_a_deleted_evaluation_is_recomputed_identically_from_stored_weights(run)
 def test_plugin_versions_are_part_of_the_keys_and_the_provenance(registry, run):
     _, root = run
     data = tiny_suite_data()
-    cells = resolve_suite(data, registry).cells()
+    cells = suite_cells(resolve_suite(data, registry))
     vit = registry.components["encoder"]["vit"].plugin
     probe = registry.components["evaluator"]["linear_probe"].plugin
     assert cells[1].config["plugins"] == {"mae-bench": vit.version}
@@ -89,7 +90,7 @@ def test_plugin_versions_are_part_of_the_keys_and_the_provenance(registry, run):
     try:
         for plugin in builtins:  # the distribution providing `vit` was upgraded
             plugin.version = original + ".post1"
-        upgraded = resolve_suite(data, registry).cells()
+        upgraded = suite_cells(resolve_suite(data, registry))
     finally:
         for plugin in builtins:
             plugin.version = original

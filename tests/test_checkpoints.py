@@ -9,13 +9,14 @@ import pytest
 import timm
 import torch
 import yaml
-
 from mae_bench.checkpoints import load_weights, read_state_dict
+
 from mae_bench.data import ImageFeeder
 from mae_bench.errors import ConfigError, UserError
 from mae_bench.evaluate import extract_features
 from mae_bench.export import load_cell_model
 from mae_bench.layers import sincos_pos_embed
+from mae_bench.plan import suite_cells
 from mae_bench.suite import resolve_suite
 from tests.conftest import ROOT, cell_record, invoke, tiny_suite_data
 
@@ -154,10 +155,10 @@ def test_suite_init_from_is_validated_and_recorded(registry, tmp_path):
     torch.save({"model": official_layout(model)}, path)
     data["variants"][1]["encoder"] = {**enc, "init_from": str(path)}
     suite = resolve_suite(data, registry)
-    config = suite.cells()[1].config["variant"]["encoder"]
+    config = suite_cells(suite)[1].config["variant"]["encoder"]
     assert config["init_from"] == str(path) and len(config["init_sha256"]) == 64
     data["eval"] = {"baselines": True}
-    baseline = resolve_suite(data, registry).cells()[-1]
+    baseline = suite_cells(resolve_suite(data, registry))[-1]
     assert baseline.variant.baseline and "init_from" not in baseline.config["variant"]["encoder"]
     data["variants"][0]["encoder"] = {**data["variants"][0]["encoder"], "init_from": str(path)}
     with pytest.raises(ConfigError, match=r"variants\[0\]\.encoder\.init_from: .*does not fit"):

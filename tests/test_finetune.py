@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from timm.layers import DropPath
 
 from mae_bench.data import ImageFeeder
+from mae_bench.plan import suite_cells
 from mae_bench.suite import resolve_suite
 from tests.conftest import ROOT, invoke, tiny_suite_data
 
@@ -140,14 +141,14 @@ def test_budgets_scratch_and_regularisers(registry):
 def test_baseline_cells_skip_pretraining_in_their_key(registry):
     data = tiny_suite_data()
     data["eval"]["baselines"] = True
-    cells = resolve_suite(data, registry).cells()
+    cells = suite_cells(resolve_suite(data, registry))
     assert [c.variant.name for c in cells] == ["mlp", "vit", "random-init-mlp", "random-init-vit"]
     data["pretrain"]["epochs"] = 9
-    again = resolve_suite(data, registry).cells()
+    again = suite_cells(resolve_suite(data, registry))
     assert cells[2].cell_id == again[2].cell_id and cells[0].cell_id != again[0].cell_id
     data["variants"][1]["encoder"] = dict(data["variants"][0]["encoder"])
     data["variants"][1]["masking"] = {"name": "random"}
-    same_encoder = resolve_suite(data, registry).cells()
+    same_encoder = suite_cells(resolve_suite(data, registry))
     assert [c.variant.name for c in same_encoder][-1] == "random-init"
 
 

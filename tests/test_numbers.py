@@ -3,7 +3,6 @@
 BatchNorm, crop sampling, evaluation sample, test leakage, weight decay, logged mask ratio)."""
 
 import dataclasses
-import io
 
 import pandas as pd
 import pytest
@@ -11,11 +10,10 @@ import torch
 from mae_bench_plugins.finetune import FinetuneParams, finetune
 from mae_bench_plugins.probes import LinearProbeParams, linear_probe
 from mae_bench_plugins.reconstruction import ReconstructionParams, reconstruction_quality
-from rich.console import Console
 from scipy.stats import ks_2samp
 from torch import Tensor
 
-from mae_bench.cell import CellDisplay, evaluate_cell, pretrain_cell
+from mae_bench.cell import evaluate_cell, pretrain_cell
 from mae_bench.contract import LossInputs, Mask
 from mae_bench.data import ImageFeeder, sample_crops
 from mae_bench.evaluate import evaluation_sample
@@ -27,6 +25,7 @@ from mae_bench.layers import (
     unpatchify,
 )
 from mae_bench.leaderboard import leaderboard_markdown, leaderboard_table, runs_table
+from mae_bench.plan import suite_cells
 from mae_bench.suite import resolve_suite
 from mae_bench.train import pretrain
 from tests.conftest import invoke, tiny_suite_data
@@ -83,13 +82,12 @@ def test_every_cell_runs_its_model_on_the_feeders_device(registry, device_checke
     data = suite.build_dataset().load()
     cpu_feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=CPU)
     feeder = dataclasses.replace(cpu_feeder, device=torch.device("meta"))
-    display = CellDisplay(Console(file=io.StringIO()), 1)
-    cells = suite.cells()
+    cells = suite_cells(suite)
     assert [c.variant.baseline for c in cells] == [False, False, True, True]
     mean_image = cpu_feeder.mean_image(data.pretrain)
     for cell in cells:
         with pytest.raises((NotImplementedError, RuntimeError), match=r"(?i)meta"):
-            pre = pretrain_cell(cell, suite, data, feeder, display)
+            pre = pretrain_cell(cell, suite, data, feeder)
             evaluated = evaluate_cell(
                 cell, suite, data, feeder, pre.model, mean_image, list(cell.evaluations)
             )

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mae_bench import hookspecs
-from mae_bench.plugins import HOOKS, PluginInfo, build_registry
+from mae_bench.plugins import KINDS, PluginInfo, build_registry
 from tests.conftest import ROOT, invoke, run_cli
 
 
@@ -17,7 +17,7 @@ def test_builtins_registered_through_entry_points(registry):
     assert registry.names("masking") == ["curriculum", "random"]
     assert registry.names("loss") == ["l1", "laplacian", "mse", "uniformity"]
     assert {"digits", "synthetic"} <= set(registry.names("dataset"))
-    for kind in HOOKS:
+    for kind in KINDS:
         for component in registry.components[kind].values():
             assert component.plugin.distribution == "mae-bench"
             assert component.cls.__module__.startswith("mae_bench_plugins.")
@@ -31,7 +31,7 @@ def test_every_hook_is_documented():
         for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
         if name.startswith("register_")
     ]
-    assert sorted(specs) == sorted(HOOKS.values())
+    assert sorted(specs) == sorted(k.hook for k in KINDS.values())
     for name in specs:
         assert getattr(hookspecs, name).__doc__, name
         assert f"`{name}(register)`" in docs, name

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+from mae_bench.plan import suite_cells
 from tests.conftest import ROOT, cell_record, invoke, run_cli, tiny_suite_data
 
 MAE_BENCH = str(Path(sys.executable).parent / "mae-bench")
@@ -166,7 +167,7 @@ def test_accumulated_micro_batches_and_blr_match_one_batch(tmp_path, registry):
         assert suite.config.pretrain.lr == pytest.approx(1e-3)
         _, result = pretrain_first_variant(suite, replace_losses(suite.variants[0]))
         histories.append(result.history)
-        cell_ids.append(suite.cells()[0].cell_id)
+        cell_ids.append(suite_cells(suite)[0].cell_id)
     ones, fours = histories
     for a, b in zip(ones, fours, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
@@ -379,14 +380,16 @@ def test_submitit_preempted_task_is_requeued_and_resumes_exactly(tmp_path, regis
     from mae_bench_plugins.launchers import CellTask
 
     from mae_bench import LaunchRequest
-    from mae_bench.runner import run_suite
-    from mae_bench.suite import load_suite, resolve_launcher
+    from mae_bench.runner import resolve_launcher, run_suite
+    from mae_bench.suite import load_suite
 
     suite_file = slow_suite(tmp_path, checkpoint_every=1)
     straight = run_cli("run", str(suite_file), "--out", str(tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr
 
     class Prepare:  # writes the results folder's suite.json, runs nothing
+        in_process = False
+
         def launch(self, request, console):
             pass
 
@@ -394,9 +397,9 @@ def test_submitit_preempted_task_is_requeued_and_resumes_exactly(tmp_path, regis
             return "nothing"
 
     suite = load_suite(suite_file, registry)
-    run_suite(suite, tmp_path / "b", torch.device("cpu"), launcher=Prepare(), device_option="cpu")
+    run_suite(suite, tmp_path / "b", "cpu", launcher=Prepare())
     root = tmp_path / "b" / "slow"
-    (cell,) = [c.cell_id for c in suite.cells()]
+    (cell,) = [c.cell_id for c in suite_cells(suite)]
     launcher = resolve_launcher(registry, "submitit", {"cluster": "local", "timeout_min": 10})
     job = launcher.executor(root / "submitit" / "%j").submit(
         CellTask(), LaunchRequest(root, (cell,), "cpu"), cell
@@ -613,8 +616,8 @@ def test_a_third_party_launcher_plugs_in_through_the_hook(tmp_path, tiny_suite_f
 
     from mae_bench import Launcher, Params, hookimpl
     from mae_bench.plugins import PluginInfo, _entry_point_candidates, build_registry
-    from mae_bench.runner import run_suite
-    from mae_bench.suite import load_suite, resolve_launcher
+    from mae_bench.runner import resolve_launcher, run_suite
+    from mae_bench.suite import load_suite
 
     class PoolParams(Params):
         jobs: int = 2
@@ -642,8 +645,7 @@ def test_a_third_party_launcher_plugs_in_through_the_hook(tmp_path, tiny_suite_f
     registry = build_registry([*_entry_point_candidates(), (info, lambda: Package)])
     launcher = resolve_launcher(registry, "pool", {"jobs": 2})
     suite = load_suite(tiny_suite_file, registry)
-    summary = run_suite(suite, tmp_path / "out", torch.device("cpu"), launcher=launcher,
-                        device_option="cpu")  # fmt: skip
+    summary = run_suite(suite, tmp_path / "out", "cpu", launcher=launcher)
     assert launcher.codes == [0, 0]
-    assert sorted(summary.finished) == sorted(c.cell_id for c in suite.cells())
+    assert sorted(summary.finished) == sorted(c.cell_id for c in suite_cells(suite))
     assert not summary.failed and len(pd.read_csv(tmp_path / "out" / "tiny" / "runs.csv")) == 2

@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from mae_bench.errors import ConfigError, UserError
+from mae_bench.plan import suite_cells
 from mae_bench.suite import apply_overrides, load_suite, resolve_suite
 from tests.conftest import ROOT, tiny_suite_data
 
@@ -17,7 +18,7 @@ def error_for(registry, data) -> str:
 def test_builtin_suites_validate(registry):
     for path in sorted((ROOT / "suites").glob("*.yaml")):
         suite = load_suite(path, registry)
-        assert suite.cells()
+        assert suite_cells(suite)
 
 
 def test_unknown_key_is_an_error(registry):
@@ -119,12 +120,12 @@ def test_config_hash_is_stable_and_sensitive(registry):
     assert len({c.cell_id for c in a}) == len(a)
     data = tiny_suite_data()
     data["variants"][0]["encoder"]["dim"] = 64
-    c = resolve_suite(data, registry).cells()
+    c = suite_cells(resolve_suite(data, registry))
     assert c[0].config_hash != a[0].config_hash and c[1].config_hash == a[1].config_hash
     # defaults are resolved: spelling out a default does not change the hash
     data = tiny_suite_data()
     data["variants"][0]["masking"] = {"name": "random", "ratio": 0.75}
-    assert resolve_suite(data, registry).cells()[0].config_hash == a[0].config_hash
+    assert suite_cells(resolve_suite(data, registry))[0].config_hash == a[0].config_hash
 
 
 def test_resolved_suite_has_every_default(registry):

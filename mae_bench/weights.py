@@ -1,28 +1,41 @@
-"""Reading model weights from checkpoints (never executing code) and exporting encoders.
+"""Model weights: read safely (never executing code), loaded into a model, digested,
+rebuilt into a stored cell's model, and exported to other libraries' layouts.
 
-A checkpoint is a mae-bench cell folder (``encoder.safetensors`` and ``decoder.safetensors``),
-a ``.safetensors`` file, or a PyTorch ``.pth``/``.pt`` file read with
-``torch.load(weights_only=True)``: a pickle that holds anything but tensors and plain
+A weights source is a mae-bench cell folder (``encoder.safetensors`` and
+``decoder.safetensors``), a ``.safetensors`` file, or a PyTorch ``.pth``/``.pt`` file read
+with ``torch.load(weights_only=True)``: a pickle that holds anything but tensors and plain
 containers is refused. The model maps foreign layouts itself
-(``MaskedAutoencoder.adapt_state_dict``, e.g. the official MAE release's keys).
+(``MaskedAutoencoder.adapt_state_dict``, e.g. the official MAE release's keys). (Training
+checkpoints, which resume a run, are :mod:`mae_bench.resume`'s.)
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import pickle
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from mae_bench.contract import MaskedAutoencoder
 from mae_bench.errors import UserError
+from mae_bench.files import atomic_write
+from mae_bench.plugins import Registry
+from mae_bench.results import PRETRAIN_FILE
 
 WEIGHT_FILES = ("encoder.safetensors", "decoder.safetensors")
+CORE_ENCODER_KEYS = ("name", "init_from", "init_sha256")  # in a record, not the plugin's
+ModelBuilder = Callable[[int, int], MaskedAutoencoder]
+"""A fresh model from ``(image_size, in_chans)``, e.g. a resolved variant's ``build_model``."""
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -116,3 +129,69 @@ def load_weights(model: MaskedAutoencoder, path: Path) -> list[str]:
             raise UserError(f"{path}: does not fit the {model.summary()} model: {problem}: {shown}")
     model.load_state_dict(state, strict=False)
     return [k for k in missing if k.startswith("decoder.")]
+
+
+def rebuild_model(
+    cell_dir: Path,
+    build: ModelBuilder | Registry,
+    *,
+    record: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+) -> MaskedAutoencoder:
+    """A finished cell's model with its stored weights, in eval mode on ``device``.
+
+    ``build`` makes the fresh model (on the CPU, at the image size and channels of the cell's
+    dataset): a resolved variant's ``build_model``, or a registry, which builds the encoder
+    plugin the record names with the params it stores. ``record`` is the cell's
+    ``pretrain.json`` (read from ``cell_dir`` when not given). UserError naming the file if
+    the record, the encoder's params or the weights do not fit.
+    """
+    source = cell_dir / PRETRAIN_FILE
+    if record is None:
+        if not source.is_file():
+            raise UserError(
+                f"{cell_dir}: not a finished mae-bench cell ({PRETRAIN_FILE} is missing)"
+            )
+        try:
+            record = json.loads(source.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{source}: not a mae-bench cell record ({exc})") from None
+    try:
+        config = record["config"]
+        encoder, dataset = config["variant"]["encoder"], config["dataset"]
+        name, image_size, channels = encoder["name"], dataset["image_size"], dataset["channels"]
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{source}: not a mae-bench cell record ({exc})") from None
+    if isinstance(build, Registry):
+        info = build.get("encoder", name, f"{source}: variant.encoder.name")
+        params = {k: v for k, v in encoder.items() if k not in CORE_ENCODER_KEYS}
+        try:
+            validated = info.cls.Params.model_validate(params)
+        except ValidationError as exc:
+            raise UserError(
+                f"{source}: the encoder's parameters no longer validate: {exc}"
+            ) from None
+        model = info.cls(validated, image_size=image_size, in_chans=channels)
+    else:
+        model = build(image_size, channels)
+    load_weights(model, cell_dir)
+    return model.to(device).eval()
+
+
+def export_cell(
+    cell_dir: Path, out: Path, fmt: str, registry: Registry
+) -> tuple[Path, dict[str, Any]]:
+    """``mae-bench export``: write a finished cell's encoder weights in another library's
+    layout (``fmt``, e.g. ``timm``) to ``out`` (safetensors) and the keyword arguments that
+    build the matching model to ``out.json``; returns ``(out, kwargs)``."""
+    model = rebuild_model(cell_dir, registry)
+    try:
+        weights, kwargs = model.export_state_dict(fmt)
+    except ValueError as exc:
+        raise UserError(f"{cell_dir}: {exc}") from None
+    if out.suffix != ".safetensors":
+        raise UserError(f"{out}: the exported weights are written as .safetensors")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    atomic_write(out, safetensors_bytes(tensors))
+    atomic_write(out.with_name(out.name + ".json"), json.dumps(kwargs, indent=2) + "\n")
+    return out, kwargs

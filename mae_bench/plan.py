@@ -1,0 +1,152 @@
+"""The plan of a suite: its cells and their keys, the no-pretraining baselines, and which
+cells (and evaluations) remain to be run in a results folder.
+
+A cell is one variant pretrained with one seed, keyed by everything that determines its
+weights; each evaluation is keyed by the cell's key plus what determines its result, so that
+changing an evaluator re-runs only that evaluation, from the stored weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from mae_bench.results import CellStore
+from mae_bench.suite import Resolved, Suite, Variant
+
+RESULT_FORMAT = 3  # 2: fixed metrics; 3: evaluator plugins. Older cells are recomputed
+# pretraining settings that change how a cell runs, not what it computes: not in its key
+RUN_ONLY = {"accum_iter", "checkpoint_every"}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluator run on one cell's pretrained model, keyed by what determines it: the
+    cell's pretraining key, the evaluator, its params and plugin version, the thresholds."""
+
+    evaluator: Resolved
+    config: dict[str, Any]
+    config_hash: str
+
+    @property
+    def name(self) -> str:
+        """The evaluator's name."""
+        return self.evaluator.config["name"]
+
+    @property
+    def eval_id(self) -> str:
+        """Folder name of the evaluation's results, under its cell's ``evals/``."""
+        return f"{self.name}-{self.config_hash[:10]}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of pretraining: a variant trained with one seed, keyed by what determines
+    its weights (dataset, variant, pretraining settings, seed, result format and the
+    versions of the plugins providing its components); then one evaluation per evaluator."""
+
+    suite: str
+    variant: Variant
+    seed: int
+    config: dict[str, Any]
+    config_hash: str
+    evaluations: tuple[Evaluation, ...] = ()
+
+    @property
+    def cell_id(self) -> str:
+        """Folder name of the cell's results."""
+        return f"{self.variant.name}-seed{self.seed}-{self.config_hash[:10]}"
+
+    @property
+    def result_ids(self) -> tuple[str, list[str]]:
+        """``(cell_id, eval_ids)``: the folders that make the cell finished."""
+        return self.cell_id, [e.eval_id for e in self.evaluations]
+
+    def record(self) -> dict[str, Any]:
+        """The cell as ``suite.json`` lists it."""
+        return {
+            "cell_id": self.cell_id,
+            "variant": self.variant.name,
+            "seed": self.seed,
+            "config_hash": self.config_hash,
+            "evaluations": [e.eval_id for e in self.evaluations],
+        }
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a resolved config."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def baseline_variants(suite: Suite) -> list[Variant]:
+    """With ``eval.baselines``: one no-pretraining variant per distinct encoder config."""
+    if not suite.config.eval.baselines:
+        return []
+    by_encoder: dict[str, Variant] = {}
+    for v in suite.variants:
+        by_encoder.setdefault(json.dumps(v.encoder.config, sort_keys=True), v)
+    single = len(by_encoder) == 1
+    return [
+        replace(
+            v,
+            name="random-init" if single else f"random-init-{v.name}",
+            baseline=True,
+            init_from=None,
+            init_digest=None,
+        )
+        for v in by_encoder.values()
+    ]
+
+
+def suite_cells(suite: Suite) -> list[Cell]:
+    """Every (variant, seed) cell of ``suite``, variant by variant, baselines last."""
+    cells = []
+    thresholds = suite.config.eval.thresholds.model_dump(mode="json")
+    for variant in [*suite.variants, *baseline_variants(suite)]:
+        for seed in suite.config.seeds:
+            config = {
+                "format": RESULT_FORMAT,
+                "dataset": suite.dataset_config,
+                "variant": variant.config,
+                "seed": seed,
+                "plugins": {suite.dataset.plugin: suite.dataset.version, **variant.plugins()},
+            }
+            if not variant.baseline:
+                config["pretrain"] = suite.config.pretrain.model_dump(mode="json", exclude=RUN_ONLY)
+            key = config_hash(config)
+            evaluations = []
+            for evaluator in suite.evaluators:
+                if variant.baseline and evaluator.cls.needs_pretraining:
+                    continue
+                eval_config = {
+                    "format": RESULT_FORMAT,
+                    "cell": key,
+                    "evaluator": evaluator.config,
+                    "thresholds": thresholds,
+                    "plugins": {evaluator.plugin: evaluator.version},
+                }
+                evaluations.append(Evaluation(evaluator, eval_config, config_hash(eval_config)))
+            cells.append(Cell(suite.name, variant, seed, config, key, tuple(evaluations)))
+    return cells
+
+
+CellPlan = tuple[dict[str, Any] | None, list[Evaluation]]
+"""What remains of an unfinished cell: its stored pretraining record (None: pretrain it) and
+the evaluations still to run."""
+
+
+def remaining(store: CellStore, cells: list[Cell]) -> dict[str, CellPlan | None]:
+    """Per cell: None if it is finished, else what remains of it (:data:`CellPlan`).
+    Damaged records are set aside first, to be recomputed."""
+    plan: dict[str, CellPlan | None] = {}
+    for cell in cells:
+        whole = store.finished([cell.result_ids], repair=True)
+        if cell.cell_id in whole:
+            plan[cell.cell_id] = None
+            continue
+        missing = [e for e in cell.evaluations if not store.is_done(cell.cell_id, e.eval_id)]
+        plan[cell.cell_id] = (store.read(cell.cell_id), missing)  # damage was set aside above
+    return plan
