@@ -18,7 +18,6 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from mae_bench.weights import load_weights
 from mae_bench.contract import (
     EvalContext,
     ImageData,
@@ -42,6 +41,7 @@ from mae_bench.results import (
 from mae_bench.resume import Checkpoint
 from mae_bench.suite import Suite
 from mae_bench.train import EpochCallback, PretrainResult, pretrain
+from mae_bench.weights import load_weights
 
 
 @dataclass

@@ -352,12 +352,13 @@ def plugins(as_json: bool) -> None:
 def leaderboard(results_dir: str) -> None:
     """Re-render runs.csv and leaderboard.csv/.md of a suite's results folder."""
     from mae_bench.leaderboard import rebuild_leaderboard
+    from mae_bench.metrics import DEFAULT_PRIMARY_METRIC
     from mae_bench.results import read_suite_record, suite_cells
 
     root = Path(results_dir)
     record = read_suite_record(root)
     ids = suite_cells(record)
-    primary = record["resolved"].get("primary_metric", "lp_acc")
+    primary = record["resolved"].get("primary_metric", DEFAULT_PRIMARY_METRIC)
     reference = record["resolved"].get("reference")
     _, markdown, done = rebuild_leaderboard(root, ids, record["name"], primary, reference)
     click.echo(markdown)
@@ -404,8 +405,8 @@ def export(cell_dir: str, out_file: str, fmt: str) -> None:
     Prints the call that loads it, e.g. timm.create_model(..., pretrained=True,
     pretrained_cfg_overlay=dict(file=OUT)); the arguments are also saved as OUT.json.
     """
-    from mae_bench.export import export_cell
     from mae_bench.plugins import load_registry
+    from mae_bench.weights import export_cell
 
     out, kwargs = export_cell(Path(cell_dir), Path(out_file), fmt, load_registry())
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "model_name")

@@ -350,7 +350,7 @@ def prediction_loss(losses: list[Loss]) -> Loss | None:
 # --------------------------------------------------------------------------- datasets
 class Images(Protocol):
     """Stored images as the core reads them: a uint8 (N, C, H, W) tensor, a memory-mapped one,
-    or anything with this interface (e.g. :class:`mae_bench.files.ConcatImages`)."""
+    or anything with this interface (e.g. :class:`mae_bench.data.ConcatImages`)."""
 
     dtype: torch.dtype
     ndim: int
@@ -367,7 +367,7 @@ class ImageData:
     """A dataset's splits as uint8 images (N, C, H, W) and int64 labels.
 
     Images may be memory-mapped tensors (``torch.from_numpy(np.memmap(...))``) or a
-    :class:`mae_bench.files.ConcatImages`; the core only takes ``len()`` and index-tensor
+    :class:`mae_bench.data.ConcatImages`; the core only takes ``len()`` and index-tensor
     batches of them.
     ``positive_class`` names the positive label of a binary task (threshold analysis).
     """
@@ -517,6 +517,50 @@ class EvalResult:
     confusion: list[list[int]] | None = None
 
 
+class TablePlot:
+    """A figure an evaluator draws from one of its tables across a suite's variants, written
+    to ``plots/<name>.png`` and shown in ``report.html`` (see ``Evaluator.plots``).
+
+    ``draw`` receives ``tables``: per leaderboard row (variant name, in result order) its
+    ``table``, from the cell of its lowest seed (``seeds = "lowest"``) or from every seed,
+    stacked with a ``seed`` column (``seeds = "all"``). A no-pretraining cell's table is
+    under its ``scratch`` row when the evaluator trains the encoder, else under the variant.
+    The tables named in ``also`` (others of the same evaluation) come as keyword arguments,
+    ``{row: table}`` from the same cells. Matplotlib and seaborn are imported by the caller;
+    override ``figure`` instead of ``draw`` for a figure of several panels.
+    """
+
+    name: str = ""  # file stem: plots/<name>.png
+    table: str = ""  # the evaluator's table it reads (a key of ``EvalResult.tables``)
+    title: str = ""
+    also: tuple[str, ...] = ()
+    seeds: Literal["lowest", "all"] = "lowest"
+    size: tuple[float, float] = (7.0, 4.0)  # inches
+    variant_panel: bool = False  # also a small panel per variant in report.html
+
+    def draw(
+        self, ax: Any, tables: dict[str, pd.DataFrame], **also: dict[str, pd.DataFrame]
+    ) -> bool | None:
+        """Draw on ``ax`` (a matplotlib ``Axes``, titled); False: nothing to draw, no file."""
+        raise NotImplementedError(f"{type(self).__name__} draws nothing: define draw()")
+
+    def figure(self, tables: dict[str, pd.DataFrame], **also: dict[str, pd.DataFrame]) -> Any:
+        """The whole matplotlib ``Figure`` (one ``size`` axes, ``draw`` on it), or None."""
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=self.size)
+        ax.set_title(self.title)
+        if self.draw(ax, tables, **also) is False:
+            plt.close(fig)
+            return None
+        return fig
+
+    def draw_variant(self, ax: Any, table: pd.DataFrame) -> None:
+        """With ``variant_panel``: one variant's small panel in report.html, from ``table``
+        (each of its seeds' tables, stacked, with a ``seed`` column)."""
+        raise NotImplementedError(f"{type(self).__name__}: define draw_variant()")
+
+
 class Evaluator(Component, ABC):
     """An evaluation protocol run on every cell (linear probe, k-NN, fine-tuning, ...).
 
@@ -538,6 +582,10 @@ class Evaluator(Component, ABC):
     @abstractmethod
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         """Evaluate one cell's model."""
+
+    def plots(self) -> list[TablePlot]:
+        """Figures drawn from this evaluator's tables (``plots/``, report.html); none by default."""
+        return []
 
 
 # --------------------------------------------------------------------------- loggers

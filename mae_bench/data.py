@@ -1,17 +1,70 @@
-"""Feeding uint8 image tensors to models: batched resize, channel conversion, normalisation."""
+"""Images as tensors: stored uint8 images (memory-mapped files, several files seen as one) for
+dataset plugins, and feeding them to models (batched resize, channel conversion,
+normalisation, crops)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mae_bench.contract import Images
+from mae_bench.errors import UserError
+from mae_bench.files import require_file
 from mae_bench.suite import AugmentConfig
+
+
+def memmap_uint8(path: Path, item_shape: tuple[int, ...], dataset: str, hint: str) -> np.ndarray:
+    """Memory-map a raw uint8 file as (N, *item_shape), checking its size first."""
+    require_file(path, dataset, hint)
+    item = int(np.prod(item_shape))
+    size = path.stat().st_size
+    if size == 0 or size % item:
+        raise UserError(
+            f"{dataset}: {path} has {size} bytes, not a whole number of {item}-byte images "
+            f"({'x'.join(map(str, item_shape))} uint8): the file is truncated or not this "
+            f"format. {hint}"
+        )
+    # copy-on-write: writable for torch.from_numpy, never written back to the file
+    return np.memmap(path, dtype=np.uint8, mode="c", shape=(size // item, *item_shape))
+
+
+def as_uint8_images(array: np.ndarray) -> torch.Tensor:
+    """A (N, C, H, W) uint8 tensor sharing memory with ``array`` (memory maps included)."""
+    return torch.from_numpy(array)
+
+
+class ConcatImages:
+    """Several uint8 (N_i, C, H, W) tensors, e.g. memory-mapped files, seen as one; no copy."""
+
+    def __init__(self, *parts: torch.Tensor) -> None:
+        if not parts or len({p.shape[1:] for p in parts}) != 1:
+            raise ValueError("ConcatImages needs one or more tensors of the same image shape")
+        self.parts = parts
+        self.offsets = torch.tensor([0, *torch.cumsum(torch.tensor([len(p) for p in parts]), 0)])
+        self.dtype = parts[0].dtype
+        self.ndim = parts[0].ndim
+        self.shape = torch.Size([int(self.offsets[-1]), *parts[0].shape[1:]])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """Images at ``index`` (a slice or a 1-D index tensor), read only from their parts."""
+        idx = torch.arange(len(self))[index] if isinstance(index, slice) else index.long()
+        part = torch.searchsorted(self.offsets, idx, right=True) - 1
+        out = torch.empty((len(idx), *self.shape[1:]), dtype=self.dtype)
+        for k in part.unique().tolist():
+            where = part == k
+            out[where] = self.parts[k][idx[where] - self.offsets[k]]
+        return out
+
 
 _LUMA = (0.299, 0.587, 0.114)
 

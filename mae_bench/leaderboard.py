@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -10,19 +11,38 @@ from typing import Any
 import pandas as pd
 from filelock import FileLock
 
+from mae_bench.errors import MaeBenchWarning
 from mae_bench.files import atomic_write
-from mae_bench.metrics import CORE_METRICS
+from mae_bench.metrics import (
+    CORE_METRICS,
+    DEFAULT_PRIMARY_METRIC,
+    THRESHOLDS_TABLE,
+    binary_thresholds,
+)
 from mae_bench.results import (
     LEADERBOARD_LOCK,
     CellStore,
     evaluations,
-    read_table,
 )
 from mae_bench.stats import compare, seeds_needed
 
 ID_COLUMNS = ["variant", "encoder", "masking", "loss"]
 Info = dict[str, dict[str, Any]]  # metric -> Metric.as_dict(), as stored with each result
+DEFAULT_FMT = "{:.4g}"  # the display format of a metric whose evaluator declares none
+THRESHOLDS_DIR = "thresholds"  # <variant>-seed<k>.csv: every cell's threshold table
 
+
+def read_table(path: Path) -> pd.DataFrame | None:
+    """A stored CSV table; None if there is none, or (with a warning naming the file) if it
+    is empty, truncated or garbled."""
+    if not path.is_file():
+        return None
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
+        warnings.warn(f"damaged table {path} ({exc}): skipped", MaeBenchWarning, stacklevel=2)
+        return None
+    return table
 
 def metric_info(records: Iterable[dict[str, Any]]) -> Info:
     """How to show each metric, from the evaluators' declarations stored in the records
@@ -45,6 +65,14 @@ def higher_is_better(metric: str, info: Info | None = None) -> bool:
 def scratch_name(baseline_variant: str) -> str:
     """The leaderboard name of a baseline cell's fine-tuning (from-scratch) row."""
     return baseline_variant.replace("random-init", "scratch")
+
+
+def row_name(record: dict[str, Any], evaluation: dict[str, Any]) -> str:
+    """The leaderboard row a cell's evaluation shows in: a no-pretraining cell's evaluation
+    that trains the encoder is its ``scratch`` row, any other its variant's."""
+    if record.get("baseline") and evaluation.get("trains_encoder"):
+        return scratch_name(record["variant"])
+    return record["variant"]
 
 
 def _trained_metrics(record: dict[str, Any]) -> set[str]:
@@ -130,7 +158,7 @@ def ci95_halfwidth(std: pd.Series, n: pd.Series) -> pd.Series:
 
 def leaderboard_table(
     runs: pd.DataFrame,
-    primary: str = "lp_acc",
+    primary: str = DEFAULT_PRIMARY_METRIC,
     info: Info | None = None,
     reference: str | None = None,
 ) -> pd.DataFrame:
@@ -183,13 +211,24 @@ def _with_comparison(
     return joined
 
 
-def _format(fmt: str, mean: float, std: float) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+def metric_fmt(info: Info | None, metric: str | None, default: str = DEFAULT_FMT) -> str:
+    """The display format ``metric``'s evaluator declares (``default`` where it has none)."""
+    return (info or {}).get(metric or "", {}).get("fmt", default)
+
+
+def format_metric(fmt: str, mean: Any, std: Any = None) -> str:
+    """A metric's value, or ``mean ± std``, in its display format ``fmt`` (e.g. ``{:.3f}``):
+    "—" when the mean is missing (None or NaN), the mean alone when the std is."""
+    if _missing(mean):
         return "—"
     text = fmt.format(mean)
-    if std is not None and not (isinstance(std, float) and math.isnan(std)):
+    if not _missing(std):
         text += " ± " + fmt.format(std)
     return text
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def leaderboard_markdown(
@@ -225,9 +264,9 @@ def leaderboard_markdown(
                     for name, hit in zip(table["variant"], below, strict=True)
                 ]
     for metric in shown:
-        fmt = info[metric].get("fmt", "{:.4g}")
+        fmt = metric_fmt(info, metric)
         cells = [
-            _format(fmt, mean, std)
+            format_metric(fmt, mean, std)
             for mean, std in zip(board[metric], board[f"{metric}_std"], strict=True)
         ]
         if info[metric].get("compare", True):
@@ -239,7 +278,7 @@ def leaderboard_markdown(
             ]
         table[metric] = cells
     if "verdict" in board:
-        fmt = info.get(primary, {}).get("fmt", "{:.3f}") if primary else "{:.3f}"
+        fmt = metric_fmt(info, primary, "{:.3f}")
         table["vs reference"] = [
             _delta_cell(row, fmt.replace("{:", "{:+")) for _, row in board.iterrows()
         ]
@@ -286,11 +325,17 @@ def _comparison_note(board: pd.DataFrame) -> str:
     return text
 
 
+def threshold_display(table: pd.DataFrame) -> pd.DataFrame:
+    """A threshold table as leaderboard.md and report.html show it: the scores per threshold
+    (rounded to 3 decimals), without the confusion counts."""
+    return table.drop(columns=["tp", "fp", "tn", "fn"]).round(3)
+
+
 def thresholds_markdown(tables: dict[str, pd.DataFrame]) -> str:
     """A Markdown section with each cell's threshold table (binary tasks)."""
     parts = ["## Threshold analysis\n"]
     for name, table in tables.items():
-        shown = table.drop(columns=["tp", "fp", "tn", "fn"]).round(3)
+        shown = threshold_display(table)
         parts.append(f"### {name} (positive: {table['class'].iloc[0]})\n")
         parts.append(shown.drop(columns="class").to_markdown(index=False) + "\n")
     return "\n".join(parts)
@@ -305,7 +350,7 @@ def write_leaderboard(
     root: Path,
     records: list[dict[str, Any]],
     title: str,
-    primary: str = "lp_acc",
+    primary: str = DEFAULT_PRIMARY_METRIC,
     reference: str | None = None,
 ) -> tuple[pd.DataFrame, str]:
     """Write runs.csv, leaderboard.csv/.md, comparisons.csv (every variant against the
@@ -323,15 +368,15 @@ def write_leaderboard(
     tables = {}
     store = CellStore(root)
     for record in records:
-        path = store.table_path(record, "thresholds")
+        path = store.table_path(record, THRESHOLDS_TABLE)
         table = read_table(path) if path else None
         if table is not None:
             name = f"{record['variant']}-seed{record['seed']}"
             tables[name] = table
-            atomic_write(root / "thresholds" / f"{name}.csv", table.to_csv(index=False))
+            atomic_write(root / THRESHOLDS_DIR / f"{name}.csv", table.to_csv(index=False))
     shown = leaderboard_markdown(board, title, info, primary)
     markdown = shown
-    binary = {k: t for k, t in tables.items() if t["class"].nunique() == 1}
+    binary = {k: t for k, t in tables.items() if binary_thresholds(t)}
     if binary:
         markdown += "\n" + thresholds_markdown(binary)
     markdown += "\n" + glossary_markdown(info, board)

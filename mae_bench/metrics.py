@@ -144,6 +144,12 @@ def threshold_analysis(
     return pd.concat(tables, ignore_index=True), best
 
 
+def binary_thresholds(table: pd.DataFrame) -> bool:
+    """Whether a table of :func:`threshold_analysis` is a binary task's (its positive class
+    only, not every class one-vs-rest)."""
+    return table["class"].nunique() == 1
+
+
 def classification_metric_info(
     prefix: str, what: str, headline: tuple[str, ...] = ()
 ) -> dict[str, Metric]:

@@ -1,13 +1,16 @@
-"""``mae-bench report``: tables and plots regenerated from stored results, no retraining.
+"""Every figure of a suite's results, drawn from stored results (no retraining).
 
-Plots (PNG, under ``<out>/<suite>/plots/``): pretraining loss curves, the leaderboard bar
-chart with 95% intervals, reconstruction grids (same images, same masks for every variant),
-fine-tuning curves (pretrained vs scratch), a t-SNE of frozen features (the best variant vs
-a random init), ROC curves and precision/recall/F1 vs the threshold.
+PNG files under ``<out>/<suite>/plots/``: pretraining loss curves, the leaderboard bar chart
+with 95% intervals, reconstruction grids (same images, same masks for every variant), a
+t-SNE of frozen features (the best variant vs a random init), and each enabled evaluator's
+own figures (``Evaluator.plots()``: :class:`~mae_bench.contract.TablePlot`, drawn from its
+tables; the built-ins give ROC curves, precision/recall/F1 vs the threshold and fine-tuning
+curves). Also the small per-variant figure of ``report.html``.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,26 +21,20 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
-from sklearn.metrics import roc_curve
 
-from mae_bench.checkpoints import load_weights
-from mae_bench.contract import ImageData, Mask, MaskedAutoencoder
+from mae_bench.contract import ImageData, Mask, MaskedAutoencoder, TablePlot
 from mae_bench.data import ImageFeeder
 from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.evaluate import evaluation_sample, extract_features, fixed_masks, reconstruct
+from mae_bench.files import atomic_write
 from mae_bench.layers import patch_mask_to_pixels
-from mae_bench.leaderboard import scratch_name, write_leaderboard
-from mae_bench.metrics import roc_auc
-from mae_bench.plan import baseline_variants
-from mae_bench.plugins import Registry
-from mae_bench.results import (
-    CellStore,
-    evaluations,
-    read_suite_record,
-    read_table,
-    suite_cells,
-)
-from mae_bench.suite import Suite, resolve_suite
+from mae_bench.leaderboard import read_table, row_name
+from mae_bench.results import HISTORY_FILE, CellStore
+from mae_bench.suite import Suite
+from mae_bench.weights import rebuild_model
+
+PLOTS_DIR = "plots"  # <out>/<suite>/plots/<name>.png
+EvaluatorPlot = tuple[str, TablePlot]  # (evaluator name, one of its plots)
 
 
 def lowest_seed_cells(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -49,12 +46,11 @@ def lowest_seed_cells(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]
     return first
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG to ``path`` atomically, close it and return the path."""
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120,
+                                                  bbox_inches="tight"))  # fmt: skip
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -64,7 +60,7 @@ def plot_loss_curves(records: list[dict[str, Any]], store: CellStore, out: Path)
     for r in records:
         if r.get("baseline"):
             continue
-        path = store.path(r["cell_id"]) / "history.csv"
+        path = store.path(r["cell_id"]) / HISTORY_FILE
         history = read_table(path)
         if history is None or "loss" not in history:
             if history is not None or not path.exists():
@@ -77,7 +73,7 @@ def plot_loss_curves(records: list[dict[str, Any]], store: CellStore, out: Path)
     fig, ax = plt.subplots(figsize=(7, 4))
     sns.lineplot(data=data, x="epoch", y="loss", hue="variant", errorbar="sd", ax=ax)
     ax.set(title="Pretraining loss", ylabel="loss (weighted sum of terms)")
-    return _save(fig, out / "loss_curves.png")
+    return save_figure(fig, out / "loss_curves.png")
 
 
 def plot_leaderboard(board: pd.DataFrame, metric: str, out: Path) -> Path:
@@ -87,89 +83,138 @@ def plot_leaderboard(board: pd.DataFrame, metric: str, out: Path) -> Path:
     sns.barplot(x=board[metric], y=board["variant"], color="tab:blue", ax=ax, orient="h")
     ax.errorbar(board[metric], np.arange(len(board)), xerr=ci, fmt="none", color="black")
     ax.set(title=f"{metric} (mean, 95% CI over seeds)", xlabel=metric, ylabel="")
-    return _save(fig, out / f"leaderboard_{metric}.png")
+    return save_figure(fig, out / f"leaderboard_{metric}.png")
 
 
-def plot_finetune_curves(records: list[dict[str, Any]], store: CellStore, out: Path) -> Path | None:
-    """Fine-tuning test accuracy and macro F1 per epoch: pretrained variants vs scratch."""
-    frames = []
-    for r in records:
-        path = store.table_path(r, "finetune")
+# ---------------------------------------------------------------- evaluators' own plots
+def evaluator_plots(suite: Suite) -> list[EvaluatorPlot]:
+    """Every enabled evaluator's plots (``Evaluator.plots()``), in suite order; one that
+    fails to list them is warned about and left out."""
+    found = []
+    for evaluator in suite.build_evaluators():
+        try:
+            plots = list(evaluator.plots())
+        except Exception as exc:  # a plugin's bug must not cost the rest of the report
+            message = f"evaluator {evaluator.name}: plots() failed: {exc!r}"
+            warnings.warn(message, MaeBenchWarning, 2)
+            continue
+        found += [(evaluator.name, plot) for plot in plots]
+    return found
+
+
+def _stores(record: dict[str, Any], evaluator: str, table: str) -> bool:
+    """Whether the cell's evaluation by ``evaluator`` stored ``table``."""
+    return table in record.get("evaluations", {}).get(evaluator, {}).get("tables", [])
+
+
+def _cell_tables(
+    store: CellStore, record: dict[str, Any], names: tuple[str, ...]
+) -> dict[str, pd.DataFrame]:
+    """The tables ``names`` a cell stored that read (a damaged one is warned about)."""
+    found = {}
+    for name in names:
+        path = store.table_path(record, name)
         table = read_table(path) if path else None
         if table is not None:
-            name = scratch_name(r["variant"]) if r.get("baseline") else r["variant"]
-            frames.append(table.assign(variant=name, seed=r["seed"]))
-    if not frames:
-        return None
-    data = pd.concat(frames, ignore_index=True).dropna(subset=["test_acc"])
-    long = data.melt(["variant", "seed", "epoch"], ["test_acc", "test_f1_macro"], "score")
-    grid = sns.relplot(
-        data=long,
-        x="epoch",
-        y="value",
-        hue="variant",
-        col="score",
-        kind="line",
-        errorbar="sd",
-        height=3.5,
-        aspect=1.2,
-    )
-    grid.set_titles("fine-tuning: {col_name}")
-    return _save(grid.figure, out / "finetune_curves.png")
+            found[name] = table
+    return found
 
 
-def plot_roc_and_thresholds(
-    records: list[dict[str, Any]], store: CellStore, out: Path
+def plot_tables(
+    records: list[dict[str, Any]], store: CellStore, evaluator: str, plot: TablePlot
+) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, pd.DataFrame]]]:
+    """What ``plot`` of ``evaluator`` draws: per leaderboard row its table (lowest seed, or
+    every seed stacked with a ``seed`` column), and each of its ``also`` tables likewise."""
+    by_row: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if _stores(r, evaluator, plot.table):
+            by_row.setdefault(row_name(r, r["evaluations"][evaluator]), []).append(r)
+    names = (plot.table, *plot.also)
+    tables: dict[str, pd.DataFrame] = {}
+    also: dict[str, dict[str, pd.DataFrame]] = {name: {} for name in plot.also}
+    for row, cells in by_row.items():
+        if plot.seeds == "all":
+            found = _seed_tables(store, cells, names)
+        else:
+            found = _cell_tables(store, min(cells, key=lambda r: r["seed"]), names)
+        if plot.table in found:
+            tables[row] = found.pop(plot.table)
+            for name, table in found.items():
+                also[name][row] = table
+    return tables, also
+
+
+def _seed_tables(
+    store: CellStore, cells: list[dict[str, Any]], names: tuple[str, ...]
+) -> dict[str, pd.DataFrame]:
+    """The tables ``names`` of every cell that stored them, stacked with a ``seed`` column."""
+    read = [(r["seed"], _cell_tables(store, r, names)) for r in cells]
+    stacked = {}
+    for name in names:
+        frames = [table[name].assign(seed=seed) for seed, table in read if name in table]
+        if frames:
+            stacked[name] = pd.concat(frames, ignore_index=True)
+    return stacked
+
+
+def draw_table_plots(
+    records: list[dict[str, Any]], store: CellStore, plots: list[EvaluatorPlot], out: Path
 ) -> list[Path]:
-    """ROC curves and precision/recall/F1 vs threshold of the evaluator that stores test-set
-    ``predictions`` and ``thresholds`` tables (the linear probe), one line per variant
-    (lowest seed). Binary tasks use the positive class; multi-class tasks the
-    micro-averaged one-vs-rest ROC and the class-averaged threshold curves."""
-    with_predictions = [r for r in records if store.table_path(r, "predictions")]
-    first = lowest_seed_cells(with_predictions)
-    if not first:
-        return []
-    fig_t, ax_t = plt.subplots(figsize=(7, 4))
-    fig_r, ax_r = plt.subplots(figsize=(5, 5))
-    frames = []
-    source = "classifier"
-    for name, r in first.items():
-        source = next(
-            (e for e, ev in evaluations(r) if "predictions" in ev["tables"]),
-            source,
-        )
-        preds = read_table(store.table_path(r, "predictions"))
-        thresholds = store.table_path(r, "thresholds")
-        table = read_table(thresholds) if thresholds else None
-        if preds is None or table is None:
+    """Draw each evaluator plot that has a table to draw, as ``out/<name>.png``. A plot that
+    fails is warned about (naming it and its evaluator) and left out."""
+    paths = []
+    for evaluator, plot in plots:
+        tables, also = plot_tables(records, store, evaluator, plot)
+        if not tables:
             continue
-        probs = preds.filter(like="p_").to_numpy()
-        classes = [c.removeprefix("p_") for c in preds.columns if c.startswith("p_")]
-        if table["class"].nunique() == 1:  # binary: the positive class
-            k = classes.index(str(table["class"].iloc[0]))
-            fpr, tpr, _ = roc_curve(preds["label"] == k, probs[:, k])
-        else:  # micro-average over classes, one-vs-rest
-            onehot = np.eye(len(classes))[preds["label"].to_numpy()]
-            fpr, tpr, _ = roc_curve(onehot.ravel(), probs.ravel())
-        auc = roc_auc(preds["label"].to_numpy(), probs)
-        ax_r.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
-        curves = table.groupby("threshold")[["precision", "recall", "f1"]].mean().reset_index()
-        frames.append(curves.melt("threshold", var_name="score").assign(variant=name))
-    if not frames:
-        plt.close(fig_r)
-        plt.close(fig_t)
-        return []
-    ax_r.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax_r.set(title=f"ROC ({source})", xlabel="false positive rate", ylabel="true positive rate")
-    ax_r.legend(fontsize=7)
-    sns.lineplot(
-        data=pd.concat(frames), x="threshold", y="value", hue="variant", style="score", ax=ax_t
-    )
-    ax_t.set(title=f"{source}: precision, recall and F1 vs threshold", ylim=(0, 1.02))
-    ax_t.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-    return [_save(fig_r, out / "roc.png"), _save(fig_t, out / "thresholds.png")]
+        try:
+            fig = plot.figure(tables, **also)
+        except Exception as exc:  # a plugin's bug must not cost the rest of the report
+            plt.close("all")
+            warnings.warn(
+                f"evaluator {evaluator}: plot {plot.name!r} failed: {exc!r}", MaeBenchWarning, 2
+            )
+            continue
+        if fig is not None:
+            paths.append(save_figure(fig, out / f"{plot.name}.png"))
+    return paths
 
 
+def variant_curves(
+    cells: list[dict[str, Any]], store: CellStore, plots: list[EvaluatorPlot]
+) -> bytes | None:
+    """A small PNG for one variant's section of report.html: its pretraining loss per seed,
+    and a panel of each evaluator plot with a ``variant_panel``; None if there is none."""
+    histories = [(r["seed"], read_table(store.path(r["cell_id"]) / HISTORY_FILE)) for r in cells]
+    losses = [(seed, h) for seed, h in histories if h is not None and "loss" in h]
+    panels = []
+    for evaluator, plot in plots:
+        if plot.variant_panel:
+            own = [r for r in cells if _stores(r, evaluator, plot.table)]
+            found = _seed_tables(store, own, (plot.table,))
+            if found:
+                panels.append((plot, found[plot.table]))
+    count = bool(losses) + len(panels)
+    if not count:
+        return None
+    fig, axes = plt.subplots(1, count, figsize=(4 * count, 2.6), squeeze=False)
+    free = list(axes[0])
+    if losses:
+        ax = free.pop(0)
+        for seed, history in losses:
+            ax.plot(history["epoch"], history["loss"], label=f"seed {seed}")
+        ax.set(title="pretraining loss", xlabel="epoch")
+        ax.legend(fontsize=7)
+    for plot, table in panels:
+        plot.draw_variant(free.pop(0), table)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- from the stored models
 @dataclass
 class StoredModels:
     """A suite's dataset and, per variant (lowest seed), its stored model and feeder."""
@@ -179,26 +224,22 @@ class StoredModels:
     models: dict[str, tuple[MaskedAutoencoder, ImageFeeder, dict[str, Any]]]
 
 
-def load_stored_models(
-    root: Path, records: list[dict[str, Any]], registry: Registry
-) -> StoredModels:
-    """Rebuild every variant's model (baselines included) from its stored weights."""
-    record = read_suite_record(root)
-    suite = resolve_suite(record["resolved"], registry, source=str(root / "suite.json"))
+def load_stored_models(root: Path, records: list[dict[str, Any]], suite: Suite) -> StoredModels:
+    """Rebuild every variant's model (baselines included) from its stored weights; a variant
+    whose weights are damaged is warned about and left out."""
     data = suite.build_dataset().load()
     ds = suite.config.dataset
     store = CellStore(root)
     first = lowest_seed_cells(records)
     models = {}
-    for variant in [*suite.variants, *baseline_variants(suite)]:
+    for variant in [*suite.variants, *suite.baseline_variants()]:
         if variant.name not in first:
             continue
         r = first[variant.name]
         mean, std = tuple(r["data"]["mean"]), tuple(r["data"]["std"])
         feeder = ImageFeeder(ds.image_size, ds.channels, mean, std, torch.device("cpu"))
-        model = variant.build_model(ds.image_size, ds.channels).eval()
         try:
-            load_weights(model, store.path(r["cell_id"]))
+            model = rebuild_model(store.path(r["cell_id"]), variant.build_model, record=r)
         except UserError as exc:
             warnings.warn(f"damaged weights: {exc}: {variant.name} skipped", MaeBenchWarning, 2)
             continue
@@ -246,7 +287,7 @@ def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 10) ->
             ax.set_yticks([])
         axes[i][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle("Reconstructions (visible patches from the input)", fontsize=9)
-    return _save(fig, out / "reconstructions.png")
+    return save_figure(fig, out / "reconstructions.png")
 
 
 def plot_tsne(stored: StoredModels, best: str, out: Path, max_points: int = 2000) -> Path:
@@ -287,38 +328,28 @@ def plot_tsne(stored: StoredModels, best: str, out: Path, max_points: int = 2000
         ax.set(title=f"t-SNE of frozen features: {title}", xticks=[], yticks=[])
     if axes[1].get_legend():
         axes[1].legend(fontsize=7, markerscale=1.5, bbox_to_anchor=(1.02, 1), loc="upper left")
-    return _save(fig, out / "tsne.png")
-
-
-def render_report(root: Path, registry: Registry) -> tuple[list[Path], Path]:
-    """Rewrite the tables, every plot and the self-contained ``report.html`` that embeds
-    them; returns the plots and the page."""
-    from mae_bench.page import render_page
-
-    record = read_suite_record(root)
-    store = CellStore(root)
-    records = list(store.finished(suite_cells(record), repair=False).values())
-    primary = record["resolved"].get("primary_metric", "lp_acc")
-    reference = record["resolved"].get("reference")
-    board, _ = write_leaderboard(root, records, record["name"], primary, reference)
-    plots = draw_plots(root, records, board, primary, registry) if records else []
-    return plots, render_page(root, record, records, board, plots)
+    return save_figure(fig, out / "tsne.png")
 
 
 def draw_plots(
-    root: Path, records: list[dict[str, Any]], board: pd.DataFrame, primary: str, registry: Registry
+    root: Path,
+    records: list[dict[str, Any]],
+    board: pd.DataFrame,
+    primary: str,
+    suite: Suite,
+    plots: list[EvaluatorPlot] | None = None,
 ) -> list[Path]:
-    """Every plot of a suite's finished cells, under ``root/plots``."""
+    """Every plot of a suite's finished cells, under ``root/plots``; ``plots`` are the
+    evaluators' own (default: :func:`evaluator_plots` of ``suite``)."""
     store = CellStore(root)
-    out = root / "plots"
+    out = root / PLOTS_DIR
     losses = plot_loss_curves(records, store, out)
     paths = [losses] if losses else []
     if primary in board:
         paths.append(plot_leaderboard(board, primary, out))
-    finetune = plot_finetune_curves(records, store, out)
-    paths += [finetune] if finetune else []
-    paths += plot_roc_and_thresholds(records, store, out)
-    stored = load_stored_models(root, records, registry)
+    plots = evaluator_plots(suite) if plots is None else plots
+    paths += draw_table_plots(records, store, plots, out)
+    stored = load_stored_models(root, records, suite)
     grid = plot_reconstructions(stored, out)
     paths += [grid] if grid else []
     pretrained = [

@@ -1,8 +1,9 @@
-"""``report.html``: one self-contained results page per suite.
+"""``mae-bench report``: the tables, every plot and ``report.html``, one self-contained
+results page per suite, regenerated from stored results (no retraining).
 
-Everything is inline (plots as PNG data URIs, a few lines of script and style), so the file
-opens offline from ``file://`` and can be mailed. Every text that comes from a suite or a
-result is HTML-escaped: a description holding ``<script>`` shows as text.
+Everything on the page is inline (plots as PNG data URIs, a few lines of script and style),
+so the file opens offline from ``file://`` and can be mailed. Every text that comes from a
+suite or a result is HTML-escaped: a description holding ``<script>`` shows as text.
 """
 
 from __future__ import annotations
@@ -10,17 +11,39 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import math
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import yaml
 
 from mae_bench.files import atomic_write
-from mae_bench.leaderboard import ID_COLUMNS, Info, higher_is_better, metric_info
-from mae_bench.results import FAILED_DIR, CellStore, read_table
+from mae_bench.leaderboard import (
+    ID_COLUMNS,
+    Info,
+    format_metric,
+    higher_is_better,
+    metric_fmt,
+    metric_info,
+    read_table,
+    threshold_display,
+    write_leaderboard,
+)
+from mae_bench.metrics import DEFAULT_PRIMARY_METRIC, THRESHOLDS_TABLE, binary_thresholds
+from mae_bench.results import (
+    FAILED_DIR,
+    SUITE_FILE,
+    CellStore,
+    read_suite_record,
+    suite_cells,
+)
+
+if TYPE_CHECKING:
+    from mae_bench.plots import EvaluatorPlot
+    from mae_bench.plugins import Registry
+
+REPORT_FILE = "report.html"
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -52,12 +75,6 @@ document.body.classList.toggle('all');t.textContent=document.body.classList.cont
 """
 
 
-def _fmt(info: Info, metric: str, value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    return info.get(metric, {}).get("fmt", "{:.4g}").format(value)
-
-
 def _image(path: Path) -> str:
     return _png(path.read_bytes(), path.stem)
 
@@ -75,7 +92,7 @@ def summary_paragraph(board: pd.DataFrame, primary: str, info: Info) -> str:
     leader = board.iloc[0]
     parts = [
         f"{escape(str(leader['variant']))} leads on {escape(primary)} "
-        f"({_fmt(info, primary, leader[primary])})."
+        f"({format_metric(metric_fmt(info, primary), leader[primary])})."
     ]
     if "verdict" in board:
         reference = board.loc[board["verdict"] == "reference", "variant"]
@@ -96,7 +113,8 @@ def summary_paragraph(board: pd.DataFrame, primary: str, info: Info) -> str:
         direction = "above" if (gap > 0) == higher_is_better(primary, info) else "below"
         parts.append(
             f"The best pretrained variant ({escape(str(best['variant']))}) is "
-            f"{_fmt(info, primary, abs(gap))} {direction} the best from-scratch run."
+            f"{format_metric(metric_fmt(info, primary), abs(gap))} {direction} the best "
+            "from-scratch run."
         )
     return " ".join(parts)
 
@@ -126,10 +144,8 @@ def _leaderboard_html(board: pd.DataFrame, primary: str, info: Info) -> str:
             for c in ids
         )
         for i, m in enumerate(metrics):
-            value, std = row[m], row.get(f"{m}_std")
-            text = _fmt(info, m, value)
-            if text != "—" and std is not None and not pd.isna(std):
-                text += " ± " + _fmt(info, m, std)
+            value = row[m]
+            text = format_metric(metric_fmt(info, m), value, row.get(f"{m}_std"))
             classes = ["all-only"] if m not in headline else []
             if m in best and value == best[m] and len(board) > 1:
                 classes.append("best")
@@ -145,56 +161,11 @@ def _leaderboard_html(board: pd.DataFrame, primary: str, info: Info) -> str:
     )
 
 
-def _variant_curves(cells: list[dict[str, Any]], store: CellStore) -> bytes | None:
-    """A small PNG: the variant's pretraining loss and its fine-tuning curves, per seed."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    panels = []
-    for r in cells:
-        history = read_table(store.path(r["cell_id"]) / "history.csv")
-        path = store.table_path(r, "finetune")
-        finetune = read_table(path) if path else None
-        panels.append((r["seed"], history, finetune))
-    has_loss = any(h is not None and "loss" in h for _, h, _ in panels)
-    has_ft = any(f is not None for _, _, f in panels)
-    if not (has_loss or has_ft):
-        return None
-    fig, axes = plt.subplots(1, has_loss + has_ft, figsize=(4 * (has_loss + has_ft), 2.6),
-                             squeeze=False)  # fmt: skip
-    axes = list(axes[0])
-    if has_loss:
-        ax = axes.pop(0)
-        for seed, history, _ in panels:
-            if history is not None and "loss" in history:
-                ax.plot(history["epoch"], history["loss"], label=f"seed {seed}")
-        ax.set(title="pretraining loss", xlabel="epoch")
-        ax.legend(fontsize=7)
-    if has_ft:
-        ax = axes.pop(0)
-        for seed, _, finetune in panels:
-            if finetune is None:
-                continue
-            if "val_acc" in finetune:
-                ax.plot(finetune["epoch"], finetune["val_acc"], label=f"val, seed {seed}")
-            tested = finetune.dropna(subset=["test_acc"]) if "test_acc" in finetune else None
-            if tested is not None and len(tested):
-                ax.plot(tested["epoch"], tested["test_acc"], "o--", label=f"test, seed {seed}")
-        ax.set(title="fine-tuning accuracy", xlabel="epoch")
-        ax.legend(fontsize=6)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
 def _comparison_cells(row: pd.Series, extra: list[str], info: Info, primary: str) -> str:
     cells = ""
     for c in extra:
         value = row[c]
-        shown = value if isinstance(value, str) else _fmt(info, primary, value)
+        shown = value if isinstance(value, str) else format_metric(metric_fmt(info, primary), value)
         cls = f' class="verdict-{escape(str(value))}"' if c == "verdict" else ""
         v = "" if not isinstance(value, str) and pd.isna(value) else escape(str(value))
         cells += f'<td{cls} data-v="{v}">{escape(str(shown))}</td>'
@@ -202,8 +173,14 @@ def _comparison_cells(row: pd.Series, extra: list[str], info: Info, primary: str
 
 
 def _variant_sections(
-    records: list[dict[str, Any]], store: CellStore, info: Info, order: list[str]
+    records: list[dict[str, Any]],
+    store: CellStore,
+    info: Info,
+    order: list[str],
+    plots: list[EvaluatorPlot],
 ) -> str:
+    from mae_bench.plots import variant_curves
+
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_variant.setdefault(r["variant"], []).append(r)
@@ -221,22 +198,20 @@ def _variant_sections(
         rows = ""
         for r in cells:
             values = "".join(
-                f"<td>{escape(_fmt(info, m, r['metrics'].get(m)))}</td>"
+                f"<td>{escape(format_metric(metric_fmt(info, m), r['metrics'].get(m)))}</td>"
                 for m in shown
                 if m in cells[0]["metrics"]
             )
             rows += f'<tr class="seed"><td class="id">seed {r["seed"]}</td>{values}</tr>'
         parts.append(f'<table><tr><th class="id">seed</th>{head}</tr>{rows}</table>')
-        curves = _variant_curves(cells, store)
+        curves = variant_curves(cells, store, plots)
         if curves:
             parts.append(_png(curves, f"{name}: curves"))
-        thresholds = store.table_path(cells[0], "thresholds")
-        if thresholds and thresholds.is_file():
-            table = pd.read_csv(thresholds)
-            if table["class"].nunique() == 1:  # binary: the threshold table
-                parts.append(table.drop(columns=["tp", "fp", "tn", "fn"]).round(3).to_html(
-                    index=False, escape=True, classes="thresholds"
-                ))  # fmt: skip
+        path = store.table_path(cells[0], THRESHOLDS_TABLE)
+        thresholds = read_table(path) if path else None
+        if thresholds is not None and binary_thresholds(thresholds):
+            shown = threshold_display(thresholds)
+            parts.append(shown.to_html(index=False, escape=True, classes="thresholds"))
         out.append(
             f'<details class="variant" data-variant="{escape(name)}">'
             f"<summary>{escape(name)} ({len(cells)} seeds)</summary>{''.join(parts)}</details>"
@@ -250,11 +225,13 @@ def render_page(
     records: list[dict[str, Any]],
     board: pd.DataFrame,
     plots: list[Path],
+    table_plots: list[EvaluatorPlot] | None = None,
 ) -> Path:
-    """Write ``root/report.html`` and return its path."""
+    """Write ``root/report.html`` embedding the ``plots`` (PNG files) and return its path;
+    ``table_plots`` (the evaluators' plots) also draw their panels of each variant."""
     resolved = suite_record["resolved"]
     info = metric_info(records)
-    primary = resolved.get("primary_metric", "lp_acc")
+    primary = resolved.get("primary_metric", DEFAULT_PRIMARY_METRIC)
     store = CellStore(root)
     provenance = records[0]["provenance"] if records else {}
     dataset = resolved.get("dataset", {})
@@ -286,7 +263,7 @@ def render_page(
 <p class="note">mean ± std over seeds, ranked by {escape(primary)}; bold: best; click a column
 header to sort. <button id="toggle">show all columns</button></p>
 {_leaderboard_html(board, primary, info)}
-<h2>Variants</h2>{_variant_sections(records, store, info, order)}
+<h2>Variants</h2>{_variant_sections(records, store, info, order, table_plots or [])}
 <h2>Plots</h2>{"".join(_image(p) for p in plots if p.suffix == ".png" and p.is_file())}
 <h2>Failed cells</h2>{f"<ul>{''.join(failures)}</ul>" if failures else "<p>none</p>"}
 <h2>Suite (resolved)</h2><pre>{escape(yaml.safe_dump(resolved, sort_keys=False))}</pre>
@@ -297,6 +274,26 @@ header to sort. <button id="toggle">show all columns</button></p>
         board.to_dict(orient="records"), default=str))}</script>
 </body></html>
 """
-    path = root / "report.html"
+    path = root / REPORT_FILE
     atomic_write(path, html)
     return path
+
+
+def render_report(root: Path, registry: Registry) -> tuple[list[Path], Path]:
+    """``mae-bench report``: rewrite the tables, every plot and the self-contained
+    ``report.html`` that embeds them; returns the plots and the page."""
+    from mae_bench.plots import draw_plots, evaluator_plots
+    from mae_bench.suite import resolve_suite
+
+    record = read_suite_record(root)
+    store = CellStore(root)
+    records = list(store.finished(suite_cells(record), repair=False).values())
+    primary = record["resolved"].get("primary_metric", DEFAULT_PRIMARY_METRIC)
+    reference = record["resolved"].get("reference")
+    board, _ = write_leaderboard(root, records, record["name"], primary, reference)
+    if not records:
+        return [], render_page(root, record, records, board, [])
+    suite = resolve_suite(record["resolved"], registry, source=str(root / SUITE_FILE))
+    table_plots = evaluator_plots(suite)
+    plots = draw_plots(root, records, board, primary, suite, table_plots)
+    return plots, render_page(root, record, records, board, plots, table_plots)

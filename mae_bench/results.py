@@ -42,12 +42,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.files import atomic_write, grant_umask
 from mae_bench.leases import Leases, host_name, process_alive
-from mae_bench.resume import CHECKPOINT_DIR
 
 if TYPE_CHECKING:
     from mae_bench.plan import Cell
@@ -55,8 +52,10 @@ if TYPE_CHECKING:
 
 PRETRAIN_FILE = "pretrain.json"  # a cell's pretraining record
 RESULT_FILE = "result.json"  # an evaluation's record
+HISTORY_FILE = "history.csv"  # a cell's pretraining loss terms per epoch
 EVALS_DIR = "evals"
 FAILED_DIR = "failed"  # <cell id>.log: why a cell failed
+CHECKPOINT_DIR = "checkpoints"  # <cell id>[.<eval id>].pt: training checkpoints (resume.py)
 SUITE_FILE = "suite.json"
 DAMAGED_DIR = ".damaged"
 LEADERBOARD_LOCK = ".leaderboard.lock"  # held while the leaderboard is rebuilt
@@ -111,19 +110,6 @@ def read_json(path: Path) -> Any:
         raise ValueError(f"not UTF-8 text ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc})") from None
-
-
-def read_table(path: Path) -> pd.DataFrame | None:
-    """A stored CSV table; None if there is none, or (with a warning naming the file) if it
-    is empty, truncated or garbled."""
-    if not path.is_file():
-        return None
-    try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
-        warnings.warn(f"damaged table {path} ({exc}): skipped", MaeBenchWarning, stacklevel=2)
-        return None
-    return table
 
 
 def evaluations(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -26,7 +26,6 @@ import torch
 from mae_bench.errors import MaeBenchWarning
 from mae_bench.files import atomic_write
 
-CHECKPOINT_DIR = "checkpoints"  # <results>/<suite>/checkpoints/<cell id>.pt
 AUTO_SHARE = 0.05  # "auto": saving takes at most this share of the training time
 
 

@@ -43,13 +43,14 @@ from mae_bench.leases import Lease, Leases
 from mae_bench.plan import Cell, CellPlan, Evaluation, remaining, suite_cells
 from mae_bench.plugins import load_registry
 from mae_bench.results import (
+    CHECKPOINT_DIR,
     FAILED_DIR,
     CellStore,
     evaluations,
     read_suite_record,
     write_suite_record,
 )
-from mae_bench.resume import CHECKPOINT_DIR, Checkpoint
+from mae_bench.resume import Checkpoint
 from mae_bench.suite import Suite, resolve_suite
 
 

@@ -7,8 +7,9 @@ adding one costs no extra encoder pass.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -16,12 +17,17 @@ from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from mae_bench import EvalContext, EvalResult, Evaluator, Metric, Params, hookimpl
+from mae_bench.contract import TablePlot
 from mae_bench.data import index_batches
 from mae_bench.metrics import (
+    PREDICTIONS_TABLE,
     THRESHOLD_METRICS,
+    THRESHOLDS_TABLE,
+    binary_thresholds,
     classification_metric_info,
     classification_metrics,
     confusion,
+    roc_auc,
     threshold_analysis,
 )
 
@@ -151,9 +157,79 @@ class LinearProbeEvaluator(Evaluator):
         predictions.insert(0, "label", test_y)
         return EvalResult(
             scores,
-            tables={"predictions": predictions, "thresholds": thresholds},
+            tables={PREDICTIONS_TABLE: predictions, THRESHOLDS_TABLE: thresholds},
             confusion=confusion(test_y, probs.numpy()),
         )
+
+    def plots(self) -> list[TablePlot]:
+        return [RocPlot(self.name), ThresholdPlot(self.name)]
+
+
+class RocPlot(TablePlot):
+    """ROC curves of a classifier's test-set predictions, one per variant (lowest seed):
+    the positive class of a binary task, else micro-averaged one-vs-rest."""
+
+    name = "roc"
+    table = PREDICTIONS_TABLE
+    also = (THRESHOLDS_TABLE,)  # which class is the positive one
+    size = (5.0, 5.0)
+
+    def __init__(self, source: str) -> None:
+        self.title = f"ROC ({source})"
+
+    def draw(
+        self, ax: Any, tables: dict[str, pd.DataFrame], **also: dict[str, pd.DataFrame]
+    ) -> bool:
+        from sklearn.metrics import roc_curve
+
+        drawn = False
+        for name, preds in tables.items():
+            table = also[THRESHOLDS_TABLE].get(name)
+            if table is None:
+                continue
+            probs = preds.filter(like="p_").to_numpy()
+            classes = [c.removeprefix("p_") for c in preds.columns if c.startswith("p_")]
+            if binary_thresholds(table):  # binary: the positive class
+                k = classes.index(str(table["class"].iloc[0]))
+                fpr, tpr, _ = roc_curve(preds["label"] == k, probs[:, k])
+            else:  # micro-average over classes, one-vs-rest
+                onehot = np.eye(len(classes))[preds["label"].to_numpy()]
+                fpr, tpr, _ = roc_curve(onehot.ravel(), probs.ravel())
+            auc = roc_auc(preds["label"].to_numpy(), probs)
+            ax.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f})")
+            drawn = True
+        if not drawn:
+            return False
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate")
+        ax.legend(fontsize=7)
+        return True
+
+
+class ThresholdPlot(TablePlot):
+    """Precision, recall and F1 against the decision threshold, one line per variant (lowest
+    seed): the positive class of a binary task, else averaged over the classes."""
+
+    name = "thresholds"
+    table = THRESHOLDS_TABLE
+
+    def __init__(self, source: str) -> None:
+        self.title = f"{source}: precision, recall and F1 vs threshold"
+
+    def draw(
+        self, ax: Any, tables: dict[str, pd.DataFrame], **also: dict[str, pd.DataFrame]
+    ) -> None:
+        import seaborn as sns
+
+        frames = []
+        for name, table in tables.items():
+            curves = table.groupby("threshold")[["precision", "recall", "f1"]].mean().reset_index()
+            frames.append(curves.melt("threshold", var_name="score").assign(variant=name))
+        sns.lineplot(
+            data=pd.concat(frames), x="threshold", y="value", hue="variant", style="score", ax=ax
+        )
+        ax.set(ylim=(0, 1.02))
+        ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
 
 
 class KNNEvaluator(Evaluator):

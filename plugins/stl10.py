@@ -10,7 +10,8 @@ import torch
 from pydantic import Field
 
 from mae_bench import Dataset, ImageData, Params, UserError, hookimpl
-from mae_bench.files import ConcatImages, as_uint8_images, memmap_uint8, require_dir, require_file
+from mae_bench.data import ConcatImages, as_uint8_images, memmap_uint8
+from mae_bench.files import require_dir, require_file
 
 FOLDER = "stl10_binary"
 IMAGE_SHAPE = (3, 96, 96)

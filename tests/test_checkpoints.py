@@ -9,15 +9,14 @@ import pytest
 import timm
 import torch
 import yaml
-from mae_bench.checkpoints import load_weights, read_state_dict
 
 from mae_bench.data import ImageFeeder
 from mae_bench.errors import ConfigError, UserError
 from mae_bench.evaluate import extract_features
-from mae_bench.export import load_cell_model
 from mae_bench.layers import sincos_pos_embed
 from mae_bench.plan import suite_cells
 from mae_bench.suite import resolve_suite
+from mae_bench.weights import load_weights, read_state_dict, rebuild_model
 from tests.conftest import ROOT, cell_record, invoke, tiny_suite_data
 
 VIT = {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "decoder_dim": 16, "decoder_depth": 1}
@@ -189,7 +188,7 @@ def test_exported_encoder_loads_in_timm_with_strict_keys_and_same_features(
     vit = timm.create_model(
         name, pretrained=True, pretrained_cfg_overlay={"file": str(out)}, **kwargs
     ).eval()
-    ours = load_cell_model(vit_cell, registry)
+    ours = rebuild_model(vit_cell, registry)
     record = cell_record(vit_cell)
     feeder = ImageFeeder(16, 3, tuple(record["data"]["mean"]), tuple(record["data"]["std"]),
                          torch.device("cpu"))  # fmt: skip

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torchvision
 
+from mae_bench.data import ConcatImages
 from mae_bench.errors import UserError
-from mae_bench.files import ConcatImages
 from tests.formats import write_cifar10, write_cifar100, write_imagefolder, write_stl10
 
 

@@ -114,8 +114,8 @@ def test_overrides_by_index_and_name():
 
 
 def test_config_hash_is_stable_and_sensitive(registry):
-    a = resolve_suite(tiny_suite_data(), registry).cells()
-    b = resolve_suite(tiny_suite_data(), registry).cells()
+    a = suite_cells(resolve_suite(tiny_suite_data(), registry))
+    b = suite_cells(resolve_suite(tiny_suite_data(), registry))
     assert [c.config_hash for c in a] == [c.config_hash for c in b]
     assert len({c.cell_id for c in a}) == len(a)
     data = tiny_suite_data()
