@@ -86,7 +86,7 @@ def test_only_the_command_line_imports_lazily():
     """Commands import what they need when they run (so --help stays fast); no other core
     module defers an import of another."""
     lazy = {
-        path.stem: sorted({name for name, inner in core_imports(path, type_checking=False) if inner})
+        path.stem: sorted({n for n, inner in core_imports(path, type_checking=False) if inner})
         for path in CORE.glob("*.py")
         if path.stem != "cli"
     }
