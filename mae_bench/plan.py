@@ -133,6 +133,17 @@ def suite_cells(suite: Suite) -> list[Cell]:
     return cells
 
 
+def suite_record(suite: Suite, cells: list[Cell]) -> dict[str, Any]:
+    """The suite as its results folder records it (``suite.json``): name, source file,
+    the resolved suite and its cells."""
+    return {
+        "name": suite.name,
+        "source": suite.source,
+        "resolved": suite.resolved,
+        "cells": [c.record() for c in cells],
+    }
+
+
 CellPlan = tuple[dict[str, Any] | None, list[Evaluation]]
 """What remains of an unfinished cell: its stored pretraining record (None: pretrain it) and
 the evaluations still to run."""

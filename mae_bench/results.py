@@ -40,15 +40,11 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.files import atomic_write, grant_umask
 from mae_bench.leases import Leases, host_name, process_alive
-
-if TYPE_CHECKING:
-    from mae_bench.plan import Cell
-    from mae_bench.suite import Suite
 
 PRETRAIN_FILE = "pretrain.json"  # a cell's pretraining record
 RESULT_FILE = "result.json"  # an evaluation's record
@@ -401,15 +397,9 @@ def suite_cells(record: dict[str, Any]) -> list[tuple[str, list[str]]]:
     return [(c["cell_id"], list(c["evaluations"])) for c in record["cells"]]
 
 
-def write_suite_record(root: Path, suite: Suite, cells: list[Cell]) -> None:
-    """Write ``suite.json``: the resolved suite and its cells, from which any worker can
-    re-create the suite and run any of its cells."""
-    record = {
-        "name": suite.name,
-        "source": suite.source,
-        "resolved": suite.resolved,
-        "cells": [c.record() for c in cells],
-    }
+def write_suite_record(root: Path, record: dict[str, Any]) -> None:
+    """Write ``suite.json`` (:func:`mae_bench.plan.suite_record`: the resolved suite and its
+    cells), from which any worker can re-create the suite and run any of its cells."""
     write_json(root / SUITE_FILE, record)
 
 

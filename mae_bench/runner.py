@@ -24,7 +24,7 @@ from mae_bench.device import resolve_device
 from mae_bench.distributed import cell_device, env_world
 from mae_bench.distributed import start as start_world
 from mae_bench.errors import ConfigError, MaeBenchWarning, UserError
-from mae_bench.plan import Cell, remaining, suite_cells
+from mae_bench.plan import Cell, remaining, suite_cells, suite_record
 from mae_bench.plugins import Registry, load_registry
 from mae_bench.results import (
     SUITE_FILE,
@@ -177,7 +177,7 @@ def run_suite(
     if world.is_main and pending:
         fresh = [c for c in pending if plan[c.cell_id][0] is None]
         store.check_writable(sum(_result_bytes(c, suite) for c in fresh) + (1 << 20))
-        write_suite_record(root, suite, cells)
+        write_suite_record(root, suite_record(suite, cells))
     # every rank of an in-process data-parallel launch takes part in it
     launch = world.broadcast(bool(pending)) if launcher.in_process else bool(pending)
     if launch:
@@ -191,7 +191,7 @@ def run_suite(
         if world.is_main:
             _collect(root, pending, summary)
     if world.is_main:
-        write_suite_record(root, suite, cells)
+        write_suite_record(root, suite_record(suite, cells))
         summary.leaderboard, summary.markdown = suite_leaderboard(root, suite, cells)
     return summary
 

@@ -40,7 +40,7 @@ from mae_bench.distributed import start as start_world
 from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.leaderboard import rebuild_leaderboard
 from mae_bench.leases import Lease, Leases
-from mae_bench.plan import Cell, CellPlan, Evaluation, remaining, suite_cells
+from mae_bench.plan import Cell, CellPlan, Evaluation, remaining, suite_cells, suite_record
 from mae_bench.plugins import load_registry
 from mae_bench.results import (
     CHECKPOINT_DIR,
@@ -246,7 +246,7 @@ class WorkerContext:
         """Before the first cell: record the suite, start the loggers, say where it runs."""
         self.started = True
         if world.is_main:
-            write_suite_record(root, suite, suite_cells(suite))
+            write_suite_record(root, suite_record(suite, suite_cells(suite)))
             self.loggers.call("start_run", suite.name, root, suite.resolved)
             procs = f" x {world.world_size} processes" if world.active else ""
             device = device_name(self.feeder.device)
