@@ -29,6 +29,7 @@ from mae_bench.evaluate import evaluation_sample, extract_features, fixed_masks,
 from mae_bench.files import atomic_write
 from mae_bench.layers import patch_mask_to_pixels
 from mae_bench.leaderboard import read_table, row_name
+from mae_bench.plan import baseline_variants
 from mae_bench.results import HISTORY_FILE, CellStore
 from mae_bench.suite import Suite
 from mae_bench.weights import rebuild_model
@@ -232,7 +233,7 @@ def load_stored_models(root: Path, records: list[dict[str, Any]], suite: Suite) 
     store = CellStore(root)
     first = lowest_seed_cells(records)
     models = {}
-    for variant in [*suite.variants, *suite.baseline_variants()]:
+    for variant in [*suite.variants, *baseline_variants(suite)]:
         if variant.name not in first:
             continue
         r = first[variant.name]

@@ -31,6 +31,7 @@ from mae_bench.leaderboard import (
     write_leaderboard,
 )
 from mae_bench.metrics import DEFAULT_PRIMARY_METRIC, THRESHOLDS_TABLE, binary_thresholds
+from mae_bench.plots import EvaluatorPlot, draw_plots, evaluator_plots, variant_curves
 from mae_bench.results import (
     FAILED_DIR,
     SUITE_FILE,
@@ -38,9 +39,9 @@ from mae_bench.results import (
     read_suite_record,
     suite_cells,
 )
+from mae_bench.suite import resolve_suite
 
 if TYPE_CHECKING:
-    from mae_bench.plots import EvaluatorPlot
     from mae_bench.plugins import Registry
 
 REPORT_FILE = "report.html"
@@ -179,8 +180,6 @@ def _variant_sections(
     order: list[str],
     plots: list[EvaluatorPlot],
 ) -> str:
-    from mae_bench.plots import variant_curves
-
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_variant.setdefault(r["variant"], []).append(r)
@@ -282,9 +281,6 @@ header to sort. <button id="toggle">show all columns</button></p>
 def render_report(root: Path, registry: Registry) -> tuple[list[Path], Path]:
     """``mae-bench report``: rewrite the tables, every plot and the self-contained
     ``report.html`` that embeds them; returns the plots and the page."""
-    from mae_bench.plots import draw_plots, evaluator_plots
-    from mae_bench.suite import resolve_suite
-
     record = read_suite_record(root)
     store = CellStore(root)
     records = list(store.finished(suite_cells(record), repair=False).values())

@@ -192,7 +192,7 @@ def run_suite(
             _collect(root, pending, summary)
     if world.is_main:
         write_suite_record(root, suite_record(suite, cells))
-        summary.leaderboard, summary.markdown = suite_leaderboard(root, suite, cells)
+        summary.markdown = suite_leaderboard(root, suite, cells)
     return summary
 
 

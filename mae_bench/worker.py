@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -63,7 +62,6 @@ class RunSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, CellFailure] = field(default_factory=dict)
     elsewhere: list[str] = field(default_factory=list)  # held by another live worker
-    leaderboard: pd.DataFrame | None = None
     markdown: str = ""  # the leaderboard as printed
 
 
@@ -132,13 +130,13 @@ def run_cells(
     return True
 
 
-def suite_leaderboard(root: Path, suite: Suite, cells: list[Cell]) -> tuple[pd.DataFrame, str]:
-    """Rebuild the leaderboard of ``cells`` from the results folder: (table, Markdown)."""
+def suite_leaderboard(root: Path, suite: Suite, cells: list[Cell]) -> str:
+    """Rebuild the leaderboard of ``cells`` from the results folder; its Markdown."""
     cfg = suite.config
-    table, markdown, _ = rebuild_leaderboard(
+    _, markdown, _ = rebuild_leaderboard(
         root, [c.result_ids for c in cells], suite.name, cfg.primary_metric, cfg.reference
     )
-    return table, markdown
+    return markdown
 
 
 def work(

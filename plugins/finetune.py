@@ -15,13 +15,14 @@ from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
 from mae_bench import EvalContext, EvalResult, Evaluator, Metric, Params, hookimpl, resume
-from mae_bench.contract import ImageData, MaskedAutoencoder, Pool
+from mae_bench.contract import ImageData, MaskedAutoencoder, Pool, TablePlot
 from mae_bench.data import ImageFeeder, index_batches
 from mae_bench.device import autocast, optimizer_options
 from mae_bench.metrics import classification_metric_info, classification_metrics, confusion
 from mae_bench.resume import Checkpoint, numpy_state, rng_state, set_numpy_state, set_rng_state
 from mae_bench.train import lr_at
 
+FINETUNE_TABLE = "finetune"  # per epoch: training loss, validation and test scores
 
 class FinetuneParams(Params):
     """End-to-end fine-tuning with a linear head on a (stratified, per-seed) label fraction.
@@ -384,9 +385,52 @@ class FinetuneEvaluator(Evaluator):
         )
         return EvalResult(
             scores,
-            tables={"finetune": pd.DataFrame(history)},
+            tables={FINETUNE_TABLE: pd.DataFrame(history)},
             confusion=confusion(data.test_labels.numpy(), probs.numpy()),
         )
+
+    def plots(self) -> list[TablePlot]:
+        return [FinetuneCurves()]
+
+
+class FinetuneCurves(TablePlot):
+    """Test accuracy and macro F1 per epoch, pretrained variants vs scratch (band: spread
+    over seeds); per variant, validation and test accuracy of each seed."""
+
+    name = "finetune_curves"
+    table = FINETUNE_TABLE
+    seeds = "all"
+    variant_panel = True
+
+    def figure(self, tables: dict[str, pd.DataFrame], **also: dict[str, pd.DataFrame]) -> Any:
+        import seaborn as sns
+
+        frames = [table.assign(variant=name) for name, table in tables.items()]
+        data = pd.concat(frames, ignore_index=True).dropna(subset=["test_acc"])
+        long = data.melt(["variant", "seed", "epoch"], ["test_acc", "test_f1_macro"], "score")
+        grid = sns.relplot(
+            data=long,
+            x="epoch",
+            y="value",
+            hue="variant",
+            col="score",
+            kind="line",
+            errorbar="sd",
+            height=3.5,
+            aspect=1.2,
+        )
+        grid.set_titles("fine-tuning: {col_name}")
+        return grid.figure
+
+    def draw_variant(self, ax: Any, table: pd.DataFrame) -> None:
+        for seed, finetune in table.groupby("seed", sort=False):
+            if "val_acc" in finetune and finetune["val_acc"].notna().any():
+                ax.plot(finetune["epoch"], finetune["val_acc"], label=f"val, seed {seed}")
+            tested = finetune.dropna(subset=["test_acc"]) if "test_acc" in finetune else None
+            if tested is not None and len(tested):
+                ax.plot(tested["epoch"], tested["test_acc"], "o--", label=f"test, seed {seed}")
+        ax.set(title="fine-tuning accuracy", xlabel="epoch")
+        ax.legend(fontsize=6)
 
 
 @hookimpl
