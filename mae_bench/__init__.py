@@ -32,6 +32,7 @@ _PUBLIC = {
     "MaskingStrategy": "mae_bench.contract",
     "Metric": "mae_bench.contract",
     "Params": "mae_bench.contract",
+    "TablePlot": "mae_bench.contract",
     "Launcher": "mae_bench.runner",
     "LaunchRequest": "mae_bench.runner",
     "ConfigError": "mae_bench.errors",
@@ -60,6 +61,7 @@ __all__ = [
     "MaskingStrategy",
     "Metric",
     "Params",
+    "TablePlot",
     "UserError",
     "__version__",
     "hookimpl",
@@ -82,6 +84,7 @@ if TYPE_CHECKING:
         MaskingStrategy,
         Metric,
         Params,
+        TablePlot,
     )
     from mae_bench.errors import ConfigError, MaeBenchWarning, UserError
     from mae_bench.hookspecs import hookimpl

@@ -16,7 +16,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-from safetensors.torch import save_file
 
 from mae_bench.contract import (
     EvalContext,
@@ -33,6 +32,7 @@ from mae_bench.files import atomic_write
 from mae_bench.plan import Cell, Evaluation
 from mae_bench.results import (
     FAILED_DIR,
+    HISTORY_FILE,
     PRETRAIN_FILE,
     RESULT_FILE,
     CellStore,
@@ -41,7 +41,7 @@ from mae_bench.results import (
 from mae_bench.resume import Checkpoint
 from mae_bench.suite import Suite
 from mae_bench.train import EpochCallback, PretrainResult, pretrain
-from mae_bench.weights import load_weights
+from mae_bench.weights import load_weights, rebuild_model, save_weights
 
 
 @dataclass
@@ -84,11 +84,6 @@ def _history_csv(history: list[dict[str, float]]) -> str:
     writer.writeheader()
     writer.writerows(history)
     return buffer.getvalue()
-
-
-def _save_weights(module: torch.nn.Module, path: Path, metadata: dict[str, str]) -> None:
-    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items()}
-    save_file(tensors, str(path), metadata=metadata)
 
 
 def pretrain_cell(
@@ -176,9 +171,9 @@ def load_pretrained(
     cell: Cell, record: dict[str, Any], store: CellStore, feeder: ImageFeeder
 ) -> Pretrained:
     """A stored cell's model, rebuilt and loaded from its weights, on the device."""
-    model = cell.variant.build_model(feeder.image_size, feeder.channels)
-    load_weights(model, store.path(cell.cell_id))
-    return Pretrained(record, model.to(feeder.device), [], reused=True)
+    path = store.path(cell.cell_id)
+    model = rebuild_model(path, cell.variant.build_model, record=record, device=feeder.device)
+    return Pretrained(record, model, [], reused=True)
 
 
 def evaluate_cell(
@@ -281,9 +276,8 @@ def store_pretrained(store: CellStore, cell: Cell, pre: Pretrained) -> None:
     meta = {"cell_id": cell.cell_id, "config_hash": cell.config_hash}
 
     def write_files(folder: Path) -> None:
-        _save_weights(pre.model.encoder, folder / "encoder.safetensors", meta)
-        _save_weights(pre.model.decoder, folder / "decoder.safetensors", meta)
-        (folder / "history.csv").write_text(_history_csv(pre.history), encoding="utf-8")
+        save_weights(pre.model, folder, meta)
+        (folder / HISTORY_FILE).write_text(_history_csv(pre.history), encoding="utf-8")
         write_json(folder / PRETRAIN_FILE, pre.record)  # last: its presence marks it done
 
     store.write(cell.cell_id, write_files)

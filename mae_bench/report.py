@@ -209,8 +209,8 @@ def _variant_sections(
         path = store.table_path(cells[0], THRESHOLDS_TABLE)
         thresholds = read_table(path) if path else None
         if thresholds is not None and binary_thresholds(thresholds):
-            shown = threshold_display(thresholds)
-            parts.append(shown.to_html(index=False, escape=True, classes="thresholds"))
+            table = threshold_display(thresholds)
+            parts.append(table.to_html(index=False, escape=True, classes="thresholds"))
         out.append(
             f'<details class="variant" data-variant="{escape(name)}">'
             f"<summary>{escape(name)} ({len(cells)} seeds)</summary>{''.join(parts)}</details>"

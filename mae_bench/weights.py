@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
@@ -36,6 +36,15 @@ WEIGHT_FILES = ("encoder.safetensors", "decoder.safetensors")
 CORE_ENCODER_KEYS = ("name", "init_from", "init_sha256")  # in a record, not the plugin's
 ModelBuilder = Callable[[int, int], MaskedAutoencoder]
 """A fresh model from ``(image_size, in_chans)``, e.g. a resolved variant's ``build_model``."""
+
+
+def save_weights(model: MaskedAutoencoder, folder: Path, metadata: dict[str, str]) -> None:
+    """Write ``model``'s encoder and decoder as the cell folder's two safetensors files
+    (:data:`WEIGHT_FILES`), each carrying ``metadata``; :func:`load_weights` reads them back."""
+    for part, name in zip(("encoder", "decoder"), WEIGHT_FILES, strict=True):
+        state = getattr(model, part).state_dict()
+        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+        save_file(tensors, str(folder / name), metadata=metadata)
 
 
 def checkpoint_files(path: Path) -> list[Path]:

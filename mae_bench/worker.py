@@ -37,7 +37,7 @@ from mae_bench.device import device_name, prepare, resolve_device
 from mae_bench.distributed import Dist, cell_device, env_world
 from mae_bench.distributed import start as start_world
 from mae_bench.errors import MaeBenchWarning, UserError
-from mae_bench.leaderboard import rebuild_leaderboard
+from mae_bench.leaderboard import format_metric, rebuild_leaderboard
 from mae_bench.leases import Lease, Leases
 from mae_bench.plan import Cell, CellPlan, Evaluation, remaining, suite_cells, suite_record
 from mae_bench.plugins import load_registry
@@ -377,7 +377,7 @@ def _run_one(
 def headline(record: dict[str, Any]) -> list[str]:
     """``name value`` of each evaluator's headline metrics, formatted as it declares."""
     return [
-        f"{name} {info['fmt'].format(evaluation['metrics'][name])}"
+        f"{name} {format_metric(info['fmt'], evaluation['metrics'][name])}"
         for _, evaluation in evaluations(record)
         for name, info in evaluation["info"].items()
         if info["headline"]

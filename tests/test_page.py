@@ -107,3 +107,71 @@ def test_the_page_works_in_a_real_browser(tmp_path):
         page.screenshot(path=str(tmp_path / "report.png"), full_page=False)
         browser.close()
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_third_party_evaluator_draws_its_own_plot(tmp_path):
+    """An evaluator shipped by another package contributes a figure of its own table (in
+    plots/, on the page and in each variant's section) with no change to the core."""
+    import pandas as pd
+
+    from mae_bench import EvalResult, Evaluator, Metric, hookimpl
+    from mae_bench.contract import TablePlot
+    from mae_bench.plugins import PluginInfo, _entry_point_candidates, build_registry
+    from mae_bench.report import render_report
+    from mae_bench.runner import run_suite
+    from mae_bench.suite import load_suite
+
+    seen = {}
+
+    class NormPlot(TablePlot):
+        name = "feature_norms"
+        table = "norms"
+        title = "frozen feature norms"
+        seeds = "all"
+        variant_panel = True
+
+        def draw(self, ax, tables, **also):
+            seen["tables"] = tables
+            for name, table in tables.items():
+                ax.hist(table["norm"], bins=10, alpha=0.5, label=name)
+            ax.legend()
+
+        def draw_variant(self, ax, table):
+            seen.setdefault("variants", []).append(sorted(table["seed"].unique()))
+            ax.hist(table["norm"], bins=10)
+
+    class NormEvaluator(Evaluator):
+        name = "norms"
+
+        def metrics(self):
+            return {"norm_mean": Metric("mean norm of the frozen test features")}
+
+        def evaluate(self, ctx):
+            norms = ctx.features.get("mean")[1].norm(dim=1).numpy()
+            table = pd.DataFrame({"norm": norms})
+            return EvalResult({"norm_mean": float(norms.mean())}, {"norms": table})
+
+        def plots(self):
+            return [NormPlot()]
+
+    class Package:
+        @staticmethod
+        @hookimpl
+        def register_evaluators(register):
+            register(NormEvaluator)
+
+    info = PluginInfo(name="norms", module="norms", distribution="mae-bench-norms", version="0.1")
+    registry = build_registry([*_entry_point_candidates(), (info, lambda: Package)])
+    data = tiny_suite_data(seeds=[0, 1])
+    data["eval"] = {**data["eval"], "norms": {}}
+    suite_file = tmp_path / "tiny.yaml"
+    suite_file.write_text(yaml.safe_dump(data))
+    run_suite(load_suite(suite_file, registry), tmp_path / "out", "cpu")
+    root = tmp_path / "out" / "tiny"
+    plots, page = render_report(root, registry)
+    drawn = root / "plots" / "feature_norms.png"
+    assert drawn in plots and drawn.stat().st_size > 5_000
+    assert sorted(seen["tables"]) == ["mlp", "vit"]  # every variant, each seed stacked
+    assert all(sorted(t["seed"].unique()) == [0, 1] for t in seen["tables"].values())
+    assert seen["variants"] == [[0, 1], [0, 1]]  # a panel in each variant's section
+    assert 'alt="feature_norms"' in page.read_text()
