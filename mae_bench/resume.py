@@ -8,6 +8,10 @@ Signals: SIGTERM (what SLURM, ``kill`` and a preempting scheduler send) stops a 
 at its next step boundary after saving a checkpoint; SIGUSR1 saves one and goes on. Outside a
 training loop SIGTERM stops the process where it is (:class:`Terminated`). A scheduler's own
 signal (submitit's SIGUSR2) is added with :func:`handle_signals`.
+
+Every loop ends its epochs through :func:`epoch_boundary` (the checkpoint policy, then the
+signals); pretraining also acts on signals between steps (:func:`step_boundary`), where
+fine-tuning waits for the end of the epoch.
 """
 
 from __future__ import annotations
