@@ -353,11 +353,11 @@ def leaderboard(results_dir: str) -> None:
     """Re-render runs.csv and leaderboard.csv/.md of a suite's results folder."""
     from mae_bench.leaderboard import rebuild_leaderboard
     from mae_bench.metrics import DEFAULT_PRIMARY_METRIC
-    from mae_bench.results import read_suite_record, suite_cells
+    from mae_bench.results import read_suite_record, recorded_cells
 
     root = Path(results_dir)
     record = read_suite_record(root)
-    ids = suite_cells(record)
+    ids = recorded_cells(record)
     primary = record["resolved"].get("primary_metric", DEFAULT_PRIMARY_METRIC)
     reference = record["resolved"].get("reference")
     _, markdown, done = rebuild_leaderboard(root, ids, record["name"], primary, reference)

@@ -361,7 +361,6 @@ class Images(Protocol):
     def __getitem__(self, index: Any) -> Tensor: ...
 
 
-
 @dataclass
 class ImageData:
     """A dataset's splits as uint8 images (N, C, H, W) and int64 labels.

@@ -20,7 +20,12 @@ from mae_bench.metrics import (
     binary_thresholds,
 )
 from mae_bench.results import (
+    COMPARISONS_FILE,
+    LEADERBOARD_CSV,
     LEADERBOARD_LOCK,
+    LEADERBOARD_MD,
+    RUNS_FILE,
+    THRESHOLDS_DIR,
     CellStore,
     evaluations,
 )
@@ -29,7 +34,6 @@ from mae_bench.stats import compare, seeds_needed
 ID_COLUMNS = ["variant", "encoder", "masking", "loss"]
 Info = dict[str, dict[str, Any]]  # metric -> Metric.as_dict(), as stored with each result
 DEFAULT_FMT = "{:.4g}"  # the display format of a metric whose evaluator declares none
-THRESHOLDS_DIR = "thresholds"  # <variant>-seed<k>.csv: every cell's threshold table
 
 
 def read_table(path: Path) -> pd.DataFrame | None:
@@ -43,6 +47,7 @@ def read_table(path: Path) -> pd.DataFrame | None:
         warnings.warn(f"damaged table {path} ({exc}): skipped", MaeBenchWarning, stacklevel=2)
         return None
     return table
+
 
 def metric_info(records: Iterable[dict[str, Any]]) -> Info:
     """How to show each metric, from the evaluators' declarations stored in the records
@@ -249,8 +254,7 @@ def leaderboard_markdown(
         ]
     leaked = board.get("pretrain_sees_test", pd.Series(False, index=board.index)).astype(bool)
     table["variant"] = [
-        f"{name} †" if leak else name
-        for name, leak in zip(table["variant"], leaked, strict=True)
+        f"{name} †" if leak else name for name, leak in zip(table["variant"], leaked, strict=True)
     ]
     flags = []  # 0/1 metrics whose evaluator asks to mark the variants below 1
     for metric, described in info.items():
@@ -364,7 +368,7 @@ def write_leaderboard(
         metrics = [m for m in info if m in runs]
         directions = {m: higher_is_better(m, info) for m in metrics}
         comparisons = compare(runs, metrics, reference, directions)
-        atomic_write(root / "comparisons.csv", comparisons.to_csv(index=False))
+        atomic_write(root / COMPARISONS_FILE, comparisons.to_csv(index=False))
     tables = {}
     store = CellStore(root)
     for record in records:
@@ -380,9 +384,9 @@ def write_leaderboard(
     if binary:
         markdown += "\n" + thresholds_markdown(binary)
     markdown += "\n" + glossary_markdown(info, board)
-    atomic_write(root / "runs.csv", runs.to_csv(index=False))
-    atomic_write(root / "leaderboard.csv", board.to_csv(index=False))
-    atomic_write(root / "leaderboard.md", markdown)
+    atomic_write(root / RUNS_FILE, runs.to_csv(index=False))
+    atomic_write(root / LEADERBOARD_CSV, board.to_csv(index=False))
+    atomic_write(root / LEADERBOARD_MD, markdown)
     return board, shown
 
 

@@ -30,11 +30,10 @@ from mae_bench.files import atomic_write
 from mae_bench.layers import patch_mask_to_pixels
 from mae_bench.leaderboard import read_table, row_name
 from mae_bench.plan import baseline_variants
-from mae_bench.results import HISTORY_FILE, CellStore
+from mae_bench.results import HISTORY_FILE, PLOTS_DIR, CellStore
 from mae_bench.suite import Suite
 from mae_bench.weights import rebuild_model
 
-PLOTS_DIR = "plots"  # <out>/<suite>/plots/<name>.png
 EvaluatorPlot = tuple[str, TablePlot]  # (evaluator name, one of its plots)
 
 
@@ -90,17 +89,23 @@ def plot_leaderboard(board: pd.DataFrame, metric: str, out: Path) -> Path:
 # ---------------------------------------------------------------- evaluators' own plots
 def evaluator_plots(suite: Suite) -> list[EvaluatorPlot]:
     """Every enabled evaluator's plots (``Evaluator.plots()``), in suite order; one that
-    fails to list them is warned about and left out."""
+    fails to list them (or to be built) is warned about and left out."""
     found = []
-    for evaluator in suite.build_evaluators():
+    for resolved in suite.evaluators:
+        name = resolved.config["name"]
         try:
-            plots = list(evaluator.plots())
+            plots = list(resolved.cls(resolved.params).plots())
         except Exception as exc:  # a plugin's bug must not cost the rest of the report
-            message = f"evaluator {evaluator.name}: plots() failed: {exc!r}"
-            warnings.warn(message, MaeBenchWarning, 2)
+            _plot_failed(name, "plots()", exc)
             continue
-        found += [(evaluator.name, plot) for plot in plots]
+        found += [(name, plot) for plot in plots]
     return found
+
+
+def _plot_failed(evaluator: str, what: str, exc: Exception) -> None:
+    """Warn that an evaluator's plot failed (the report goes on without it)."""
+    plt.close("all")
+    warnings.warn(f"evaluator {evaluator}: {what} failed: {exc!r}", MaeBenchWarning, 3)
 
 
 def _stores(record: dict[str, Any], evaluator: str, table: str) -> bool:
@@ -170,14 +175,10 @@ def draw_table_plots(
             continue
         try:
             fig = plot.figure(tables, **also)
+            if fig is not None:  # matplotlib may raise only while saving
+                paths.append(save_figure(fig, out / f"{plot.name}.png"))
         except Exception as exc:  # a plugin's bug must not cost the rest of the report
-            plt.close("all")
-            warnings.warn(
-                f"evaluator {evaluator}: plot {plot.name!r} failed: {exc!r}", MaeBenchWarning, 2
-            )
-            continue
-        if fig is not None:
-            paths.append(save_figure(fig, out / f"{plot.name}.png"))
+            _plot_failed(evaluator, f"plot {plot.name!r}", exc)
     return paths
 
 
@@ -194,7 +195,7 @@ def variant_curves(
             own = [r for r in cells if _stores(r, evaluator, plot.table)]
             found = _seed_tables(store, own, (plot.table,))
             if found:
-                panels.append((plot, found[plot.table]))
+                panels.append((evaluator, plot, found[plot.table]))
     count = bool(losses) + len(panels)
     if not count:
         return None
@@ -206,8 +207,18 @@ def variant_curves(
             ax.plot(history["epoch"], history["loss"], label=f"seed {seed}")
         ax.set(title="pretraining loss", xlabel="epoch")
         ax.legend(fontsize=7)
-    for plot, table in panels:
-        plot.draw_variant(free.pop(0), table)
+    for evaluator, plot, table in panels:
+        ax = free.pop(0)
+        try:
+            plot.draw_variant(ax, table)
+        except Exception as exc:  # a plugin's bug must not cost the rest of the report
+            warnings.warn(
+                f"evaluator {evaluator}: plot {plot.name!r} (variant panel) failed: {exc!r}",
+                MaeBenchWarning,
+                2,
+            )
+            ax.clear()
+            ax.set_axis_off()
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=80)

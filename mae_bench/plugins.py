@@ -147,7 +147,12 @@ class Registry:
 def _check_component(kind: str, cls: object) -> str | None:
     """Why ``cls`` cannot be registered as a ``kind``, or None if it can."""
     base = KINDS[kind].base
-    if not (isinstance(cls, type) and issubclass(cls, Component) and cls.kind == kind):
+    if not (
+        isinstance(cls, type)
+        and issubclass(cls, Component)
+        and getattr(cls, "kind", None) == kind
+        and any(c.__name__ == base and c.__module__.startswith("mae_bench.") for c in cls.__mro__)
+    ):
         return f"{cls!r} is not a subclass of mae_bench.{base}"
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not _NAME.match(name):

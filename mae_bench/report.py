@@ -34,17 +34,17 @@ from mae_bench.metrics import DEFAULT_PRIMARY_METRIC, THRESHOLDS_TABLE, binary_t
 from mae_bench.plots import EvaluatorPlot, draw_plots, evaluator_plots, variant_curves
 from mae_bench.results import (
     FAILED_DIR,
+    REPORT_FILE,
     SUITE_FILE,
     CellStore,
     read_suite_record,
-    suite_cells,
+    recorded_cells,
 )
 from mae_bench.suite import resolve_suite
 
 if TYPE_CHECKING:
     from mae_bench.plugins import Registry
 
-REPORT_FILE = "report.html"
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -283,7 +283,7 @@ def render_report(root: Path, registry: Registry) -> tuple[list[Path], Path]:
     ``report.html`` that embeds them; returns the plots and the page."""
     record = read_suite_record(root)
     store = CellStore(root)
-    records = list(store.finished(suite_cells(record), repair=False).values())
+    records = list(store.finished(recorded_cells(record), repair=False).values())
     primary = record["resolved"].get("primary_metric", DEFAULT_PRIMARY_METRIC)
     reference = record["resolved"].get("reference")
     board, _ = write_leaderboard(root, records, record["name"], primary, reference)

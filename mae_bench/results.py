@@ -1,6 +1,7 @@
-"""Result storage: atomic writes, one folder per finished cell, provenance of every result.
+"""The results store: the folder layout, one folder per finished cell and evaluation written
+atomically, ``suite.json`` (read and write), and each cell's status.
 
-Layout under ``<out>/<suite>/``::
+Layout under ``<out>/<suite>/`` (the names are this module's constants)::
 
     suite.json                      resolved suite, its cells and their evaluations
     cells/<variant>-seed<k>-<hash>/ pretrain.json, history.csv, encoder/decoder.safetensors
@@ -9,8 +10,10 @@ Layout under ``<out>/<suite>/``::
     failed/<cell id>.log            why a cell failed (removed once it succeeds)
     leases/<cell id>.json           which worker runs a cell (mae_bench.leases)
     checkpoints/<cell id>[.<eval id>].pt   training checkpoints (mae_bench.resume)
-    logs/, submitit/                workers' logs (launchers)
-    runs.csv, leaderboard.csv, leaderboard.md
+    logs/, submitit/, tensorboard/  workers' and loggers' own files (their plugins)
+    runs.csv, leaderboard.csv, leaderboard.md, comparisons.csv   (mae_bench.leaderboard)
+    thresholds/<variant>-seed<k>.csv   every cell's threshold table
+    plots/<name>.png, report.html   figures and the results page (mae_bench.plots, .report)
 
 Pretraining and evaluation are cached apart: a cell's key covers what determines its
 weights (dataset, variant, pretraining settings, seed, result format, the versions of the
@@ -52,6 +55,13 @@ HISTORY_FILE = "history.csv"  # a cell's pretraining loss terms per epoch
 EVALS_DIR = "evals"
 FAILED_DIR = "failed"  # <cell id>.log: why a cell failed
 CHECKPOINT_DIR = "checkpoints"  # <cell id>[.<eval id>].pt: training checkpoints (resume.py)
+RUNS_FILE = "runs.csv"  # one row per cell
+LEADERBOARD_CSV = "leaderboard.csv"  # one row per variant over seeds
+LEADERBOARD_MD = "leaderboard.md"
+COMPARISONS_FILE = "comparisons.csv"  # paired comparisons with the reference, every metric
+THRESHOLDS_DIR = "thresholds"  # <variant>-seed<k>.csv: every cell's threshold table
+PLOTS_DIR = "plots"  # <name>.png
+REPORT_FILE = "report.html"  # the self-contained results page
 SUITE_FILE = "suite.json"
 DAMAGED_DIR = ".damaged"
 LEADERBOARD_LOCK = ".leaderboard.lock"  # held while the leaderboard is rebuilt
@@ -392,7 +402,7 @@ def read_suite_record(root: Path) -> dict[str, Any]:
     return record
 
 
-def suite_cells(record: dict[str, Any]) -> list[tuple[str, list[str]]]:
+def recorded_cells(record: dict[str, Any]) -> list[tuple[str, list[str]]]:
     """``(cell_id, eval_ids)`` of every cell a ``suite.json`` lists."""
     return [(c["cell_id"], list(c["evaluations"])) for c in record["cells"]]
 
@@ -410,7 +420,7 @@ def cell_status(root: Path) -> list[dict[str, Any]]:
     record = read_suite_record(root)
     store, leases = CellStore(root), Leases(root)
     rows = []
-    for cell_id, eval_ids in suite_cells(record):
+    for cell_id, eval_ids in recorded_cells(record):
         row: dict[str, Any] = {"cell_id": cell_id}
         lease = leases.read(cell_id)
         log = root / FAILED_DIR / f"{cell_id}.log"

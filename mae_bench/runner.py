@@ -32,10 +32,8 @@ from mae_bench.results import (
     OlderResults,
     cell_status,
     read_suite_record,
+    recorded_cells,
     write_suite_record,
-)
-from mae_bench.results import (
-    suite_cells as recorded_cells,
 )
 from mae_bench.suite import Suite, config_error, lookup_component
 from mae_bench.worker import InProcess, RunSummary, WorkerContext, run_cells, suite_leaderboard
@@ -178,10 +176,10 @@ def run_suite(
         fresh = [c for c in pending if plan[c.cell_id][0] is None]
         store.check_writable(sum(_result_bytes(c, suite) for c in fresh) + (1 << 20))
         write_suite_record(root, suite_record(suite, cells))
-    # every rank of an in-process data-parallel launch takes part in it
-    launch = world.broadcast(bool(pending)) if launcher.in_process else bool(pending)
-    if launch:
-        ids = tuple(c.cell_id for c in pending)
+    ids = tuple(c.cell_id for c in pending)
+    if launcher.in_process:  # every rank of a data-parallel launch runs the same request
+        ids = world.broadcast(ids)
+    if ids:
         if not launcher.in_process:
             console.print(
                 f"launching {len(ids)} cells of suite {suite.name!r} with {launcher.summary()}",

@@ -44,7 +44,7 @@ from mae_bench.contract import (
 from mae_bench.errors import ConfigError, UserError
 from mae_bench.metrics import CORE_METRICS, DEFAULT_PRIMARY_METRIC
 from mae_bench.plugins import Registry
-from mae_bench.weights import checkpoint_digest, load_weights
+from mae_bench.weights import load_weights, weights_digest
 
 SafeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=80)]
 
@@ -488,7 +488,7 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
             checkpoint = Path(v.encoder.init_from)
             try:
                 load_weights(model, checkpoint)  # fails here, before anything runs
-                digest = checkpoint_digest(checkpoint)
+                digest = weights_digest(checkpoint)
             except UserError as exc:
                 raise ConfigError(f"{path}.encoder.init_from", str(exc), source) from None
             variant = replace(variant, init_from=v.encoder.init_from, init_digest=digest)

@@ -47,8 +47,9 @@ def save_weights(model: MaskedAutoencoder, folder: Path, metadata: dict[str, str
         save_file(tensors, str(folder / name), metadata=metadata)
 
 
-def checkpoint_files(path: Path) -> list[Path]:
-    """The files a checkpoint consists of; UserError if there are none."""
+def weight_files(path: Path) -> list[Path]:
+    """The files of a set of weights (a cell folder's two, or one ``.safetensors`` or ``.pth``
+    file); UserError if there are none."""
     if path.is_dir():
         files = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
         if not files or files[0].name != WEIGHT_FILES[0]:
@@ -59,10 +60,11 @@ def checkpoint_files(path: Path) -> list[Path]:
     return [path]
 
 
-def checkpoint_digest(path: Path) -> str:
-    """SHA-256 of a checkpoint's files, so a result records exactly which weights it used."""
+def weights_digest(path: Path) -> str:
+    """SHA-256 of the weight files at ``path``, so a result records exactly which weights it
+    started from."""
     digest = hashlib.sha256()
-    for file in checkpoint_files(path):
+    for file in weight_files(path):
         with file.open("rb") as handle:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
@@ -72,7 +74,7 @@ def checkpoint_digest(path: Path) -> str:
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """Every tensor of a checkpoint by name, on the CPU; UserError naming the file if it
     cannot be read safely."""
-    files = checkpoint_files(path)
+    files = weight_files(path)
     if path.is_dir():
         return {
             f"{file.name.removesuffix('.safetensors')}.{k}": v

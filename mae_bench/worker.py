@@ -39,7 +39,7 @@ from mae_bench.distributed import start as start_world
 from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.leaderboard import format_metric, rebuild_leaderboard
 from mae_bench.leases import Lease, Leases
-from mae_bench.plan import Cell, CellPlan, Evaluation, remaining, suite_cells, suite_record
+from mae_bench.plan import Cell, CellPlan, Evaluation, remaining, suite_cells
 from mae_bench.plugins import load_registry
 from mae_bench.results import (
     CHECKPOINT_DIR,
@@ -47,7 +47,6 @@ from mae_bench.results import (
     CellStore,
     evaluations,
     read_suite_record,
-    write_suite_record,
 )
 from mae_bench.resume import Checkpoint
 from mae_bench.suite import Suite, resolve_suite
@@ -91,7 +90,9 @@ def run_cells(
     results folder is ``root``, claiming each; rebuild the leaderboard at the end (unless
     ``local``: then the runner that started it does).
 
-    The suite comes from ``root/suite.json``, or from ``local`` in the runner's process.
+    The suite comes from ``root/suite.json``; in the runner's own process, ``local`` gives
+    it, with the console and the summary to fill (``console`` and ``summary`` are then
+    not used).
     Returns False if a stop signal ended it (the cell in training saved a checkpoint).
     """
     if local is not None:
@@ -241,10 +242,10 @@ class WorkerContext:
         return cls(root, data, feeder, feeder.mean_image(data.pretrain), loggers, CellStore(root))
 
     def start(self, suite: Suite, root: Path, world: Dist, console: Console) -> None:
-        """Before the first cell: record the suite, start the loggers, say where it runs."""
+        """Before the first cell (``suite.json`` is written by then): start the loggers, say
+        where it runs."""
         self.started = True
         if world.is_main:
-            write_suite_record(root, suite_record(suite, suite_cells(suite)))
             self.loggers.call("start_run", suite.name, root, suite.resolved)
             procs = f" x {world.world_size} processes" if world.active else ""
             device = device_name(self.feeder.device)

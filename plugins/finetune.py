@@ -24,6 +24,7 @@ from mae_bench.train import lr_at
 
 FINETUNE_TABLE = "finetune"  # per epoch: training loss, validation and test scores
 
+
 class FinetuneParams(Params):
     """End-to-end fine-tuning with a linear head on a (stratified, per-seed) label fraction.
 
