@@ -1,6 +1,6 @@
-"""End to end through the installed ``mae-bench`` command."""
-
-import shutil
+"""The command line (mae_bench/cli.py), end to end: what `run` writes and prints,
+`leaderboard`, `validate`, and bad input as one message with exit code 2 and nothing written
+(also from the installed `mae-bench` command)."""
 
 import pandas as pd
 import pytest
@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, cell_record, invoke, run_cli, tiny_suite_data
+from tests.conftest import ROOT, cell_record, invoke, run_cli, tiny_suite_data, write_suite
 
 LEADERBOARD_COLUMNS = [
     "variant",
@@ -24,25 +24,9 @@ LEADERBOARD_COLUMNS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("results")
-    result = run_cli(
-        "run",
-        str(ROOT / "suites" / "tiny.yaml"),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--set",
-        "seeds=[0, 1]",
-    )
-    assert result.returncode == 0, result.stderr
-    return out / "tiny", result
-
-
-def test_run_writes_cells_and_leaderboards(finished_run):
-    root, result = finished_run
+def test_run_writes_cells_and_leaderboards(tiny_run):
+    """The shared tiny run: seeds [0, 1] on the CPU."""
+    root = tiny_run.root
     cells = sorted(p for p in (root / "cells").iterdir())
     assert len(cells) == 4 and not any(p.name.startswith(".") for p in cells)
     for cell in cells:
@@ -104,96 +88,16 @@ def test_run_writes_cells_and_leaderboards(finished_run):
         assert 0.0 <= row["lp_acc"] <= 1.0 and row["psnr_masked"] > 5
     md = (root / "leaderboard.md").read_text()
     assert "| variant" in md and " ± " in md
-    assert "| variant" in result.stdout  # the leaderboard is printed
+    assert "| variant" in tiny_run.stdout  # the leaderboard is printed
 
 
-def test_rerun_skips_finished_cells(finished_run, tmp_path):
-    root, _ = finished_run
-    before = {p.name: p.stat().st_mtime_ns for p in (root / "cells").iterdir()}
-    result = invoke(
-        "run",
-        str(ROOT / "suites" / "tiny.yaml"),
-        "--out",
-        str(root.parent),
-        "--device",
-        "cpu",
-        "--set",
-        "seeds=[0, 1]",
-    )
-    assert result.exit_code == 0, result.output
-    assert "4 of 4 cells already finished" in result.stderr
-    assert "loading dataset" not in result.stderr
-    after = {p.name: p.stat().st_mtime_ns for p in (root / "cells").iterdir()}
-    assert before == after
-
-
-def test_leaderboard_command_rerenders(finished_run):
-    root, _ = finished_run
+def test_leaderboard_command_rerenders(tiny_run_copy):
+    root = tiny_run_copy.root
     (root / "leaderboard.md").unlink()
     result = invoke("leaderboard", str(root))
     assert result.exit_code == 0, result.output
     assert (root / "leaderboard.md").is_file() and "| vit" in result.stdout
     assert "4 of 4 cells finished" in result.stderr
-
-
-def test_report_regenerates_tables_and_plots(finished_run):
-    root, _ = finished_run
-    (root / "leaderboard.csv").unlink()
-    result = invoke("report", str(root))
-    assert result.exit_code == 0, result.output + str(result.exception)
-    plots = {p.name: p.stat().st_size for p in (root / "plots").glob("*.png")}
-    assert set(plots) == {
-        "loss_curves.png",
-        "leaderboard_lp_acc.png",
-        "reconstructions.png",
-        "tsne.png",
-        "roc.png",
-        "thresholds.png",
-    }
-    assert all(size > 5_000 for size in plots.values())
-    assert (root / "leaderboard.csv").is_file()
-    from PIL import Image
-
-    with Image.open(root / "plots" / "reconstructions.png") as img:
-        assert img.size[0] > 300 and img.size[1] > 200
-    assert invoke("report", str(root.parent / "nope")).exit_code == 2
-
-
-def test_interrupted_suite_resumes_only_missing_cells(tmp_path):
-    suite = tmp_path / "tiny.yaml"
-    suite.write_text(yaml.safe_dump(tiny_suite_data(seeds=[0])))
-    out = tmp_path / "out"
-    assert invoke("run", str(suite), "--out", str(out)).exit_code == 0
-    cells = sorted((out / "tiny" / "cells").iterdir())
-    keep = cells[0].stat().st_mtime_ns
-    shutil.rmtree(cells[1])  # as if the run had stopped before this cell finished
-    (out / "tiny" / "cells" / ".vit-seed0-half.tmp").mkdir()  # a crashed half-written cell
-    result = invoke("run", str(suite), "--out", str(out))
-    assert result.exit_code == 0, result.output
-    assert "1 of 2 cells already finished" in result.stderr
-    assert cells[0].stat().st_mtime_ns == keep and cells[1].is_dir()
-    assert len(pd.read_csv(out / "tiny" / "runs.csv")) == 2
-
-
-def test_same_seed_is_deterministic_on_cpu(finished_run, tmp_path):
-    root, _ = finished_run
-    out = tmp_path / "again"
-    result = invoke(
-        "run",
-        str(ROOT / "suites" / "tiny.yaml"),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--set",
-        "seeds=[1]",
-    )
-    assert result.exit_code == 0, result.output
-    for cell in (out / "tiny" / "cells").iterdir():
-        first = cell_record(root / "cells" / cell.name)
-        again = cell_record(cell)
-        for key in ("psnr_masked", "lp_acc", "final_loss"):
-            assert again["metrics"][key] == first["metrics"][key], key
 
 
 @pytest.mark.parametrize(
@@ -226,6 +130,7 @@ def test_bad_suite_exits_2_with_one_message_and_writes_nothing(tmp_path, edit, m
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_bad_input_from_the_real_command_has_no_traceback(tmp_path):
     data = tiny_suite_data()
     data["variants"][0]["masking"] = {"name": "random", "ratio": 1.5}
@@ -275,3 +180,17 @@ def test_unavailable_device_is_a_clear_error(tmp_path):
     )
     assert result.exit_code == 2 and "CUDA was requested but is not available" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_bad_suite_files_and_devices_are_one_clear_error(tmp_path):
+    suite = write_suite(tmp_path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    result = invoke("validate", str(latin))
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: {latin}: not UTF-8")
+    for device in ("meta", "xla", "hpu"):
+        result = invoke("run", str(suite), "--device", device, "--out", str(tmp_path))
+        assert result.exit_code == 2 and f"unsupported device {device!r}" in result.stderr
+    for setting, field in (("pretrain.lr=.inf", "pretrain.lr"), (f"seeds=[{2**63}]", "seeds[0]")):
+        result = invoke("validate", str(suite), "--set", setting)
+        assert result.exit_code == 2 and f": {field}: " in result.stderr, result.stderr

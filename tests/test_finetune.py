@@ -1,6 +1,9 @@
-"""Fine-tuning protocol and the no-pretraining baselines."""
+"""Fine-tuning (plugins/finetune.py): label subsets, layer-wise lr decay, budgets and
+regularisers, the device, and a suite with fine-tuning and the no-pretraining baselines."""
 
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -15,12 +18,12 @@ from mae_bench_plugins.finetune import (
     still_rising,
 )
 from safetensors.torch import load_file
-from timm.layers import DropPath
 
 from mae_bench.data import ImageFeeder
-from mae_bench.plan import suite_cells
 from mae_bench.suite import resolve_suite
 from tests.conftest import ROOT, invoke, tiny_suite_data
+
+CPU = torch.device("cpu")
 
 
 def test_label_subset_is_stratified_and_per_seed():
@@ -60,30 +63,41 @@ def test_layer_decay_counts_encoder_blocks_only(registry):
     assert scales["head.weight"] == (1.0, 0.05) and scales["norm.weight"] == (1.0, 0.0)
 
 
-def test_layer_decay_and_weight_decay_groups(registry):
-    clf = Classifier(_vit(registry), num_classes=5, pool="cls")
-    groups = clf.param_groups(weight_decay=0.05, layer_decay=0.5)
-    scale_of = {}
-    for group in groups:
-        for p in group["params"]:
-            scale_of[id(p)] = (group["lr_scale"], group["weight_decay"])
-    named = dict(clf.named_parameters())
-    assert scale_of[id(named["head.weight"])] == (1.0, 0.05)
-    assert scale_of[id(named["head.bias"])] == (1.0, 0.0)
-    assert scale_of[id(named["model.encoder.blocks.2.mlp.fc1.weight"])][0] == 0.5
-    assert scale_of[id(named["model.encoder.blocks.0.mlp.fc1.weight"])][0] == 0.125
-    assert scale_of[id(named["model.encoder.patch_embed.proj.weight"])][0] == 0.0625
-    assert scale_of[id(named["model.encoder.cls_token"])] == (0.0625, 0.0)
-    covered = {id(p) for g in groups for p in g["params"]}
-    assert covered == {id(p) for p in clf.parameters()}
+def official_lr_scale(name: str, depth: int, decay: float) -> float:
+    """The layer-wise lr scale of a Classifier parameter, by the official MAE rule
+    (``param_groups_lrd``: the stem is layer 0, block i layer i + 1, the head layer
+    depth + 1 at scale 1; layer k gets decay ** (depth + 1 - k)), written out from the
+    parameter's name. One documented difference: the encoder's final norm is grouped with
+    the last block, as timm groups it (official MAE scales it as the head)."""
+    if not name.startswith("model.encoder."):  # the classifier's own norm and head
+        return 1.0
+    rest = name.removeprefix("model.encoder.")
+    block = re.match(r"blocks\.(\d+)\.", rest)
+    if block:
+        return decay ** (depth + 1 - (int(block.group(1)) + 1))
+    if rest.startswith("norm."):
+        return decay ** (depth + 1 - depth)  # with the last block, layer `depth`
+    assert rest.startswith(("patch_embed.", "cls_token", "pos_embed")), name  # the stem
+    return decay ** (depth + 1)
 
 
-def test_drop_path_rises_linearly(registry):
-    model = _vit(registry, depth=3)
-    model.set_drop_path(0.2)
-    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.encoder.blocks]
-    assert rates == pytest.approx([0.0, 0.1, 0.2])
-    assert isinstance(model.encoder.blocks[2].drop_path2, DropPath)
+@pytest.mark.parametrize(("depth", "pool", "decay"), [(3, "cls", 0.5), (2, "mean", 0.75)])
+def test_layer_decay_and_weight_decay_groups(registry, depth, pool, decay):
+    clf = Classifier(_vit(registry, depth=depth), num_classes=5, pool=pool)
+    groups = clf.param_groups(weight_decay=0.05, layer_decay=decay)
+    scales = _scales(clf, groups)
+    for name, param in clf.named_parameters():
+        no_decay = param.ndim <= 1 or name == "model.encoder.cls_token"
+        expected = (official_lr_scale(name, depth, decay), 0.0 if no_decay else 0.05)
+        assert scales[name] == pytest.approx(expected), name
+    covered = [id(p) for g in groups for p in g["params"]]
+    assert sorted(covered) == sorted(id(p) for p in clf.parameters())  # each exactly once
+    if (depth, decay) == (3, 0.5):  # the same, spelt out
+        assert scales["head.weight"] == (1.0, 0.05) and scales["head.bias"] == (1.0, 0.0)
+        assert scales["model.encoder.blocks.2.mlp.fc1.weight"][0] == 0.5
+        assert scales["model.encoder.blocks.0.mlp.fc1.weight"][0] == 0.125
+        assert scales["model.encoder.patch_embed.proj.weight"][0] == 0.0625
+        assert scales["model.encoder.cls_token"] == (0.0625, 0.0)
 
 
 def test_finetune_learns_from_few_labels(registry):
@@ -138,32 +152,25 @@ def test_budgets_scratch_and_regularisers(registry):
     assert all(np.isfinite(h["loss"]) for h in history) and 0 <= metrics["ft_acc"] <= 1
 
 
-def test_baseline_cells_skip_pretraining_in_their_key(registry):
-    data = tiny_suite_data()
-    data["eval"]["baselines"] = True
-    cells = suite_cells(resolve_suite(data, registry))
-    assert [c.variant.name for c in cells] == ["mlp", "vit", "random-init-mlp", "random-init-vit"]
-    data["pretrain"]["epochs"] = 9
-    again = suite_cells(resolve_suite(data, registry))
-    assert cells[2].cell_id == again[2].cell_id and cells[0].cell_id != again[0].cell_id
-    data["variants"][1]["encoder"] = dict(data["variants"][0]["encoder"])
-    data["variants"][1]["masking"] = {"name": "random"}
-    same_encoder = suite_cells(resolve_suite(data, registry))
-    assert [c.variant.name for c in same_encoder][-1] == "random-init"
+def test_finetuning_head_follows_the_encoders_device(registry, device_checker):
+    suite = resolve_suite(tiny_suite_data(), registry)
+    data = suite.build_dataset().load()
+    cpu_feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=CPU)
+    feeder = dataclasses.replace(cpu_feeder, device=torch.device("meta"))
+    model = suite.variants[1].build_model(16, 3).to("meta")  # as the runner places it
+    with pytest.raises((NotImplementedError, RuntimeError), match=r"(?i)meta"):
+        finetune(model, data, feeder, FinetuneParams(epochs=1), seed=0)
+    assert device_checker.mismatches == [] and device_checker.input_devices == {"meta"}
 
 
-def test_suite_with_finetune_and_baselines(tmp_path):
+@pytest.mark.slow
+def test_suite_with_finetune_and_baselines(tmp_path, tiny_run):
     suite = ROOT / "suites" / "tiny.yaml"
-    common = ["--out", str(tmp_path / "a"), "--set", "eval.finetune.epochs=2"]
     result = invoke(
-        "run",
-        str(suite),
-        *common,
-        "--set",
-        "eval.finetune.enabled=true",
-        "--set",
-        "eval.baselines=true",
-    )
+        "run", str(suite), "--out", str(tmp_path / "a"), "--device", "cpu",
+        "--set", "eval.finetune.epochs=2", "--set", "eval.finetune.enabled=true",
+        "--set", "eval.baselines=true",
+    )  # fmt: skip
     assert result.exit_code == 0, result.output + str(result.exception)
     root = tmp_path / "a" / "tiny"
     runs = pd.read_csv(root / "runs.csv")
@@ -186,12 +193,12 @@ def test_suite_with_finetune_and_baselines(tmp_path):
     assert rows.loc["random-init-vit", "f1_macro"] == rows.loc["random-init-vit", "lp_f1_macro"]
     board = pd.read_csv(root / "leaderboard.csv")
     assert {"ft_acc", "ft_f1_macro", "ft_auc", "ft_acc_ci95"} <= set(board.columns)
-    # fine-tuning works on a copy: the stored encoder is the pretrained one
-    plain = invoke("run", str(suite), "--out", str(tmp_path / "b"))
-    assert plain.exit_code == 0
+    # fine-tuning works on a copy: the stored encoder is the pretrained one (the shared
+    # tiny run pretrained the same cells, without fine-tuning)
     for name in ("mlp", "vit"):
         (a,) = (root / "cells").glob(f"{name}-seed0-*")
-        (b,) = (tmp_path / "b" / "tiny" / "cells").glob(f"{name}-seed0-*")
+        b = tiny_run.cells()[f"{name}-seed0"]
+        assert a.name == b.name
         wa, wb = load_file(a / "encoder.safetensors"), load_file(b / "encoder.safetensors")
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
         assert list(a.glob("evals/finetune-*/finetune.csv")) and not list(b.glob("evals/fine*"))

@@ -1,3 +1,7 @@
+"""Shared model layers (mae_bench/layers.py): patches, masks, positions, the decoder."""
+
+import numpy as np
+import pytest
 import torch
 
 from mae_bench.layers import (
@@ -9,6 +13,7 @@ from mae_bench.layers import (
     sincos_pos_embed,
     unpatchify,
 )
+from tests.reference import reference_positions
 
 
 def test_patchify_roundtrip_and_layout():
@@ -45,6 +50,14 @@ def test_sincos_pos_embed_is_fixed_and_distinct():
     assert pos.shape == (16, 32)
     assert torch.all(pos.abs() <= 1)
     assert torch.cdist(pos, pos).add(torch.eye(16)).min() > 0  # every position distinct
+
+
+def test_sincos_positions_follow_the_official_channel_order():
+    ours = sincos_pos_embed(8, 2)
+    assert torch.allclose(ours, torch.from_numpy(reference_positions(8, 2)[0, 1:]), atol=1e-7)
+    # patch 1 is row 0, column 1: the first half of the channels encodes the column
+    assert ours[1, 0] == pytest.approx(np.sin(1.0)) and ours[1, 4] == 0.0
+    assert ours[2, 0] == 0.0 and ours[2, 4] == pytest.approx(np.sin(1.0))
 
 
 def test_laplacian_known_values():

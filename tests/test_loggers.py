@@ -1,13 +1,13 @@
-"""Loggers as plugins: TensorBoard event files and W&B offline runs, read back."""
+"""Loggers (plugins/loggers.py; worker.py fans each call out and switches a failing one off):
+TensorBoard event files and W&B offline runs, read back."""
 
 import sys
 
 import pytest
-import yaml
 
 from mae_bench.errors import ConfigError
 from mae_bench.suite import resolve_suite
-from tests.conftest import cell_record, invoke, tiny_suite_data
+from tests.conftest import cell_record, invoke, tiny_suite_data, write_suite
 
 
 def _scalars(folder):
@@ -20,8 +20,7 @@ def _scalars(folder):
 
 
 def test_tensorboard_writes_curves_and_metrics_per_cell(tmp_path):
-    suite = tmp_path / "s.yaml"
-    suite.write_text(yaml.safe_dump(tiny_suite_data(loggers=["tensorboard"])))
+    suite = write_suite(tmp_path, loggers=["tensorboard"])
     result = invoke("run", str(suite), "--out", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
     root = tmp_path / "out" / "tiny"
@@ -38,7 +37,8 @@ def test_tensorboard_writes_curves_and_metrics_per_cell(tmp_path):
 def test_wandb_offline_run_per_cell(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    result = invoke("run", "suites/tiny.yaml", "--out", str(tmp_path), "--logger", "wandb")
+    suite = write_suite(tmp_path)
+    result = invoke("run", str(suite), "--out", str(tmp_path), "--logger", "wandb")
     assert result.exit_code == 0, result.output
     runs = sorted((tmp_path / "tiny" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2
@@ -67,7 +67,8 @@ def test_a_failing_logger_is_switched_off_and_the_run_goes_on(tmp_path, monkeypa
         raise OSError("disk quota exceeded")
 
     monkeypatch.setattr(TensorBoardLogger, "log_epoch", broken)
-    result = invoke("run", "suites/tiny.yaml", "--out", str(tmp_path), "--logger", "tensorboard")
+    suite = write_suite(tmp_path)
+    result = invoke("run", str(suite), "--out", str(tmp_path), "--logger", "tensorboard")
     assert result.exit_code == 0, result.output
     assert result.stderr.count("logger 'tensorboard' failed in log_epoch") == 1
     assert (tmp_path / "tiny" / "leaderboard.md").is_file()

@@ -9,7 +9,7 @@ import pytest
 
 from mae_bench import hookspecs
 from mae_bench.plugins import KINDS, PluginInfo, build_registry
-from tests.conftest import ROOT, invoke, run_cli
+from tests.conftest import ROOT, invoke
 
 
 def test_builtins_registered_through_entry_points(registry):
@@ -133,14 +133,17 @@ def fake_site(tmp_path):
     return site
 
 
-def test_plugins_command_reports_broken_and_duplicate(fake_site):
-    result = run_cli("plugins", env={"PYTHONPATH": str(fake_site)})
-    assert result.returncode == 0, result.stderr
+def test_plugins_command_reports_broken_and_duplicate(fake_site, fresh_registry, monkeypatch):
+    """The distributions on sys.path of this process, as PYTHONPATH puts them there."""
+    monkeypatch.syspath_prepend(str(fake_site))
+    monkeypatch.delenv("MAE_BENCH_PLUGINS", raising=False)
+    result = invoke("plugins")
+    assert result.exit_code == 0, result.output
     out = result.stdout
     assert "broken-plugin 1.0" in out and "ModuleNotFoundError" in out
     assert "loss 'mse' is already registered by mae-bench" in out
     assert "encoder   vit" in out  # the built-ins keep working
-    data = json.loads(run_cli("plugins", "--json", env={"PYTHONPATH": str(fake_site)}).stdout)
+    data = json.loads(invoke("plugins", "--json").stdout)
     by_dist = {p["distribution"]: p for p in data}
     assert by_dist["broken-plugin"]["errors"]
     assert "mse" in [
@@ -164,17 +167,22 @@ def test_env_var_restricts_loading(fake_site, fresh_registry, monkeypatch):
     assert result.exit_code == 2 and "none (no plugin loaded)" in result.stderr
 
 
-def test_plugin_problems_are_warned_in_validate_and_run_and_hint_unknown_names(fake_site):
-    env = {"PYTHONPATH": str(fake_site)}
+def test_plugin_problems_are_warned_in_validate_and_run_and_hint_unknown_names(
+    fake_site, fresh_registry, monkeypatch
+):
+    """The fake distributions on sys.path of this process, as PYTHONPATH puts them there."""
+    monkeypatch.syspath_prepend(str(fake_site))
+    monkeypatch.delenv("MAE_BENCH_PLUGINS", raising=False)
+    fresh_registry.cache_clear()
     suite = ROOT / "suites" / "tiny.yaml"
-    result = run_cli("validate", str(suite), env=env)
-    assert result.returncode == 0
+    result = invoke("validate", str(suite))
+    assert result.exit_code == 0, result.output
     assert "warning: plugin broken-plugin (broken_plugin): failed to load" in result.stderr
     assert "warning: plugin dup-plugin (dup_plugin): loss 'mse' is already registered" in (
         result.stderr
     )
-    missing = run_cli("validate", str(suite), "--set", "variants.0.masking=block", env=env)
-    assert missing.returncode == 2 and "unknown masking 'block'" in missing.stderr
+    missing = invoke("validate", str(suite), "--set", "variants.0.masking=block")
+    assert missing.exit_code == 2 and "unknown masking 'block'" in missing.stderr
     assert "plugins with errors, one may provide it: broken-plugin, dup-plugin" in missing.stderr
 
 

@@ -1,4 +1,5 @@
-"""Paired comparisons with few seeds, checked against hand-computed cases."""
+"""Paired comparisons and the seeds a verdict needs (mae_bench/stats.py), checked against
+hand-computed cases."""
 
 import math
 
@@ -6,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mae_bench.leaderboard import leaderboard_markdown, leaderboard_table
 from mae_bench.stats import compare, holm, paired, seeds_needed
 
 
@@ -59,28 +59,3 @@ def test_verdicts_need_both_the_interval_and_the_corrected_test():
     three = compare(_runs({"ref": ref[:3], "clearly": [x + 0.1 for x in ref[:3]]}), ["acc"],
                     "ref", {"acc": True})  # fmt: skip
     assert three["verdict"].tolist() == ["inconclusive"]  # 3 seeds: p >= 0.25, never < 0.05
-
-
-def test_leaderboard_shows_the_comparison_and_says_when_seeds_are_too_few():
-    info = {"acc": {"higher_is_better": True, "fmt": "{:.3f}", "headline": True}}
-    runs = _runs({"ref": [0.5, 0.6, 0.7], "b": [0.6, 0.7, 0.8]})
-    board = leaderboard_table(runs, "acc", info, reference="ref")
-    row = board.set_index("variant").loc["b"]
-    assert row["delta"] == pytest.approx(0.1) and row["verdict"] == "inconclusive"
-    assert row["prob_improve"] == 1.0 and row["p_value"] == pytest.approx(0.25)
-    assert board.set_index("variant").loc["ref", "verdict"] == "reference"
-    text = leaderboard_markdown(board, "t", info, "acc")
-    assert "+0.100 [+0.100, +0.100] inconclusive" in text
-    assert "the exact Wilcoxon test needs at least 6 seeds for 1 comparisons" in text
-
-
-def test_a_flagged_metric_below_one_marks_the_variant():
-    info = {
-        "acc": {"higher_is_better": True, "fmt": "{:.3f}", "headline": True},
-        "converged": {"compare": False, "flag": "still improving at the end"},
-    }
-    runs = _runs({"a": [0.5, 0.6], "b": [0.6, 0.7]})
-    runs["converged"] = [1.0, 1.0, 0.0, 1.0]
-    text = leaderboard_markdown(leaderboard_table(runs, "acc", info), "t", info, "acc")
-    assert "| b ‡" in text and "| a ‡" not in text
-    assert "‡: still improving at the end (`converged` < 1)." in text

@@ -1,12 +1,14 @@
-"""Suite validation: every bad input names its field; overrides; config hashing."""
+"""Suites (mae_bench/suite.py): reading and validation (every bad input names its field),
+--set overrides, resolved defaults, and the warning for pretraining on the test images."""
 
 import pytest
 import yaml
 
 from mae_bench.errors import ConfigError, UserError
+from mae_bench.leaderboard import leaderboard_markdown, leaderboard_table, runs_table
 from mae_bench.plan import suite_cells
 from mae_bench.suite import apply_overrides, load_suite, resolve_suite
-from tests.conftest import ROOT, tiny_suite_data
+from tests.conftest import ROOT, invoke, tiny_suite_data, write_suite
 
 
 def error_for(registry, data) -> str:
@@ -113,21 +115,6 @@ def test_overrides_by_index_and_name():
             apply_overrides(raw, [bad])
 
 
-def test_config_hash_is_stable_and_sensitive(registry):
-    a = suite_cells(resolve_suite(tiny_suite_data(), registry))
-    b = suite_cells(resolve_suite(tiny_suite_data(), registry))
-    assert [c.config_hash for c in a] == [c.config_hash for c in b]
-    assert len({c.cell_id for c in a}) == len(a)
-    data = tiny_suite_data()
-    data["variants"][0]["encoder"]["dim"] = 64
-    c = suite_cells(resolve_suite(data, registry))
-    assert c[0].config_hash != a[0].config_hash and c[1].config_hash == a[1].config_hash
-    # defaults are resolved: spelling out a default does not change the hash
-    data = tiny_suite_data()
-    data["variants"][0]["masking"] = {"name": "random", "ratio": 0.75}
-    assert suite_cells(resolve_suite(data, registry))[0].config_hash == a[0].config_hash
-
-
 def test_resolved_suite_has_every_default(registry):
     suite = resolve_suite(tiny_suite_data(), registry)
     resolved = suite.resolved
@@ -155,3 +142,24 @@ def test_dataset_params_are_validated_by_the_plugin(registry):
     data = tiny_suite_data()
     data["dataset"]["channels"] = 2
     assert "dataset.channels" in error_for(registry, data)
+
+
+def test_pretraining_on_test_images_is_warned_and_marked(tmp_path, registry):
+    data = tiny_suite_data(dataset={"name": "digits", "image_size": 16, "pretrain_split": "all"})
+    path = write_suite(tmp_path, data)
+    result = invoke("validate", str(path))
+    assert result.exit_code == 0 and "warning:" in result.stderr
+    assert "pretraining (and the input normalisation) sees the test images" in result.stderr
+    records = [
+        {
+            "variant": v, "seed": 0, "cell_id": v, "config_hash": "x", "baseline": False,
+            "components": {"encoder": "e", "masking": "m", "loss": "l"},
+            "metrics": {"lp_acc": acc}, "data": {"pretrain_sees_test": leak},
+        }
+        for v, acc, leak in (("a", 0.9, True), ("b", 0.8, False))
+    ]  # fmt: skip
+    board = leaderboard_table(runs_table(records), "lp_acc")
+    assert board["pretrain_sees_test"].tolist() == [True, False]
+    text = leaderboard_markdown(board)
+    assert "| a †" in text and "| b " in text and "†: pretrained on the test images" in text
+    assert invoke("validate", str(ROOT / "suites" / "tiny.yaml")).stderr == ""

@@ -48,6 +48,7 @@ class PILPipeline(Dataset):
 def per_image_epoch(images: torch.Tensor) -> int:
     seen = 0
     for batch in DataLoader(PILPipeline(images), batch_size=BATCH, shuffle=True):
+        assert batch.shape[1:] == (3, SIZE, SIZE) and batch.dtype == torch.float32
         seen += len(batch)
     return seen
 
@@ -56,7 +57,10 @@ def batched_epoch(images: torch.Tensor, feeder: ImageFeeder, generator: torch.Ge
     cfg = AugmentConfig(crop_scale=(0.2, 1.0), hflip=True)
     seen = 0
     for idx in index_batches(len(images), BATCH, generator=generator):
-        seen += len(feeder(images[idx], cfg, generator))
+        batch = feeder(images[idx], cfg, generator)
+        assert batch.shape == (len(idx), 3, SIZE, SIZE) and batch.dtype == torch.float32
+        assert torch.isfinite(batch).all()
+        seen += len(batch)
     return seen
 
 

@@ -1,13 +1,13 @@
-"""The self-contained results page: offline, escaped, one row per variant, seeds per variant."""
+"""The results page (mae_bench/report.py): self-contained, escaped, one row per variant and
+the seeds per variant, and working in a real browser."""
 
 import re
 import shutil
 from html.parser import HTMLParser
 
 import pytest
-import yaml
 
-from tests.conftest import invoke, tiny_suite_data
+from tests.conftest import invoke
 
 HOSTILE = '<script>alert(1)</script><img src=x onerror="alert(2)">'
 
@@ -21,13 +21,13 @@ class _Collect(HTMLParser):
         self.tags.append((tag, dict(attrs)))
 
 
-def test_report_writes_a_self_contained_escaped_page(tmp_path):
-    data = tiny_suite_data(description=HOSTILE, seeds=[0, 1])
-    suite = tmp_path / "s.yaml"
-    suite.write_text(yaml.safe_dump(data))
-    out = tmp_path / "out"
-    assert invoke("run", str(suite), "--out", str(out)).exit_code == 0
-    root = out / "tiny"
+def test_report_writes_a_self_contained_escaped_page(tiny_run_copy):
+    # the shared tiny run (seeds 0 and 1) re-run with a hostile description: every cell is
+    # finished, the run records the suite as given
+    run = tiny_run_copy
+    result = invoke("run", str(run.suite), "--out", str(run.out), "--set", f"description={HOSTILE}")
+    assert result.exit_code == 0 and "4 of 4 cells already finished" in result.stderr
+    root = run.root
     (root / "failed").mkdir()
     (root / "failed" / "vit-seed9-x.log").write_text(f"ValueError: {HOSTILE}\n\ntraceback")
     result = invoke("report", str(root))
@@ -58,6 +58,8 @@ def test_report_writes_a_self_contained_escaped_page(tmp_path):
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -67,14 +69,13 @@ CHROMIUM_FLAGS = [
 @pytest.mark.skipif(
     CHROMIUM is None, reason="needs Chromium (Debian package `chromium`; .ci/run installs it)"
 )
-def test_the_page_works_in_a_real_browser(tmp_path):
+def test_the_page_works_in_a_real_browser(tiny_run_copy, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright")
-    out = tmp_path / "out"
-    result = invoke("run", "suites/tiny.yaml", "--out", str(out), "--set", "seeds=[0, 1]",
-                    "--set", "eval.baselines=true")  # fmt: skip
+    run = tiny_run_copy  # seeds 0 and 1; adding the baselines runs their cells alone
+    result = invoke("run", str(run.suite), "--out", str(run.out), "--set", "eval.baselines=true")
     assert result.exit_code == 0, result.output
-    assert invoke("report", str(out / "tiny")).exit_code == 0
-    page_file = out / "tiny" / "report.html"
+    assert invoke("report", str(run.root)).exit_code == 0
+    page_file = run.root / "report.html"
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -107,71 +108,3 @@ def test_the_page_works_in_a_real_browser(tmp_path):
         page.screenshot(path=str(tmp_path / "report.png"), full_page=False)
         browser.close()
     assert (tmp_path / "report.png").stat().st_size > 10_000
-
-
-def test_a_third_party_evaluator_draws_its_own_plot(tmp_path):
-    """An evaluator shipped by another package contributes a figure of its own table (in
-    plots/, on the page and in each variant's section) with no change to the core."""
-    import pandas as pd
-
-    from mae_bench import EvalResult, Evaluator, Metric, hookimpl
-    from mae_bench.contract import TablePlot
-    from mae_bench.plugins import PluginInfo, _entry_point_candidates, build_registry
-    from mae_bench.report import render_report
-    from mae_bench.runner import run_suite
-    from mae_bench.suite import load_suite
-
-    seen = {}
-
-    class NormPlot(TablePlot):
-        name = "feature_norms"
-        table = "norms"
-        title = "frozen feature norms"
-        seeds = "all"
-        variant_panel = True
-
-        def draw(self, ax, tables, **also):
-            seen["tables"] = tables
-            for name, table in tables.items():
-                ax.hist(table["norm"], bins=10, alpha=0.5, label=name)
-            ax.legend()
-
-        def draw_variant(self, ax, table):
-            seen.setdefault("variants", []).append(sorted(table["seed"].unique()))
-            ax.hist(table["norm"], bins=10)
-
-    class NormEvaluator(Evaluator):
-        name = "norms"
-
-        def metrics(self):
-            return {"norm_mean": Metric("mean norm of the frozen test features")}
-
-        def evaluate(self, ctx):
-            norms = ctx.features.get("mean")[1].norm(dim=1).numpy()
-            table = pd.DataFrame({"norm": norms})
-            return EvalResult({"norm_mean": float(norms.mean())}, {"norms": table})
-
-        def plots(self):
-            return [NormPlot()]
-
-    class Package:
-        @staticmethod
-        @hookimpl
-        def register_evaluators(register):
-            register(NormEvaluator)
-
-    info = PluginInfo(name="norms", module="norms", distribution="mae-bench-norms", version="0.1")
-    registry = build_registry([*_entry_point_candidates(), (info, lambda: Package)])
-    data = tiny_suite_data(seeds=[0, 1])
-    data["eval"] = {**data["eval"], "norms": {}}
-    suite_file = tmp_path / "tiny.yaml"
-    suite_file.write_text(yaml.safe_dump(data))
-    run_suite(load_suite(suite_file, registry), tmp_path / "out", "cpu")
-    root = tmp_path / "out" / "tiny"
-    plots, page = render_report(root, registry)
-    drawn = root / "plots" / "feature_norms.png"
-    assert drawn in plots and drawn.stat().st_size > 5_000
-    assert sorted(seen["tables"]) == ["mlp", "vit"]  # every variant, each seed stacked
-    assert all(sorted(t["seed"].unique()) == [0, 1] for t in seen["tables"].values())
-    assert seen["variants"] == [[0, 1], [0, 1]]  # a panel in each variant's section
-    assert 'alt="feature_norms"' in page.read_text()

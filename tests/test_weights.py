@@ -1,10 +1,9 @@
-"""Parity with the references: official MAE checkpoints load into `vit`, encoders export to
-timm, and loading a checkpoint never runs code from it."""
+"""Weights (mae_bench/weights.py): official MAE checkpoints load into `vit`, encoders export
+to timm, and loading a checkpoint never runs code from it."""
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -13,11 +12,11 @@ import yaml
 from mae_bench.data import ImageFeeder
 from mae_bench.errors import ConfigError, UserError
 from mae_bench.evaluate import extract_features
-from mae_bench.layers import sincos_pos_embed
 from mae_bench.plan import suite_cells
 from mae_bench.suite import resolve_suite
 from mae_bench.weights import load_weights, read_state_dict, rebuild_model
-from tests.conftest import ROOT, cell_record, invoke, tiny_suite_data
+from tests.conftest import cell_record, invoke, tiny_suite_data, write_suite
+from tests.reference import official_layout
 
 VIT = {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "decoder_dim": 16, "decoder_depth": 1}
 
@@ -26,47 +25,6 @@ def _vit(registry, seed=0, **changes):
     info = registry.get("encoder", "vit", "encoder")
     torch.manual_seed(seed)
     return info.cls(info.cls.Params(**{**VIT, **changes}), image_size=16, in_chans=3)
-
-
-def reference_positions(dim: int, grid: int) -> np.ndarray:
-    """The MAE paper's fixed 2D sin-cos positions, written out in numpy for this test: per
-    patch (row y, column x), [sin(x w), cos(x w), sin(y w), cos(y w)], w_k = 10000^(-k/(dim/4)),
-    with a zero row in front for the cls token."""
-    w = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
-    rows = []
-    for y in range(grid):
-        for x in range(grid):
-            angles = [np.sin(x * w), np.cos(x * w), np.sin(y * w), np.cos(y * w)]
-            rows.append(np.concatenate(angles))
-    return np.concatenate([np.zeros((1, dim)), np.array(rows)])[None].astype(np.float32)
-
-
-def official_layout(model, with_decoder: bool = True) -> dict[str, torch.Tensor]:
-    """Our weights under the official `models_mae.py` names (as its releases store them)."""
-    renames = {"embed.": "decoder_embed.", "blocks.": "decoder_blocks.", "norm.": "decoder_norm."}
-    renames |= {"pred.": "decoder_pred.", "mask_token": "mask_token"}
-    out = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("encoder."):
-            out[key.removeprefix("encoder.")] = value.clone()
-        elif with_decoder:
-            rest = key.removeprefix("decoder.")
-            prefix = next(p for p in renames if rest.startswith(p))
-            out[renames[prefix] + rest.removeprefix(prefix)] = value.clone()
-    grid = model.grid_size
-    out["pos_embed"] = torch.from_numpy(reference_positions(model.embed_dim, grid))
-    if with_decoder:
-        decoder_dim = model.decoder.pos_embed.shape[-1]
-        out["decoder_pos_embed"] = torch.from_numpy(reference_positions(decoder_dim, grid))
-    return out
-
-
-def test_sincos_positions_follow_the_official_channel_order():
-    ours = sincos_pos_embed(8, 2)
-    assert torch.allclose(ours, torch.from_numpy(reference_positions(8, 2)[0, 1:]), atol=1e-7)
-    # patch 1 is row 0, column 1: the first half of the channels encodes the column
-    assert ours[1, 0] == pytest.approx(np.sin(1.0)) and ours[1, 4] == 0.0
-    assert ours[2, 0] == 0.0 and ours[2, 4] == pytest.approx(np.sin(1.0))
 
 
 def test_official_checkpoint_loads_into_vit(registry, tmp_path):
@@ -95,12 +53,16 @@ def test_checkpoints_that_do_not_fit_are_refused(registry, tmp_path):
     model = _vit(registry)
     state = official_layout(model)
     # positions in another channel order (sin y, sin x, cos y, cos x): not the official ones
-    d, g = model.embed_dim, model.grid_size
+    d = model.embed_dim
     swapped = state["pos_embed"].clone()
     q = d // 4
     swapped[0, 1:] = torch.cat(
         [state["pos_embed"][0, 1:, i * q : (i + 1) * q] for i in (2, 0, 3, 1)], dim=1
     )
+    assert not torch.equal(swapped, state["pos_embed"])  # the same values, in another order
+    intact = tmp_path / "intact.pth"
+    torch.save(state, intact)
+    assert load_weights(_vit(registry, seed=1), intact) == []  # each refusal is the damage's
     cases = {
         "pos_embed": ({**state, "pos_embed": swapped}, "position embedding"),
         "missing": ({k: v for k, v in state.items() if k != "norm.weight"}, "encoder.norm.weight"),
@@ -113,9 +75,12 @@ def test_checkpoints_that_do_not_fit_are_refused(registry, tmp_path):
     for name, (bad, message) in cases.items():
         path = tmp_path / f"{name}.pth"
         torch.save(bad, path)
+        target = _vit(registry, seed=1)
+        before = {k: v.clone() for k, v in target.state_dict().items()}
         with pytest.raises(UserError, match=message):
-            load_weights(_vit(registry), path)
-    assert g == 4
+            load_weights(target, path)
+        # refused before anything is copied: the model keeps its own weights
+        assert all(torch.equal(v, target.state_dict()[k]) for k, v in before.items()), name
 
 
 class Payload:
@@ -167,13 +132,10 @@ def test_suite_init_from_is_validated_and_recorded(registry, tmp_path):
         resolve_suite(data, registry)
 
 
-@pytest.fixture(scope="module")
-def vit_cell(tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    result = invoke("run", str(ROOT / "suites" / "tiny.yaml"), "--out", str(out))
-    assert result.exit_code == 0, result.output
-    (cell,) = (out / "tiny" / "cells").glob("vit-seed0-*")
-    return cell
+@pytest.fixture
+def vit_cell(tiny_run):
+    """The vit cell (seed 0) of the shared tiny run (read-only)."""
+    return tiny_run.cells()["vit-seed0"]
 
 
 def test_exported_encoder_loads_in_timm_with_strict_keys_and_same_features(
@@ -204,8 +166,10 @@ def test_exported_encoder_loads_in_timm_with_strict_keys_and_same_features(
 
 
 def test_a_cell_of_ours_initialises_another_suite(vit_cell, tmp_path):
+    data = tiny_suite_data()
+    data["variants"] = [v for v in data["variants"] if v["name"] == "vit"]
     result = invoke(
-        "run", str(ROOT / "suites" / "tiny.yaml"), "--out", str(tmp_path),
+        "run", str(write_suite(tmp_path, data)), "--out", str(tmp_path),
         "--set", f"variants.vit.encoder.init_from={vit_cell}", "--set", "pretrain.epochs=1",
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -1,5 +1,10 @@
+"""The built-in encoders (plugins/vit.py, mlp.py, timm_encoder.py) and what every
+MaskedAutoencoder provides: shapes, visible-only encoding, positions, parameter groups,
+drop path."""
+
 import pytest
 import torch
+from timm.layers import DropPath
 
 from mae_bench.contract import Mask
 from mae_bench.layers import random_mask
@@ -86,3 +91,30 @@ def test_patch_size_must_divide_image(registry):
 def test_timm_rejects_non_vit(registry):
     with pytest.raises(ValueError, match=r"could not build 'resnet18' as a ViT|not a Vision"):
         build(registry, "timm", image_size=32, model="resnet18")
+
+
+def _vit(registry, **changes):
+    params = {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "decoder_dim": 16, **changes}
+    return build(registry, "vit", **params)
+
+
+def test_weight_decay_skips_tokens_by_their_qualified_names(registry):
+    model = _vit(registry)
+    decay_of = {id(p): g["weight_decay"] for g in model.param_groups(0.05) for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert decay_of[id(named["encoder.cls_token"])] == 0.0
+    assert decay_of[id(named["decoder.mask_token"])] == 0.0
+    assert decay_of[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.05
+
+
+def test_layer_norms_use_the_official_eps(registry):
+    norms = [m for m in _vit(registry).modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * 2 + 1 + 2 * 2 + 1 and {m.eps for m in norms} == {1e-6}
+
+
+def test_drop_path_rises_linearly(registry):
+    model = _vit(registry, depth=3, decoder_depth=2)
+    model.set_drop_path(0.2)
+    rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.encoder.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
+    assert isinstance(model.encoder.blocks[2].drop_path2, DropPath)

@@ -1,0 +1,110 @@
+"""Figures (mae_bench/plots.py): `mae-bench report` regenerates the tables and every plot,
+skips what a damaged cell cannot give, and draws a third-party evaluator's own figure."""
+
+import pandas as pd
+import yaml
+from PIL import Image
+
+from mae_bench import EvalResult, Evaluator, Metric, hookimpl
+from mae_bench.contract import TablePlot
+from mae_bench.plugins import PluginInfo, _entry_point_candidates, build_registry
+from mae_bench.report import render_report
+from mae_bench.runner import run_suite
+from mae_bench.suite import load_suite
+from tests.conftest import invoke
+
+
+def test_report_regenerates_tables_and_plots(tiny_run_copy):
+    root = tiny_run_copy.root
+    (root / "leaderboard.csv").unlink()
+    result = invoke("report", str(root))
+    assert result.exit_code == 0, result.output + str(result.exception)
+    plots = {p.name: p.stat().st_size for p in (root / "plots").glob("*.png")}
+    assert set(plots) == {
+        "loss_curves.png",
+        "leaderboard_lp_acc.png",
+        "reconstructions.png",
+        "tsne.png",
+        "roc.png",
+        "thresholds.png",
+    }
+    assert all(size > 5_000 for size in plots.values())
+    assert (root / "leaderboard.csv").is_file()
+    with Image.open(root / "plots" / "reconstructions.png") as img:
+        assert img.size[0] > 300 and img.size[1] > 200
+    assert invoke("report", str(root.parent / "nope")).exit_code == 2
+
+
+def test_report_skips_truncated_weights_and_missing_history(tiny_run_copy):
+    root = tiny_run_copy.root
+    cells = tiny_run_copy.cells()
+    weights = cells["vit-seed0"] / "encoder.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    (cells["mlp-seed0"] / "history.csv").unlink()
+    result = invoke("report", str(root))
+    assert result.exit_code == 0, result.output
+    assert f"{weights}" in result.stderr and "vit skipped" in result.stderr
+    assert f"{cells['mlp-seed0'] / 'history.csv'}: no loss history: skipped" in result.stderr
+    assert (root / "plots" / "reconstructions.png").is_file()  # from the intact cells
+
+
+def test_a_third_party_evaluator_draws_its_own_plot(tiny_run_copy):
+    """An evaluator shipped by another package contributes a figure of its own table (in
+    plots/, on the page and in each variant's section) with no change to the core."""
+    seen = {}
+
+    class NormPlot(TablePlot):
+        name = "feature_norms"
+        table = "norms"
+        title = "frozen feature norms"
+        seeds = "all"
+        variant_panel = True
+
+        def draw(self, ax, tables, **also):
+            seen["tables"] = tables
+            for name, table in tables.items():
+                ax.hist(table["norm"], bins=10, alpha=0.5, label=name)
+            ax.legend()
+
+        def draw_variant(self, ax, table):
+            seen.setdefault("variants", []).append(sorted(table["seed"].unique()))
+            ax.hist(table["norm"], bins=10)
+
+    class NormEvaluator(Evaluator):
+        name = "norms"
+
+        def metrics(self):
+            return {"norm_mean": Metric("mean norm of the frozen test features")}
+
+        def evaluate(self, ctx):
+            norms = ctx.features.get("mean")[1].norm(dim=1).numpy()
+            table = pd.DataFrame({"norm": norms})
+            return EvalResult({"norm_mean": float(norms.mean())}, {"norms": table})
+
+        def plots(self):
+            return [NormPlot()]
+
+    class Package:
+        @staticmethod
+        @hookimpl
+        def register_evaluators(register):
+            register(NormEvaluator)
+
+    info = PluginInfo(name="norms", module="norms", distribution="mae-bench-norms", version="0.1")
+    registry = build_registry([*_entry_point_candidates(), (info, lambda: Package)])
+    # the shared tiny run (seeds 0 and 1) with this evaluator added: it alone runs
+    suite_file = tiny_run_copy.suite
+    data = yaml.safe_load(suite_file.read_text())
+    data["eval"] = {**data["eval"], "norms": {}}
+    suite_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    summary = run_suite(load_suite(suite_file, registry), tiny_run_copy.out, "cpu")
+    assert not summary.failed
+    root = tiny_run_copy.root
+    assert len(list(root.glob("cells/*/evals/norms-*/norms.csv"))) == 4
+    plots, page = render_report(root, registry)
+    drawn = root / "plots" / "feature_norms.png"
+    assert drawn in plots and drawn.stat().st_size > 5_000
+    assert sorted(seen["tables"]) == ["mlp", "vit"]  # every variant, each seed stacked
+    assert all(sorted(t["seed"].unique()) == [0, 1] for t in seen["tables"].values())
+    assert seen["variants"] == [[0, 1], [0, 1]]  # a panel in each variant's section
+    assert 'alt="feature_norms"' in page.read_text()
