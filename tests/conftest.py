@@ -55,6 +55,18 @@ def tiny_suite_data(**changes: Any) -> dict[str, Any]:
     data.update(changes)
     return data
 
+def make_component(registry, kind: str, name: str, **params: Any):
+    """A registered component of ``kind`` built with ``params`` (masking, loss, ...)."""
+    info = registry.get(kind, name, kind)
+    return info.cls(info.cls.Params(**params))
+
+
+def small_vit(registry, **changes: Any):
+    """A two-block ``vit`` on 16 x 16 RGB images (``changes`` override its params)."""
+    info = registry.get("encoder", "vit", "encoder")
+    params = {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "decoder_dim": 16, **changes}
+    return info.cls(info.cls.Params(**params), image_size=16, in_chans=3)
+
 
 def write_suite(folder: Path, data: dict[str, Any] | None = None, **changes: Any) -> Path:
     """``data`` (default: the tiny suite with ``changes``) written to ``folder/<name>.yaml``,

@@ -15,18 +15,7 @@ from mae_bench.layers import (
     unpatchify,
 )
 from mae_bench.suite import resolve_suite
-from tests.conftest import tiny_suite_data
-
-
-def make(registry, kind, name, **params):
-    info = registry.get(kind, name, kind)
-    return info.cls(info.cls.Params(**params))
-
-
-def _vit(registry, **changes):
-    info = registry.get("encoder", "vit", "encoder")
-    params = {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "decoder_dim": 16, **changes}
-    return info.cls(info.cls.Params(**params), image_size=16, in_chans=3)
+from tests.conftest import make_component, small_vit, tiny_suite_data
 
 
 def _inputs(pred=None, seed=0, latent=None):
@@ -44,9 +33,9 @@ def test_mse_only_counts_masked_patches(registry):
     pred = base.target.clone()
     pred[0, 0] += 1.0  # masked patch: error 1 on all 48 values
     pred[0, 1] += 7.0  # visible patch: ignored
-    loss = make(registry, "loss", "mse")(_inputs(pred))
+    loss = make_component(registry, "loss", "mse")(_inputs(pred))
     assert loss.item() == pytest.approx(1.0 / 3)  # mean over the 3 masked patches
-    everywhere = make(registry, "loss", "mse", masked_only=False)(_inputs(pred))
+    everywhere = make_component(registry, "loss", "mse", masked_only=False)(_inputs(pred))
     assert everywhere.item() == pytest.approx((1 + 49) / 8)
 
 
@@ -54,7 +43,7 @@ def test_mse_norm_pix_target(registry):
     base = _inputs()
     t = base.target
     normalized = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
-    loss = make(registry, "loss", "mse", norm_pix=True)
+    loss = make_component(registry, "loss", "mse", norm_pix=True)
     assert loss.prediction_space == "norm_pix"
     assert loss(_inputs(normalized)).item() == pytest.approx(0.0, abs=1e-10)
     assert loss(_inputs(t * 3 + 5)).item() > 1.0  # raw pixels are not the target
@@ -63,11 +52,11 @@ def test_mse_norm_pix_target(registry):
 def test_l1(registry):
     pred = _inputs().target.clone()
     pred[1, 3] -= 2.0
-    assert make(registry, "loss", "l1")(_inputs(pred)).item() == pytest.approx(2.0 / 3)
+    assert make_component(registry, "loss", "l1")(_inputs(pred)).item() == pytest.approx(2.0 / 3)
 
 
 def test_laplacian_loss(registry):
-    loss = make(registry, "loss", "laplacian")
+    loss = make_component(registry, "loss", "laplacian")
     assert loss(_inputs()).item() == pytest.approx(0.0, abs=1e-10)
     pred = _inputs().target.clone()
     pred[0, 0] += 1.0  # a constant offset on a masked patch: only its edges are high-frequency
@@ -79,7 +68,7 @@ def test_laplacian_loss(registry):
 
 
 def test_uniformity_matches_definition(registry):
-    loss = make(registry, "loss", "uniformity", t=2.0)
+    loss = make_component(registry, "loss", "uniformity", t=2.0)
     emb = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
     z = torch.nn.functional.normalize(emb, dim=-1)
     pairs = [(i, j) for i in range(6) for j in range(i + 1, 6)]
@@ -92,7 +81,7 @@ def test_uniformity_matches_definition(registry):
 
 
 def test_norm_pix_maps_back_without_the_masked_patches_statistics(registry):
-    loss = make(registry, "loss", "mse", norm_pix=True)
+    loss = make_component(registry, "loss", "mse", norm_pix=True)
     g = torch.Generator().manual_seed(0)
     target, pred = torch.randn(2, 16, 48, generator=g), torch.randn(2, 16, 48, generator=g)
     mask = random_mask(2, 16, 0.75, generator=g)[2]
@@ -103,26 +92,26 @@ def test_norm_pix_maps_back_without_the_masked_patches_statistics(registry):
     assert torch.equal(a[hidden], b[hidden])
     mean, std = target.mean(-1, keepdim=True), (target.var(-1, keepdim=True) + 1e-6).sqrt()
     assert torch.allclose(a[~hidden], (pred * std + mean)[~hidden])  # visible: their own
-    assert make(registry, "loss", "mse").to_input_space(pred, target, mask) is pred
+    assert make_component(registry, "loss", "mse").to_input_space(pred, target, mask) is pred
 
 
 def test_uniformity_spreads_the_pooled_embedding_the_probes_read(registry):
     g = torch.Generator().manual_seed(0)
     latent = torch.randn(6, 5, 8, generator=g)
     latent[:, 1:] = 1.0  # identical patch tokens, distinct cls tokens
-    model = _vit(registry, dim=8)
+    model = small_vit(registry, dim=8)
     inputs = LossInputs(
         torch.zeros(6, 3, 16, 16), torch.zeros(6, 16, 48), torch.ones(6, 16), latent, 4,
         model.pool,
     )  # fmt: skip
-    default = make(registry, "loss", "uniformity")
+    default = make_component(registry, "loss", "uniformity")
     assert default.params.pool == "mean" and default.summary() == "uniformity(mean)"
     assert default(inputs).item() == pytest.approx(0.0, abs=1e-6)  # collapsed mean embedding
-    assert make(registry, "loss", "uniformity", pool="cls")(inputs).item() < -0.5
+    assert make_component(registry, "loss", "uniformity", pool="cls")(inputs).item() < -0.5
 
 
 def test_laplacian_loss_reads_visible_truth_and_trains_masked_patches_only(registry):
-    loss = make(registry, "loss", "laplacian")
+    loss = make_component(registry, "loss", "laplacian")
     g = torch.Generator().manual_seed(0)
     imgs = torch.randn(2, 3, 16, 16, generator=g)
     mask = random_mask(2, 16, 0.5, generator=g)[2]

@@ -9,16 +9,11 @@ import torch
 from mae_bench.errors import ConfigError
 from mae_bench.suite import resolve_suite
 from mae_bench.train import draw_mask
-from tests.conftest import tiny_suite_data
-
-
-def make(registry, kind, name, **params):
-    info = registry.get(kind, name, kind)
-    return info.cls(info.cls.Params(**params))
+from tests.conftest import make_component, tiny_suite_data
 
 
 def test_random_masking_ratio_and_exact_count(registry):
-    masking = make(registry, "masking", "random", ratio=0.6)
+    masking = make_component(registry, "masking", "random", ratio=0.6)
     mask = masking(4, (5, 5), progress=0.3, generator=torch.Generator().manual_seed(0))
     assert masking.ratio_at(0.0) == masking.ratio_at(1.0) == 0.6
     assert torch.all(mask.mask.sum(1) == 15)
@@ -35,12 +30,14 @@ def test_random_masking_ratio_and_exact_count(registry):
     ],
 )
 def test_curriculum_schedules(registry, schedule, progress, expected):
-    masking = make(registry, "masking", "curriculum", start=0.5, end=0.75, schedule=schedule)
+    masking = make_component(
+        registry, "masking", "curriculum", start=0.5, end=0.75, schedule=schedule
+    )
     assert masking.ratio_at(progress) == pytest.approx(expected)
 
 
 def test_curriculum_reaches_end_at_until_and_masks_accordingly(registry):
-    masking = make(registry, "masking", "curriculum", start=0.25, end=0.75, until=0.5)
+    masking = make_component(registry, "masking", "curriculum", start=0.25, end=0.75, until=0.5)
     assert masking.ratio_at(0.5) == pytest.approx(0.75)
     assert masking.ratio_at(0.9) == pytest.approx(0.75)
     early = masking(2, (4, 4), progress=0.0, generator=torch.Generator().manual_seed(0))
@@ -52,7 +49,7 @@ class _Strategy:
     """Masking strategies with bugs a plugin author makes (built on the random one)."""
 
     @staticmethod
-    def make(registry, bug: str):
+    def make_component(registry, bug: str):
         from mae_bench.contract import Mask
 
         base = registry.components["masking"]["random"].cls
@@ -89,14 +86,14 @@ def test_a_bad_mask_is_one_clear_error_naming_the_strategy(registry, bug, messag
     info = registry.get("encoder", "vit", "encoder")
     model = info.cls(info.cls.Params(patch_size=4, dim=32, depth=1, heads=2), image_size=16,
                      in_chans=3)  # fmt: skip
-    strategy = _Strategy.make(registry, bug)
+    strategy = _Strategy.make_component(registry, bug)
     expected = f"masking 'buggy' .*Buggy\\) .*4x4 patch grid: .*{message}"
     with pytest.raises(ValueError, match=expected):
         draw_mask(strategy, 2, model, 1.0, torch.Generator().manual_seed(0))
 
 
 def test_masking_geometry_is_checked_at_validation(registry):
-    strategy = _Strategy.make(registry, "none")
+    strategy = _Strategy.make_component(registry, "none")
     info = registry.components["masking"]["random"]
     registry.components["masking"]["buggy"] = type(info)("masking", "buggy", type(strategy),
                                                           info.plugin)  # fmt: skip

@@ -11,20 +11,9 @@ from mae_bench_plugins.reconstruction import ReconstructionParams, reconstructio
 from mae_bench.data import ImageFeeder
 from mae_bench.layers import patch_mask_to_pixels, patchify, random_mask
 from mae_bench.suite import resolve_suite
-from tests.conftest import invoke, tiny_suite_data, write_suite
+from tests.conftest import invoke, make_component, small_vit, tiny_suite_data, write_suite
 
 CPU = torch.device("cpu")
-
-
-def make(registry, kind, name, **params):
-    info = registry.get(kind, name, kind)
-    return info.cls(info.cls.Params(**params))
-
-
-def _vit(registry, **changes):
-    info = registry.get("encoder", "vit", "encoder")
-    params = {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "decoder_dim": 16, **changes}
-    return info.cls(info.cls.Params(**params), image_size=16, in_chans=3)
 
 
 def vit_only_suite(folder):
@@ -40,7 +29,7 @@ def test_norm_pix_psnr_of_a_zero_predictor_is_the_visible_mean_guess(registry):
     suite = resolve_suite(tiny_suite_data(), registry)
     data = suite.build_dataset().load()
     feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=CPU)
-    model = _vit(registry)
+    model = small_vit(registry)
     model.forward_decoder = lambda latent, ids_restore: torch.zeros(
         len(latent), 16, 48
     )
@@ -48,7 +37,7 @@ def test_norm_pix_psnr_of_a_zero_predictor_is_the_visible_mean_guess(registry):
     images = data.test_images[:32]
     norm = reconstruction_quality(
         model, images, feeder, cfg,
-        decoder_loss=make(registry, "loss", "mse", norm_pix=True),
+        decoder_loss=make_component(registry, "loss", "mse", norm_pix=True),
         mean_image=feeder.mean_image(data.pretrain),
     )  # fmt: skip
     x = feeder(images)
