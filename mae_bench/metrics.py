@@ -1,4 +1,8 @@
-"""Classification metrics and threshold analysis (scikit-learn where it has them)."""
+"""Classification metrics and threshold analysis (scikit-learn where it has them), and the
+declarations of the metrics the core itself reports.
+
+scikit-learn is imported by the functions that compute with it: a suite is read and
+validated without loading it."""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from sklearn import metrics as skm
 
 from mae_bench.contract import Metric
 
@@ -31,6 +34,8 @@ def classification_metrics(
     AUC is binary for two classes (class 1 positive) and macro one-vs-rest otherwise; it is
     NaN when the test labels hold a single class.
     """
+    from sklearn import metrics as skm
+
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
     y_pred = probs.argmax(axis=1)
@@ -51,6 +56,8 @@ def classification_metrics(
 
 def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
     """Binary AUC of class 1, or macro one-vs-rest AUC over the classes present."""
+    from sklearn import metrics as skm
+
     present = np.unique(y_true)
     if len(present) < 2:
         return float("nan")
@@ -64,6 +71,8 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
 
 def confusion(y_true: np.ndarray, probs: np.ndarray) -> list[list[int]]:
     """Confusion matrix (rows: true class, columns: predicted), as nested lists."""
+    from sklearn import metrics as skm
+
     labels = np.arange(np.asarray(probs).shape[1])
     return skm.confusion_matrix(y_true, np.asarray(probs).argmax(axis=1), labels=labels).tolist()
 
@@ -74,6 +83,8 @@ def threshold_table(y_true: np.ndarray, scores: np.ndarray, thresholds: np.ndarr
     ``y_true`` is binary (1 = positive); a sample is predicted positive when its score is at
     least the threshold.
     """
+    from sklearn import metrics as skm
+
     y_true = np.asarray(y_true).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
     rows = []
@@ -99,6 +110,8 @@ def threshold_table(y_true: np.ndarray, scores: np.ndarray, thresholds: np.ndarr
 
 def best_thresholds(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     """The threshold maximising F1 (over the PR curve) and Youden's J (over the ROC curve)."""
+    from sklearn import metrics as skm
+
     y_true = np.asarray(y_true).astype(bool)
     if y_true.all() or not y_true.any():
         return {

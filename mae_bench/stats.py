@@ -17,7 +17,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy.stats import bootstrap, wilcoxon
 
 ALPHA = 0.05
 COLUMNS = [
@@ -46,6 +45,8 @@ def holm(p_values: list[float]) -> list[float]:
 def paired(deltas: np.ndarray, higher_is_better: bool) -> dict[str, float]:
     """Mean difference, its 95% bootstrap interval, the probability of improvement and the
     Wilcoxon p-value of per-seed differences ``variant - reference``."""
+    from scipy.stats import bootstrap, wilcoxon  # slow to import: only where it computes
+
     n = len(deltas)
     out = {"pairs": n, "delta": float(np.mean(deltas)) if n else float("nan")}
     low = high = p_value = float("nan")
