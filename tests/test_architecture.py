@@ -93,15 +93,22 @@ def test_only_the_command_line_imports_lazily():
     assert {module: names for module, names in lazy.items() if names} == {}
 
 
-def test_help_and_status_do_not_import_torch(tmp_path):
+def test_help_and_status_do_not_import_torch(tiny_run):
+    """The commands that only read (help, status of a finished run) answer without loading
+    torch, timm or pandas, and still answer in full."""
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
         "from mae_bench.cli import cli\n"
         "for args in (['--help'], ['run', '--help'], ['plugins', '--help'],"
-        f" ['status', {str(tmp_path)!r}]):\n"
-        "    CliRunner().invoke(cli, args)\n"
+        f" ['status', {str(tiny_run.root)!r}]):\n"
+        "    result = CliRunner().invoke(cli, args)\n"
+        "    assert result.exit_code == 0, (args, result.output)\n"
+        "    print(result.stdout.splitlines()[0 if args[0] != 'status' else -1])\n"
         "print(sorted(m for m in ('torch', 'timm', 'pandas') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "[]", out.stdout + out.stderr
+    assert lines[0].startswith("Usage: ") and lines[2].startswith("Usage: ")
+    assert lines[3].startswith("done ") and len(tiny_run.cells()) == 4
