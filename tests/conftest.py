@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -55,6 +56,7 @@ def tiny_suite_data(**changes: Any) -> dict[str, Any]:
     data.update(changes)
     return data
 
+
 def make_component(registry, kind: str, name: str, **params: Any):
     """A registered component of ``kind`` built with ``params`` (masking, loss, ...)."""
     info = registry.get(kind, name, kind)
@@ -66,6 +68,26 @@ def small_vit(registry, **changes: Any):
     info = registry.get("encoder", "vit", "encoder")
     params = {"patch_size": 4, "dim": 32, "depth": 2, "heads": 2, "decoder_dim": 16, **changes}
     return info.cls(info.cls.Params(**params), image_size=16, in_chans=3)
+
+
+def seed_runs(values: dict[str, list[float]]) -> pd.DataFrame:
+    """A runs table of one metric ``acc``: per variant, one row per seed (0, 1, ...)."""
+    return pd.DataFrame(
+        [
+            {"variant": v, "seed": s, "encoder": "e", "masking": "m", "loss": "l", "acc": x}
+            for v, xs in values.items()
+            for s, x in enumerate(xs)
+        ]
+    )
+
+
+def registry_with(package: object, name: str):
+    """The installed plugins plus ``package`` (a namespace of hook implementations),
+    registered as the distribution ``mae-bench-<name>``, as a pip-installed plugin would be."""
+    from mae_bench.plugins import PluginInfo, _entry_point_candidates, build_registry
+
+    info = PluginInfo(name=name, module=name, distribution=f"mae-bench-{name}", version="0.1")
+    return build_registry([*_entry_point_candidates(), (info, lambda: package)])
 
 
 def write_suite(folder: Path, data: dict[str, Any] | None = None, **changes: Any) -> Path:
@@ -115,8 +137,6 @@ def cell_record(cell: Path) -> dict[str, Any]:
 def results_of(root: Path) -> dict[str, dict]:
     """Per finished cell of ``root``: every stored metric except timings, and the pretraining
     history (what two runs of the same cells must agree on)."""
-    import pandas as pd
-
     out = {}
     for cell in sorted((root / "cells").iterdir()):
         if cell.name.startswith("."):

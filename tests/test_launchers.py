@@ -17,10 +17,9 @@ from rich.console import Console
 
 from mae_bench import Launcher, LaunchRequest, Params, UserError, hookimpl
 from mae_bench.plan import suite_cells
-from mae_bench.plugins import PluginInfo, _entry_point_candidates, build_registry
 from mae_bench.runner import resolve_launcher, run_suite
 from mae_bench.suite import load_suite
-from tests.conftest import ROOT, invoke, results_of, wait_for_epoch
+from tests.conftest import ROOT, invoke, registry_with, results_of, wait_for_epoch
 
 
 def test_launcher_options_are_validated(tmp_path, tiny_suite_file):
@@ -173,8 +172,7 @@ def test_a_third_party_launcher_plugs_in_through_the_hook(tmp_path, tiny_suite_f
         def register_launchers(register):
             register(PoolLauncher)
 
-    info = PluginInfo(name="pool", module="pool", distribution="mae-bench-pool", version="0.1")
-    registry = build_registry([*_entry_point_candidates(), (info, lambda: Package)])
+    registry = registry_with(Package, "pool")
     launcher = resolve_launcher(registry, "pool", {"jobs": 2})
     suite = load_suite(tiny_suite_file, registry)
     summary = run_suite(suite, tmp_path / "out", "cpu", launcher=launcher)

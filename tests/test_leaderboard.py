@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from mae_bench.leaderboard import leaderboard_markdown, leaderboard_table
+from tests.conftest import seed_runs
 
 
 def _runs(values: dict[str, list[float]]) -> pd.DataFrame:
@@ -61,19 +62,9 @@ def test_markdown_bolds_best_and_marks_overlap():
     assert "**0.1900 ± 0.0100**" in md  # hf_error: lower is best
 
 
-def _seed_runs(values: dict[str, list[float]]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
-            {"variant": v, "seed": s, "encoder": "e", "masking": "m", "loss": "l", "acc": x}
-            for v, xs in values.items()
-            for s, x in enumerate(xs)
-        ]
-    )
-
-
 def test_leaderboard_shows_the_comparison_and_says_when_seeds_are_too_few():
     info = {"acc": {"higher_is_better": True, "fmt": "{:.3f}", "headline": True}}
-    runs = _seed_runs({"ref": [0.5, 0.6, 0.7], "b": [0.6, 0.7, 0.8]})
+    runs = seed_runs({"ref": [0.5, 0.6, 0.7], "b": [0.6, 0.7, 0.8]})
     board = leaderboard_table(runs, "acc", info, reference="ref")
     row = board.set_index("variant").loc["b"]
     assert row["delta"] == pytest.approx(0.1) and row["verdict"] == "inconclusive"
@@ -89,7 +80,7 @@ def test_a_flagged_metric_below_one_marks_the_variant():
         "acc": {"higher_is_better": True, "fmt": "{:.3f}", "headline": True},
         "converged": {"compare": False, "flag": "still improving at the end"},
     }
-    runs = _seed_runs({"a": [0.5, 0.6], "b": [0.6, 0.7]})
+    runs = seed_runs({"a": [0.5, 0.6], "b": [0.6, 0.7]})
     runs["converged"] = [1.0, 1.0, 0.0, 1.0]
     text = leaderboard_markdown(leaderboard_table(runs, "acc", info), "t", info, "acc")
     assert "| b ‡" in text and "| a ‡" not in text

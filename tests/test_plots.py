@@ -7,11 +7,10 @@ from PIL import Image
 
 from mae_bench import EvalResult, Evaluator, Metric, hookimpl
 from mae_bench.contract import TablePlot
-from mae_bench.plugins import PluginInfo, _entry_point_candidates, build_registry
 from mae_bench.report import render_report
 from mae_bench.runner import run_suite
 from mae_bench.suite import load_suite
-from tests.conftest import invoke
+from tests.conftest import invoke, registry_with
 
 
 def test_report_regenerates_tables_and_plots(tiny_run_copy):
@@ -90,8 +89,7 @@ def test_a_third_party_evaluator_draws_its_own_plot(tiny_run_copy):
         def register_evaluators(register):
             register(NormEvaluator)
 
-    info = PluginInfo(name="norms", module="norms", distribution="mae-bench-norms", version="0.1")
-    registry = build_registry([*_entry_point_candidates(), (info, lambda: Package)])
+    registry = registry_with(Package, "norms")
     # the shared tiny run (seeds 0 and 1) with this evaluator added: it alone runs
     suite_file = tiny_run_copy.suite
     data = yaml.safe_load(suite_file.read_text())

@@ -4,10 +4,10 @@ hand-computed cases."""
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from mae_bench.stats import compare, holm, paired, seeds_needed
+from tests.conftest import seed_runs
 
 
 def test_exact_wilcoxon_bootstrap_and_win_rate_by_hand():
@@ -32,21 +32,11 @@ def test_holm_and_the_seeds_a_verdict_needs():
     assert 2 / 2**6 < 0.05 <= 2 / 2**5
 
 
-def _runs(values: dict[str, list[float]]) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
-            {"variant": v, "seed": s, "encoder": "e", "masking": "m", "loss": "l", "acc": x}
-            for v, xs in values.items()
-            for s, x in enumerate(xs)
-        ]
-    )
-
-
 def test_verdicts_need_both_the_interval_and_the_corrected_test():
     ref = [0.50, 0.52, 0.51, 0.49, 0.50, 0.53, 0.48, 0.51]  # 8 seeds: 3 comparisons can pass
     up = [0.1, 0.12, 0.09, 0.11, 0.1, 0.13, 0.1, 0.12]
     jitter = [0.02, -0.03, 0.01, -0.01, 0.03, -0.02, 0.01, -0.02]
-    runs = _runs({
+    runs = seed_runs({
         "ref": ref,
         "clearly": [x + d for x, d in zip(ref, up, strict=True)],
         "worse": [x - 0.05 - 0.01 * i for i, x in enumerate(ref)],
@@ -56,6 +46,6 @@ def test_verdicts_need_both_the_interval_and_the_corrected_test():
     assert table.loc["clearly", "verdict"] == "better" and table.loc["worse", "verdict"] == "worse"
     assert table.loc["noise", "verdict"] == "inconclusive"
     assert table.loc["clearly", "p_holm"] == pytest.approx(3 * 2 / 2**8)  # Holm over 3
-    three = compare(_runs({"ref": ref[:3], "clearly": [x + 0.1 for x in ref[:3]]}), ["acc"],
+    three = compare(seed_runs({"ref": ref[:3], "clearly": [x + 0.1 for x in ref[:3]]}), ["acc"],
                     "ref", {"acc": True})  # fmt: skip
     assert three["verdict"].tolist() == ["inconclusive"]  # 3 seeds: p >= 0.25, never < 0.05
