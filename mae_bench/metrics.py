@@ -31,31 +31,36 @@ def classification_metrics(
 ) -> dict[str, float]:
     """Accuracy, macro F1/precision/recall and ROC AUC from class probabilities (N, K).
 
-    AUC is binary for two classes (class 1 positive) and macro one-vs-rest otherwise; it is
-    NaN when the test labels hold a single class.
+    Macro averages run over the classes present in the test labels: a class absent from
+    the test set has no recall to average (counting it as zero would score perfect
+    predictions 0.667 with one of three classes absent); a prediction of an absent class is
+    still an error of the true class. AUC is binary for two classes (class 1 positive) and
+    macro one-vs-rest over the present classes otherwise; it is NaN when the test labels
+    hold a single class.
     """
     from sklearn import metrics as skm
 
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
     y_pred = probs.argmax(axis=1)
-    labels = np.arange(probs.shape[1])
+    labels = np.unique(y_true)
+    macro = {"labels": labels, "average": "macro", "zero_division": 0}
     out = {
         "acc": skm.accuracy_score(y_true, y_pred),
-        "f1_macro": skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
-        "precision_macro": skm.precision_score(
-            y_true, y_pred, labels=labels, average="macro", zero_division=0
-        ),
-        "recall_macro": skm.recall_score(
-            y_true, y_pred, labels=labels, average="macro", zero_division=0
-        ),
+        "f1_macro": skm.f1_score(y_true, y_pred, **macro),
+        "precision_macro": skm.precision_score(y_true, y_pred, **macro),
+        "recall_macro": skm.recall_score(y_true, y_pred, **macro),
         "auc": roc_auc(y_true, probs),
     }
     return {f"{prefix}{k}": float(v) for k, v in out.items()}
 
 
 def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """Binary AUC of class 1, or macro one-vs-rest AUC over the classes present."""
+    """Binary AUC of class 1, or macro one-vs-rest AUC over the classes present.
+
+    With more than two classes the scores are renormalised over the present classes; a row
+    that gives every present class zero (sparse k-NN probabilities, all neighbours from an
+    absent class) says nothing about them and scores them equally."""
     from sklearn import metrics as skm
 
     present = np.unique(y_true)
@@ -63,7 +68,9 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
         return float("nan")
     if probs.shape[1] == 2:
         return float(skm.roc_auc_score(y_true, probs[:, 1]))
-    scores = probs[:, present] / probs[:, present].sum(axis=1, keepdims=True)
+    kept = probs[:, present]
+    total = kept.sum(axis=1, keepdims=True)
+    scores = np.divide(kept, total, out=np.full_like(kept, 1 / len(present)), where=total > 0)
     if len(present) == 2:
         return float(skm.roc_auc_score(y_true == present[1], scores[:, 1]))
     return float(skm.roc_auc_score(y_true, scores, multi_class="ovr", labels=present))

@@ -64,3 +64,34 @@ def test_binary_threshold_search_emits_no_runtime_warning():
         warnings.simplefilter("error")
         best = best_thresholds(y, scores)
     assert 0 <= best["best_f1"] <= 1
+
+
+def test_macro_averages_run_over_the_classes_in_the_test_set():
+    """Three classes, class 2 absent from the test set, every prediction right: 1.0, not
+    the 0.667 of counting the absent class as zero."""
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1]])
+    m = classification_metrics(y, probs)
+    assert m["f1_macro"] == m["precision_macro"] == m["recall_macro"] == 1.0
+    # predicting the absent class is still an error of the true class
+    wrong = probs.copy()
+    wrong[3] = [0.1, 0.2, 0.7]
+    m = classification_metrics(y, wrong)
+    assert m["recall_macro"] == pytest.approx((1.0 + 0.5) / 2)
+    assert m["f1_macro"] == pytest.approx(skm.f1_score(y, wrong.argmax(1), labels=[0, 1],
+                                                       average="macro"))  # fmt: skip
+
+
+def test_auc_is_defined_when_a_row_gives_every_present_class_zero():
+    """Sparse k-NN probabilities: image 4's neighbours are all of class 3, absent from the
+    test set; the row scores the present classes equally instead of failing the cell."""
+    y = np.array([0, 1, 2, 0, 1])
+    probs = np.array(
+        [[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0.6, 0.4, 0, 0], [0, 0, 0, 1.0]]
+    )
+    auc = classification_metrics(y, probs)["auc"]
+    uniform = probs[:, :3].copy()
+    uniform[4] = 1 / 3
+    assert auc == pytest.approx(skm.roc_auc_score(y, uniform, multi_class="ovr"))
+    binary = classification_metrics(np.array([0, 2, 0]), probs[[0, 2, 4]])["auc"]
+    assert binary == pytest.approx(skm.roc_auc_score([0, 1, 0], [0.0, 1.0, 0.5]))
