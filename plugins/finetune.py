@@ -132,13 +132,34 @@ def split_validation(labels: Tensor, fraction: float, seed: int) -> tuple[Tensor
 
 
 def still_rising(scores: list[float], tolerance: float) -> bool | None:
-    """True when the held-out score is still climbing at the end: the best of the last
-    quarter of the evaluations beats the best before it by more than ``tolerance`` (None
-    with fewer than 4 evaluations)."""
+    """True when the held-out score (e.g. validation images right) is still climbing at the
+    end: the best of the last quarter of the evaluations beats the best before it by more
+    than ``tolerance`` (None with fewer than 4 evaluations)."""
     if len(scores) < 4:
         return None
     q = max(1, len(scores) // 4)
     return max(scores[-q:]) - max(scores[:-q]) > tolerance
+
+
+def convergence(
+    val_scores: list[float], val_labels: Tensor, tolerance: float
+) -> tuple[float, float]:
+    """(converged, learned) from per-epoch validation accuracies, as 0/1 or NaN.
+
+    Counted in validation images right, so no float rounding decides a one-image gain; a
+    gain counts only above ``tolerance`` (a fraction of the split) and above one image.
+    ``learned`` is 0 when the best epoch never beat always answering the split's most
+    frequent class by that margin; such a run has not converged either (NaN)."""
+    n_val = len(val_labels)
+    if not val_scores or not n_val:
+        return float("nan"), float("nan")
+    correct = [round(score * n_val) for score in val_scores]
+    margin = max(tolerance * n_val, 1.0)
+    majority = int(torch.bincount(val_labels).max())
+    if max(correct) <= majority + margin:
+        return float("nan"), 0.0
+    rising = still_rising(correct, margin)
+    return float("nan") if rising is None else float(not rising), 1.0
 
 
 def _augmenter(cfg: FinetuneParams, num_classes: int):
@@ -178,11 +199,14 @@ def finetune(
     returns (ft_* metrics, history, test probs); ``model`` itself is left untouched.
 
     ``val_fraction`` of the labelled subset is held out: the checkpoint kept is the epoch
-    with the best validation accuracy (never chosen on the test set), and ``ft_converged``
-    is 0 when validation accuracy was still rising at the end of the budget. The budget is
-    ``steps`` or ``epochs`` (``scratch_steps``/``scratch_epochs`` for a ``baseline`` cell
-    trained from scratch). The history has the training loss, the validation accuracy, and
-    the test accuracy and macro F1 every ``eval_every`` epochs (for curves only).
+    with the best validation accuracy (never chosen on the test set); ``ft_converged`` is 0
+    when validation accuracy was still rising at the end of the budget, and ``ft_learned``
+    0 when it never beat the majority class (then ``ft_converged`` is NaN). With mixup or
+    cutmix every batch is mixed (even batches, the last partial one dropped, as the official
+    recipe does). The budget is ``steps`` (exactly) or ``epochs`` (``scratch_steps`` /
+    ``scratch_epochs`` for a ``baseline`` cell trained from scratch). The history has the
+    training loss, the steps so far, the validation accuracy, and the test accuracy and
+    macro F1 every ``eval_every`` epochs (for curves only).
 
     With ``checkpoint``, the run resumes from its saved state and saves one after epochs (by
     its policy, and when SIGTERM or SIGUSR1 asks): on CPU a resumed run ends exactly as an
@@ -198,17 +222,22 @@ def finetune(
     classifier.model.set_drop_path(cfg.drop_path)
     groups = classifier.param_groups(cfg.weight_decay, cfg.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, **optimizer_options(device))
+    mixer = _augmenter(cfg, data.num_classes) if len(images) >= 2 else None
     bs = min(cfg.batch_size, len(images))
-    steps_per_epoch = math.ceil(len(images) / bs)
+    if mixer is not None:  # mixing pairs images: even batches, the last partial one dropped
+        bs = max(2, bs - bs % 2)  # (as the official recipe's loader does)
+        steps_per_epoch = len(images) // bs
+    else:
+        steps_per_epoch = math.ceil(len(images) / bs)
     if baseline and (cfg.scratch_steps or cfg.scratch_epochs):  # scratch's own budget
         steps, epochs = cfg.scratch_steps, cfg.scratch_epochs or cfg.epochs
     else:
         steps, epochs = cfg.steps, cfg.epochs
-    if steps:
+    if steps:  # exactly that many optimizer steps; the last epoch may be partial
         epochs = math.ceil(steps / steps_per_epoch)
-    total, warmup = steps_per_epoch * epochs, round(cfg.warmup_epochs * steps_per_epoch)
+    total = steps or steps_per_epoch * epochs
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    mixer = _augmenter(cfg, data.num_classes)
     mix_rng = np.random.RandomState(seed)  # timm's Mixup draws from numpy's global generator
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     history, step, val_scores = [], 0, []
@@ -268,16 +297,15 @@ def finetune(
         chosen = best[1]
     probs = predict(classifier, data.test_images, feeder)
     metrics = classification_metrics(test_y, probs.numpy(), "ft_")
-    # a gain counts only above the tolerance and one more validation image right
-    tolerance = max(cfg.converge_tolerance, 1.0 / max(1, len(val_labels)))
-    rising = still_rising(val_scores, tolerance)
+    converged, learned = convergence(val_scores, val_labels, cfg.converge_tolerance)
     metrics.update(
         ft_train_images=float(len(images)),
         ft_val_images=float(len(val_labels)),
         ft_val_acc=best[0] if best is not None else float("nan"),
         ft_epoch=float(chosen),
         ft_epochs=float(epochs),
-        ft_converged=float("nan") if rising is None else float(not rising),
+        ft_converged=converged,
+        ft_learned=learned,
     )
     return metrics, history, probs
 
@@ -305,7 +333,10 @@ def _epoch(
     classifier.train()
     total_loss = torch.zeros((), device=device)
     steps = 0
-    for idx in index_batches(len(images), bs, generator=generator):
+    batches = index_batches(len(images), bs, generator=generator, drop_last=mixer is not None)
+    for idx in batches:
+        if step >= total:  # a budget in steps ends inside its last epoch
+            break
         lr = lr_at(step, total, warmup, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -313,7 +344,7 @@ def _epoch(
         if cfg.randaugment:
             batch = _randaugment(batch, generator)
         x, y = feeder(batch), labels[idx].to(device)
-        if mixer is not None and len(x) % 2 == 0:
+        if mixer is not None:
             with _numpy_global(mix_rng):
                 x, soft = mixer(x, y)
             with autocast(device):
@@ -329,7 +360,7 @@ def _epoch(
         total_loss += loss.detach()
         step += 1
         steps += 1
-    history.append({"epoch": epoch + 1, "loss": float(total_loss) / max(1, steps)})
+    history.append({"epoch": epoch + 1, "step": step, "loss": float(total_loss) / max(1, steps)})
     return step
 
 
@@ -370,6 +401,14 @@ class FinetuneEvaluator(Evaluator):
                 compare=False,
                 flag="fine-tuning still improving on its validation split at the end of its "
                 "budget: not converged, give it more epochs",
+            ),
+            "ft_learned": Metric(
+                "1 when the best validation accuracy beat always answering the most frequent "
+                "class by more than the convergence tolerance",
+                fmt="{:.2f}",
+                compare=False,
+                flag="fine-tuning never beat the majority class on its validation split: it "
+                "did not learn (check lr and budget)",
             ),
         }
 

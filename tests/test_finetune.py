@@ -12,6 +12,7 @@ import torch
 from mae_bench_plugins.finetune import (
     Classifier,
     FinetuneParams,
+    convergence,
     finetune,
     label_subset,
     split_validation,
@@ -106,9 +107,7 @@ def test_finetune_learns_from_few_labels(registry):
     feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=torch.device("cpu"))
     torch.manual_seed(0)
     model = suite.variants[0].build_model(16, 3)  # the MLP: fast
-    cfg = FinetuneParams(
-        epochs=12, lr=3e-3, warmup_epochs=1, label_fraction=0.3, eval_every=4
-    )
+    cfg = FinetuneParams(epochs=12, lr=3e-3, warmup_epochs=1, label_fraction=0.3, eval_every=4)
     metrics, history, probs = finetune(model, data, feeder, cfg, seed=0)
     assert metrics["ft_acc"] > 0.4  # chance: 0.1
     assert metrics["ft_train_images"] + metrics["ft_val_images"] == pytest.approx(431, abs=1)
@@ -135,6 +134,59 @@ def test_validation_split_and_convergence_rule():
     assert still_rising([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], 0.01) is True
     assert still_rising([0.5, 0.7, 0.8, 0.8, 0.81, 0.8, 0.8, 0.8], 0.01) is False
     assert still_rising([0.5, 0.6], 0.01) is None
+
+
+@pytest.mark.parametrize("k", range(6, 28))
+def test_a_gain_of_exactly_one_validation_image_is_not_still_rising(k):
+    """Accuracies as fine-tuning measures them (float32) on 29 validation images: the last
+    epoch one image better than the best before is converged, at every level (float64 1/n
+    against float32 accuracies called 16 of these levels "still rising")."""
+    labels = torch.arange(10).repeat(3)[:29]  # majority: 3 images
+    right = [k - 3, k - 2, k - 1, k, k, k, k, k + 1]
+    scores = [float(torch.tensor(r / 29, dtype=torch.float32)) for r in right]
+    assert convergence(scores, labels, tolerance=0.01) == (1.0, 1.0)
+    two_up = [*scores[:-1], float(torch.tensor((k + 2) / 29, dtype=torch.float32))]
+    assert convergence(two_up, labels, tolerance=0.01) == (0.0, 1.0)
+
+
+def test_a_run_that_never_learned_is_flagged_not_converged():
+    labels = torch.tensor([0] * 6 + [1] * 4)  # majority: 6 of 10
+    flat = [0.6, 0.6, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6]  # best epoch 1, the majority class
+    assert convergence(flat, labels, tolerance=0.01) == (
+        pytest.approx(float("nan"), nan_ok=True),
+        0.0,
+    )
+    converged, learned = convergence([0.6, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9], labels, 0.01)
+    assert (converged, learned) == (1.0, 1.0)
+    assert all(np.isnan(convergence([], labels[:0], 0.01)))
+
+
+def test_a_step_budget_runs_exactly_those_steps_and_mixup_mixes_every_batch(registry, monkeypatch):
+    from timm.data import Mixup
+
+    suite = resolve_suite(tiny_suite_data(), registry)
+    data = suite.build_dataset().load()
+    feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=CPU)
+    model = suite.variants[0].build_model(16, 3)
+    optimizer_steps = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: optimizer_steps.append(1))
+    cfg = FinetuneParams(steps=4, batch_size=16, label_fraction=0.5, val_fraction=0.25)
+    metrics, history, _ = finetune(model, data, feeder, cfg, seed=0)  # 3 batches an epoch
+    assert len(optimizer_steps) == 4 and history[-1]["step"] == 4
+    assert metrics["ft_epochs"] == 2 and len(history) == 2
+    mixed = []
+    real_call = Mixup.__call__
+
+    def counting(self, x, y):
+        mixed.append(len(x))
+        return real_call(self, x, y)
+
+    monkeypatch.setattr(Mixup, "__call__", counting)
+    optimizer_steps.clear()
+    cfg = FinetuneParams(epochs=2, batch_size=15, label_fraction=0.5, val_fraction=0.25, mixup=0.8)
+    finetune(model, data, feeder, cfg, seed=0)
+    assert mixed and len(mixed) == len(optimizer_steps)  # every batch mixed
+    assert all(n == 14 for n in mixed)  # even batches; the last partial one dropped
 
 
 def test_budgets_scratch_and_regularisers(registry):
