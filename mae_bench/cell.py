@@ -257,6 +257,8 @@ def failure_line(exc: BaseException) -> str:
         )
     elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         line += " (the disk holding the results is full: free space, then run again)"
+    elif isinstance(exc, SystemExit | KeyboardInterrupt):
+        line = f"{line.rstrip()} (raised by a plugin, not a signal: it fails the cell only)"
     return line
 
 
@@ -290,5 +292,3 @@ def store_evaluation(store: CellStore, cell: Cell, out: Evaluated) -> None:
         write_json(folder / RESULT_FILE, out.record)  # last: its presence marks it done
 
     store.write_eval(cell.cell_id, out.record["eval_id"], write_files)
-
-

@@ -141,7 +141,7 @@ def run(
 
     Under torchrun every process runs this same command: the cells train data-parallel."""
     from mae_bench.distributed import env_world
-    from mae_bench.memory import check_memory
+    from mae_bench.memory import memory_check
     from mae_bench.plugins import load_registry
     from mae_bench.runner import local_device, run_suite
     from mae_bench.suite import load_suite
@@ -153,8 +153,14 @@ def run(
     if world.is_main:
         for warning in (*registry.problems(), *suite.warnings):
             _print_warning(warning)
-    # before anything is loaded or written
-    check_memory(suite, local_device(device), world.world_size)
+    # before anything is loaded or written; a variant whose plugins fail here runs (and
+    # its cells fail with the reason)
+    check = memory_check(suite, local_device(device), world.world_size)
+    if world.is_main:
+        for note in check.notes:
+            _print_warning(note)
+    if check.problem:
+        raise UserError(check.problem)
     with _stopping(Path(out_dir) / suite.name):
         summary = run_suite(suite, Path(out_dir), device, replace=replace, launcher=chosen)
     if not world.is_main:
@@ -188,14 +194,17 @@ def _build_launcher(
 
 
 def parse_options(items: Sequence[str], flag: str) -> dict[str, Any]:
-    """``key=value`` command-line options (values parsed as YAML) as a mapping."""
+    """``key=value`` command-line options (values parsed as YAML, with a suite's limits) as a
+    mapping."""
+    from mae_bench.suite import parse_yaml
+
     options: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"{flag} {item!r}: expected key=value")
         try:
-            options[key] = yaml.safe_load(text)
+            options[key] = parse_yaml(text)
         except yaml.YAMLError:
             raise UserError(f"{flag} {key}: cannot parse value {text!r}") from None
     return options
@@ -281,7 +290,7 @@ def status(results_dir: str, as_json: bool) -> None:
 def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
     """Check a suite file against the schema and the plugins, without running it."""
     from mae_bench.device import resolve_device
-    from mae_bench.memory import memory_problem
+    from mae_bench.memory import memory_check
     from mae_bench.plan import baseline_variants, suite_cells
     from mae_bench.plugins import load_registry
     from mae_bench.suite import load_suite
@@ -290,9 +299,11 @@ def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
     suite = load_suite(suite_file, registry, overrides)
     for warning in (*registry.problems(), *suite.warnings):
         _print_warning(warning)
-    problem = memory_problem(suite, resolve_device("auto"))
-    if problem:  # it may be run elsewhere: `run` refuses on the device it runs on
-        _print_warning(f"{problem} (on this machine; `run` refuses it here)")
+    check = memory_check(suite, resolve_device("auto"))
+    for note in check.notes:
+        _print_warning(note)
+    if check.problem:  # it may be run elsewhere: `run` refuses on the device it runs on
+        _print_warning(f"{check.problem} (on this machine; `run` refuses it here)")
     cells = suite_cells(suite)
     baselines = len(baseline_variants(suite))
     extra = f" + {baselines} baseline(s)" if baselines else ""

@@ -10,13 +10,16 @@ lives with the runner, :mod:`mae_bench.runner`). Each is a :class:`Component`:
 - a constructor taking the validated params (plus context, for encoders),
 - ``summary()``: a short description for leaderboards.
 
-This module imports nothing of mae-bench but :mod:`mae_bench.layers`; plugins depend on it,
-and the core never imports a plugin.
+This module imports nothing of mae-bench but :mod:`mae_bench.layers` and
+:mod:`mae_bench.errors`; plugins depend on it, and the core never imports a plugin.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from mae_bench.errors import MaeBenchWarning
 from mae_bench.layers import (
     layer_decay_param_groups,
     patchify,
@@ -145,12 +149,85 @@ class MaskingStrategy(Component, ABC):
         device: torch.device | str | None = None,
     ) -> Mask:
         """Draw masks for ``batch_size`` images of a ``(rows, cols)`` patch grid (patches in
-        row-major order); the default hides a uniformly random ``ratio_at(progress)``."""
+        row-major order); the default hides a uniformly random ``ratio_at(progress)``.
+
+        ``grid`` may also be a patch count, as the previous contract passed it (a subclass
+        written then may still hand its count on to this default)."""
+        num_patches = grid if isinstance(grid, int) else grid[0] * grid[1]
+        ratio = _mask_ratio(self, progress)
         ids_keep, ids_restore, mask = random_mask(
-            batch_size, grid[0] * grid[1], self.ratio_at(progress), generator=generator,
-            device=device,
-        )  # fmt: skip
+            batch_size, num_patches, ratio, generator=generator, device=device
+        )
         return Mask(ids_keep, ids_restore, mask)
+
+
+def _mask_ratio(masking: MaskingStrategy, progress: float) -> float:
+    """``masking.ratio_at(progress)`` as a float in [0, 1]; a ``ValueError`` naming the
+    strategy for anything else (NaN included)."""
+    ratio = masking.ratio_at(progress)
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise ValueError(
+            f"masking {masking.name!r}: ratio_at({progress:g}) returned {ratio!r}, "
+            "not a mask ratio in [0, 1]"
+        )
+    return value
+
+
+_TAKES_PATCH_COUNT: dict[type, bool] = {}  # strategy class -> follows the previous contract
+
+
+def _takes_patch_count(cls: type) -> bool:
+    """True when ``cls.__call__`` follows the previous masking contract,
+    ``__call__(batch_size, num_patches, *, progress, generator, device)``: its second
+    argument is named ``num_patches`` or annotated ``int``."""
+    try:
+        parameters = list(inspect.signature(cls.__call__).parameters.values())[1:]  # no self
+    except (TypeError, ValueError):  # no signature to read: call it as documented now
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    arguments = [p for p in parameters if p.kind in positional]
+    if len(arguments) < 2:
+        return False
+    second = arguments[1]
+    return second.name == "num_patches" or second.annotation in (int, "int")
+
+
+def call_masking(
+    masking: MaskingStrategy,
+    batch_size: int,
+    grid: tuple[int, int],
+    *,
+    progress: float,
+    generator: torch.Generator | None,
+    device: torch.device | str | None,
+) -> Any:
+    """What ``masking`` returns for ``batch_size`` images of a ``(rows, cols)`` ``grid``: the
+    one place the core calls a masking strategy (unchecked: see ``mae_bench.train.draw_mask``).
+
+    A strategy written against the previous contract, ``__call__(batch_size, num_patches,
+    *, progress, generator, device)``, is given the patch count it expects, with one
+    deprecation warning (a :class:`MaeBenchWarning`) per class naming it and what to change.
+    """
+    cls = type(masking)
+    if cls not in _TAKES_PATCH_COUNT:
+        _TAKES_PATCH_COUNT[cls] = _takes_patch_count(cls)
+        if _TAKES_PATCH_COUNT[cls]:
+            warnings.warn(
+                f"masking {masking.name!r} ({cls.__module__}.{cls.__qualname__}) follows the "
+                "previous masking contract, __call__(batch_size, num_patches, ...) taking a "
+                "patch count; it is deprecated and still called that way for now: change it to "
+                "__call__(self, batch_size, grid, *, progress, generator, device), where grid "
+                "is the (rows, cols) patch grid (rows * cols patches, row-major; see "
+                "docs/plugins.md, Masking strategies)",
+                MaeBenchWarning,
+                stacklevel=2,
+            )
+    shape: tuple[int, int] | int = grid[0] * grid[1] if _TAKES_PATCH_COUNT[cls] else grid
+    return masking(batch_size, shape, progress=progress, generator=generator, device=device)
 
 
 # --------------------------------------------------------------------------- encoders
@@ -224,6 +301,12 @@ class MaskedAutoencoder(nn.Module, Component, ABC):
     def forward(self, imgs: Tensor, mask: Mask) -> MAEOutput:
         """Encode the visible patches, decode all of them."""
         latent = self.forward_encoder(imgs, mask.ids_keep)
+        if latent.ndim != 3 or latent.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"encoder {self.name!r} ({type(self).__module__}.{type(self).__qualname__}) "
+                f"returned tokens of shape {tuple(latent.shape)}, expected (B, prefix + K, "
+                f"{self.embed_dim}) (its embed_dim)"
+            )
         pred = self.forward_decoder(latent, mask.ids_restore)
         return MAEOutput(pred=pred, latent=latent)
 
@@ -383,7 +466,10 @@ class ImageData:
         for split in ("pretrain", "train_images", "test_images"):
             images = getattr(self, split)
             if images.dtype != torch.uint8 or images.ndim != 4:
-                raise ValueError(f"{split} must be a uint8 (N, C, H, W) tensor")
+                raise ValueError(
+                    f"{split} must be a uint8 (N, C, H, W) tensor, got {images.dtype} of shape "
+                    f"{tuple(images.shape)}"
+                )
             if len(images) == 0:
                 raise ValueError(f"{split} is empty")
         for split in ("train", "test"):

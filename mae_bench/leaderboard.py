@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import io
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,7 @@ import pandas as pd
 from filelock import FileLock
 
 from mae_bench.errors import MaeBenchWarning
-from mae_bench.files import atomic_write
+from mae_bench.files import WriteError, atomic_write, drop_escaping_symlink
 from mae_bench.metrics import (
     CORE_METRICS,
     DEFAULT_PRIMARY_METRIC,
@@ -38,15 +41,33 @@ DEFAULT_FMT = "{:.4g}"  # the display format of a metric whose evaluator declare
 
 def read_table(path: Path) -> pd.DataFrame | None:
     """A stored CSV table; None if there is none, or (with a warning naming the file) if it
-    is empty, truncated or garbled."""
+    is empty, truncated (its last line incomplete, or a row short of fields) or garbled."""
     if not path.is_file():
         return None
     try:
-        table = pd.read_csv(path)
+        text = path.read_bytes().decode("utf-8")
+        problem = table_damage(text)
+        if problem:
+            raise ValueError(problem)
+        table = pd.read_csv(io.StringIO(text))
     except (OSError, ValueError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
         warnings.warn(f"damaged table {path} ({exc}): skipped", MaeBenchWarning, stacklevel=2)
         return None
     return table
+
+
+def table_damage(text: str) -> str | None:
+    """What is wrong with a stored CSV table's text, or None: every table is written whole
+    (``DataFrame.to_csv``), so a last line without its newline or a row whose fields do not
+    match the header's is a truncated or garbled file, not a table with missing values."""
+    if text and not text.endswith("\n"):
+        return "truncated: its last line is incomplete"
+    rows = csv.reader(io.StringIO(text))
+    header = next(rows, None)
+    for row in rows:
+        if header is not None and row and len(row) != len(header):
+            return f"line {rows.line_num} has {len(row)} fields, the header {len(header)}"
+    return None
 
 
 def metric_info(records: Iterable[dict[str, Any]]) -> Info:
@@ -314,7 +335,7 @@ def _comparison_note(board: pd.DataFrame) -> str:
     compared = board[~board["verdict"].isin(["reference", "not compared"])]
     text = (
         f"vs reference: mean paired difference to `{reference.iloc[0] if len(reference) else '?'}`"
-        " over seeds [95% bootstrap interval]; `better`/`worse` only when the interval excludes "
+        " over seeds [95% Student-t interval]; `better`/`worse` only when the interval excludes "
         "0 and the Wilcoxon signed-rank p, Holm-corrected over the variants, is below 0.05.\n"
     )
     if len(compared):
@@ -410,7 +431,25 @@ def rebuild_leaderboard(
     """Write the leaderboard from every finished one of ``cells`` (``(cell_id, eval_ids)``)
     under a lock: of processes sharing the folder, the one that ends last writes one that
     holds every cell. Returns the table, its Markdown and the number of finished cells."""
-    with FileLock(root / LEADERBOARD_LOCK):
+    with leaderboard_lock(root):
         records = list(CellStore(root).finished(cells, repair=False).values())
         table, markdown = write_leaderboard(root, records, title, primary, reference)
     return table, markdown, len(records)
+
+
+@contextlib.contextmanager
+def leaderboard_lock(root: Path) -> Iterator[None]:
+    """Hold the results folder's leaderboard lock. A symlink in its place (which the lock
+    would refuse, or lead outside the folder) is replaced with a warning; a lock that cannot
+    be made (a read-only folder) is a :class:`~mae_bench.files.WriteError` naming it."""
+    path = root / LEADERBOARD_LOCK
+    drop_escaping_symlink(root, path, any_symlink=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire()
+    except OSError as exc:
+        raise WriteError.of(path, exc) from exc
+    try:
+        yield
+    finally:
+        lock.release()

@@ -5,8 +5,11 @@ atomically (written aside, then hard-linked into place, which fails if one is th
 alive by a heartbeat thread that touches it, and released when the cell is stored or failed.
 A lease expires when its holder is gone: at once if the holder was a process of this host
 that no longer exists (e.g. killed with ``kill -9``) or the same SLURM job (requeued after a
-preemption); otherwise when its heartbeat is older than the time to live. Taking over an
-expired lease renames it away first, so that of two workers taking it over, one wins.
+preemption); otherwise when its heartbeat is older than the time to live. A lease file that
+cannot be read (damaged, unreadable, a folder) is stale: it is taken over at once, with a
+warning (a live worker's lease is always readable: it is written whole, then linked into
+place). Taking over an expired lease renames it away first, so that of two workers taking
+it over, one wins.
 The lease also says where the cell runs, since when, and its stage and epoch (for ``status``).
 """
 
@@ -15,14 +18,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mae_bench.errors import MaeBenchWarning
 from mae_bench.files import atomic_write
 
 LEASES_DIR = "leases"
@@ -142,13 +148,20 @@ class Leases:
         for _ in range(3):
             if _write(path, info, replace=False):
                 return Lease(path, info)
-            held = _read(path)
-            if held is None and path.exists():  # unreadable: expired only once it is old
-                with contextlib.suppress(OSError):
-                    if time.time() - path.stat().st_mtime < TTL_S:
-                        return None
-            elif held is not None and (live(held) and not _same_job(held)):
-                return None
+            try:
+                held = _load(path)
+            except FileNotFoundError:
+                held = None  # released meanwhile: try again
+            except UnreadableLease as exc:
+                warnings.warn(
+                    f"lease {path} cannot be read ({exc}): taken over as stale",
+                    MaeBenchWarning,
+                    stacklevel=2,
+                )
+                held = None
+            else:
+                if live(held) and not _same_job(held):
+                    return None
             if not _take_over(path, held):
                 return None
         return None
@@ -168,32 +181,54 @@ def _same_job(info: LeaseInfo) -> bool:
 
 
 def _take_over(path: Path, expired: LeaseInfo | None) -> bool:
-    """Remove an expired lease so a new one can be written; False if another worker took
-    it over meanwhile (what we moved aside was its fresh lease: it is put back)."""
+    """Remove an expired (or unreadable: ``expired`` None) lease so a new one can be
+    written; False if another worker took it over meanwhile (what we moved aside was its
+    fresh lease: it is put back)."""
     aside = path.with_name(f".{path.name}.{host_name()}.{os.getpid()}.{uuid.uuid4().hex}.old")
     try:
         os.rename(path, aside)
     except FileNotFoundError:
         return True  # gone already: try to write ours
     moved = _read(aside)
-    if expired is not None and moved is not None and moved.token != expired.token:
+    if moved is not None and (expired is None or moved.token != expired.token):
         with contextlib.suppress(FileExistsError):
             os.link(aside, path)
         aside.unlink(missing_ok=True)
         return False
-    aside.unlink(missing_ok=True)
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
     return True
 
 
-def _read(path: Path) -> LeaseInfo | None:
+class UnreadableLease(Exception):
+    """A lease file that exists but does not read as a lease (the reason)."""
+
+
+def _load(path: Path) -> LeaseInfo:
+    """The lease at ``path``; FileNotFoundError if there is none, UnreadableLease why it
+    does not read."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         mtime = path.stat().st_mtime
         info = LeaseInfo(**{k: v for k, v in data.items() if k != "heartbeat"})
-    except (OSError, ValueError, TypeError):
-        return None
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise UnreadableLease(exc.strerror or str(exc)) from None
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise UnreadableLease(f"not a lease: {exc}") from None
     info.heartbeat = mtime
     return info
+
+
+def _read(path: Path) -> LeaseInfo | None:
+    """The lease at ``path``, or None if there is none or it does not read."""
+    try:
+        return _load(path)
+    except (FileNotFoundError, UnreadableLease):
+        return None
 
 
 def _write(path: Path, info: LeaseInfo, *, replace: bool) -> bool:

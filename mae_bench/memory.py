@@ -5,18 +5,45 @@ pretraining step's forward pass and losses run there; autograd's saved-tensor ho
 what the backward pass would keep. With the weights, their gradients and AdamW's two moments,
 and the input batch, that is the step's footprint. A suite that cannot fit in the memory of
 the device it would run on is refused before anything is loaded.
+
+The masks are drawn (and checked) for a few images on the CPU and stand for the whole
+micro-batch on the meta device, so nothing allocated grows with the batch size. The check is
+an estimate: a variant whose plugins fail on the meta device cannot be estimated and is not
+refused; it is named with the reason (a warning), runs, and its own cells fail with the real
+reason while every other variant runs.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 
-from mae_bench.contract import Mask
-from mae_bench.errors import UserError
+from mae_bench.contract import Mask, MaskedAutoencoder, MaskingStrategy
+from mae_bench.errors import MaeBenchWarning, UserError
+from mae_bench.resume import STOPS
 from mae_bench.suite import Suite, Variant
-from mae_bench.train import forward_loss
+from mae_bench.train import draw_mask, forward_loss
+
+MASKS_DRAWN = 2
+"""Images whose masks the estimate draws on the CPU; the micro-batch's are shapes alike."""
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    """What the memory pre-check found: why the suite cannot fit (with the figures) or None,
+    and per variant it could not estimate, one line saying why."""
+
+    problem: str | None = None
+    unchecked: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # one line per unchecked variant, naming its suite field
+
+    def warn(self) -> None:
+        """Each unchecked variant as a :class:`MaeBenchWarning` (one ``warning:`` line)."""
+        for note in self.notes:
+            warnings.warn(note, MaeBenchWarning, stacklevel=3)
 
 
 def _bytes(t: torch.Tensor) -> int:
@@ -30,10 +57,27 @@ def micro_batch(suite: Suite, processes: int = 1) -> int:
     return max(1, cfg.batch_size // (processes * cfg.accum_iter))
 
 
+def _micro_batch_masks(
+    masking: MaskingStrategy, model: MaskedAutoencoder, images: int, progress: float
+) -> Mask:
+    """Masks for ``images`` images on the meta device: drawn and checked for at most
+    ``MASKS_DRAWN`` images on the CPU (as training draws them), the rest shapes alike."""
+    drawn = draw_mask(
+        masking, min(images, MASKS_DRAWN), model, progress, torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    return Mask(
+        *(
+            torch.empty((images, *t.shape[1:]), dtype=t.dtype, device="meta")
+            for t in (drawn.ids_keep, drawn.ids_restore, drawn.mask)
+        )
+    )
+
+
 def pretrain_step_bytes(variant: Variant, suite: Suite, processes: int = 1) -> int:
     """Bytes one process needs for a pretraining step of ``variant`` (weights x 4 for
     gradients and AdamW, its micro-batch, and the activations kept for backward), at the
-    lowest mask ratio it uses."""
+    lowest mask ratio it uses. Raises whatever the variant's plugins raise on the way."""
     ds = suite.config.dataset
     with torch.device("meta"):
         model = variant.build_model(ds.image_size, ds.channels)
@@ -43,8 +87,7 @@ def pretrain_step_bytes(variant: Variant, suite: Suite, processes: int = 1) -> i
     weights = sum(_bytes(p) for p in model.parameters() if p.requires_grad)
     peak = 0
     for progress in (0.0, 1.0):  # a curriculum's lowest ratio keeps the most tokens
-        drawn = masking(len(x), model.grid, progress=progress)
-        mask = Mask(*(t.to("meta") for t in (drawn.ids_keep, drawn.ids_restore, drawn.mask)))
+        mask = _micro_batch_masks(masking, model, len(x), progress)
         saved = 0
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -58,6 +101,12 @@ def pretrain_step_bytes(variant: Variant, suite: Suite, processes: int = 1) -> i
     return 4 * weights + 3 * _bytes(x) + peak
 
 
+def _reason(exc: BaseException) -> str:
+    """One line: the exception's type and the first line of its message."""
+    message = str(exc).strip()
+    return f"{type(exc).__name__}: {message.splitlines()[0]}" if message else type(exc).__name__
+
+
 def memory_budget(device: torch.device) -> tuple[int, str]:
     """Total memory of ``device`` in bytes, and what it is (for messages)."""
     if device.type == "cuda":
@@ -68,31 +117,57 @@ def memory_budget(device: torch.device) -> tuple[int, str]:
     return total, "this machine's"
 
 
-def memory_problem(suite: Suite, device: torch.device, processes: int = 1) -> str | None:
-    """Why ``suite``'s pretraining step cannot fit on ``device`` (with the figures), or None.
+def memory_check(suite: Suite, device: torch.device, processes: int = 1) -> MemoryCheck:
+    """Estimate each variant's pretraining step on ``device``: the first variant that cannot
+    fit (``problem``), and the variants whose plugins failed on the way (``unchecked``).
 
     ``processes`` data-parallel processes on one CPU machine share its memory; on CUDA each
-    has its own device."""
+    has its own device. Whatever a plugin raises here is its variant's, never the suite's."""
     budget, whose = memory_budget(device)
     if device.type != "cuda":
         budget //= processes
     ds = suite.config.dataset
     micro = micro_batch(suite, processes)
+    problem, unchecked, notes = None, {}, []
     for i, variant in enumerate(suite.variants):
-        need = pretrain_step_bytes(variant, suite, processes)
-        if need > budget:
-            return (
-                f"{suite.source}: variants[{i}] ({variant.name}): one pretraining step needs "
+        where = f"{suite.source}: variants[{i}] ({variant.name})"
+        try:
+            need = pretrain_step_bytes(variant, suite, processes)
+        except STOPS:  # a real Ctrl-C or SIGTERM stops the suite
+            raise
+        except BaseException as exc:  # a plugin's failure (even SystemExit): its cells fail
+            unchecked[variant.name] = _reason(exc)
+            notes.append(
+                f"{where}: its pretraining step's memory could not be estimated "
+                f"({unchecked[variant.name]}); it is not refused: its cells run, and fail "
+                "with the reason if it persists"
+            )
+            continue
+        if need > budget and problem is None:
+            problem = (
+                f"{where}: one pretraining step needs "
                 f"about {need / 2**30:,.1f} GiB per process (micro-batch {micro} at "
                 f"{ds.image_size}x{ds.image_size}: weights, gradients, AdamW state and "
                 f"activations), more than {whose} {budget / 2**30:,.1f} GiB of memory; lower "
-                "dataset.image_size or the model size, or raise pretrain.accum_iter"
+                "pretrain.batch_size, dataset.image_size or the model size, or raise "
+                "pretrain.accum_iter"
             )
-    return None
+    return MemoryCheck(problem, unchecked, tuple(notes))
 
 
-def check_memory(suite: Suite, device: torch.device, processes: int = 1) -> None:
-    """Refuse, with the figures, a suite whose pretraining step cannot fit on ``device``."""
-    problem = memory_problem(suite, device, processes)
-    if problem:
-        raise UserError(problem)
+def memory_problem(suite: Suite, device: torch.device, processes: int = 1) -> str | None:
+    """Why ``suite``'s pretraining step cannot fit on ``device`` (with the figures), or None;
+    each variant that could not be estimated is warned about (see :func:`memory_check`)."""
+    check = memory_check(suite, device, processes)
+    check.warn()
+    return check.problem
+
+
+def check_memory(suite: Suite, device: torch.device, processes: int = 1) -> MemoryCheck:
+    """Refuse, with the figures, a suite whose pretraining step cannot fit on ``device``;
+    warn about each variant that could not be estimated. Returns what was found."""
+    check = memory_check(suite, device, processes)
+    check.warn()
+    if check.problem:
+        raise UserError(check.problem)
+    return check

@@ -129,8 +129,9 @@ def _cell_tables(
 def plot_tables(
     records: list[dict[str, Any]], store: CellStore, evaluator: str, plot: TablePlot
 ) -> tuple[dict[str, pd.DataFrame], dict[str, dict[str, pd.DataFrame]]]:
-    """What ``plot`` of ``evaluator`` draws: per leaderboard row its table (lowest seed, or
-    every seed stacked with a ``seed`` column), and each of its ``also`` tables likewise."""
+    """What ``plot`` of ``evaluator`` draws: per leaderboard row its table (lowest seed whose
+    table reads, or every seed stacked with a ``seed`` column), and each of its ``also``
+    tables likewise."""
     by_row: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         if _stores(r, evaluator, plot.table):
@@ -142,12 +143,24 @@ def plot_tables(
         if plot.seeds == "all":
             found = _seed_tables(store, cells, names)
         else:
-            found = _cell_tables(store, min(cells, key=lambda r: r["seed"]), names)
+            found = _lowest_seed_tables(store, cells, plot.table, names)
         if plot.table in found:
             tables[row] = found.pop(plot.table)
             for name, table in found.items():
                 also[name][row] = table
     return tables, also
+
+
+def _lowest_seed_tables(
+    store: CellStore, cells: list[dict[str, Any]], table: str, names: tuple[str, ...]
+) -> dict[str, pd.DataFrame]:
+    """The tables ``names`` of the lowest-seed cell whose ``table`` reads (a damaged one is
+    warned about and the next seed's drawn instead); empty if none does."""
+    for record in sorted(cells, key=lambda r: r["seed"]):
+        found = _cell_tables(store, record, names)
+        if table in found:
+            return found
+    return {}
 
 
 def _seed_tables(

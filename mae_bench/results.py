@@ -24,8 +24,11 @@ evaluation, from the stored weights.
 Every folder is assembled under a temporary name (holding this host and process id), its
 files flushed to disk, and renamed into place, so it exists complete or not at all (also
 after a power loss), and a finished one is never
-replaced. A re-run skips every record that loads and validates; one that does not is moved
-to ``cells/.damaged/`` and recomputed. Temporary folders left by a killed run
+replaced. A re-run skips every record that loads and validates; one that does not (a
+folder without its record, JSON that is not strict, e.g. a bare ``NaN``, or a cell whose
+weights are missing or truncated) is moved to ``cells/.damaged/``, said in one warning,
+and recomputed in the same run. Nothing is moved through a ``cells/.damaged`` that is a
+symbolic link leaving the results folder. Temporary folders left by a killed run
 are removed by the next. Files and folders get the permissions the umask allows (not
 0600/0700), so a teammate or a job under another account can read them.
 """
@@ -34,10 +37,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import math
 import os
 import shutil
+import struct
 import tempfile
 import time
 import warnings
@@ -63,6 +68,7 @@ THRESHOLDS_DIR = "thresholds"  # <variant>-seed<k>.csv: every cell's threshold t
 PLOTS_DIR = "plots"  # <name>.png
 REPORT_FILE = "report.html"  # the self-contained results page
 SUITE_FILE = "suite.json"
+WEIGHT_FILES = ("encoder.safetensors", "decoder.safetensors")  # a cell's weights
 DAMAGED_DIR = ".damaged"
 LEADERBOARD_LOCK = ".leaderboard.lock"  # held while the leaderboard is rebuilt
 PRETRAIN_KEYS = {
@@ -108,14 +114,41 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write(path, text + "\n")
 
 
+def _refuse_constant(constant: str) -> Any:
+    raise ValueError(f"not strict JSON (a bare {constant})")
+
+
 def read_json(path: Path) -> Any:
-    """Parse a JSON file; ``ValueError`` naming the problem if it is not valid JSON."""
+    """Parse a JSON file strictly (a bare ``NaN`` or ``Infinity`` is refused, as
+    :func:`write_json` never writes one); ``ValueError`` naming the problem otherwise."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 text ({exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc})") from None
+
+
+def check_safetensors(path: Path) -> None:
+    """Cheaply check that a safetensors file is whole (its header parses and the file is as
+    long as the header says, as loading it requires), without reading its tensors;
+    ``ValueError`` naming the problem otherwise."""
+    with path.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{size} bytes: truncated (no safetensors header)")
+        (header_size,) = struct.unpack("<Q", head)
+        if header_size > size - 8:
+            raise ValueError(f"{size} bytes: truncated within its header")
+        try:
+            header = json.loads(handle.read(header_size), parse_constant=_refuse_constant)
+            ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+            expected = 8 + header_size + max(ends, default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise ValueError(f"not a safetensors file (its header does not parse: {exc})") from None
+    if size != expected:
+        raise ValueError(f"{size} bytes where its header describes {expected}: truncated")
 
 
 def evaluations(record: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -183,8 +216,13 @@ class CellStore:
 
     @staticmethod
     def _read(path: Path, record_id: str, keys: dict[str, type], id_key: str) -> Any:
-        if not path.is_file():
+        """The record at ``path``; None if its folder does not exist (not stored yet). A
+        folder is renamed into place whole, so one without its record is damaged."""
+        if not os.path.lexists(path.parent):
             return None
+        if not path.is_file():
+            problem = "missing" if not os.path.lexists(path) else "not a file"
+            raise DamagedCell(f"{path}: {problem}")
         try:
             return validate_record(read_json(path), record_id, keys, id_key)
         except (ValueError, OSError) as exc:
@@ -192,8 +230,19 @@ class CellStore:
 
     def read(self, cell_id: str) -> dict[str, Any] | None:
         """The cell's validated pretraining record; None if it has none; ``DamagedCell`` if
-        it does not load or validate."""
-        return self._read(self.path(cell_id) / PRETRAIN_FILE, cell_id, PRETRAIN_KEYS, "cell_id")
+        it, or one of its weight files (:func:`check_safetensors`), does not load or
+        validate."""
+        folder = self.path(cell_id)
+        record = self._read(folder / PRETRAIN_FILE, cell_id, PRETRAIN_KEYS, "cell_id")
+        if record is not None:
+            for weights in (folder / name for name in WEIGHT_FILES):
+                try:
+                    check_safetensors(weights)
+                except FileNotFoundError:
+                    raise DamagedCell(f"{weights}: missing") from None
+                except (ValueError, OSError) as exc:
+                    raise DamagedCell(f"{weights}: {exc}") from None
+        return record
 
     def read_eval(self, cell_id: str, eval_id: str) -> dict[str, Any] | None:
         """An evaluation's validated record, as :meth:`read`."""
@@ -207,6 +256,17 @@ class CellStore:
         except DamagedCell:
             return False
         return found is not None
+
+    def damage(self, cell_id: str, eval_ids: Iterable[str]) -> str | None:
+        """Why the cell's stored pretraining or one of its evaluations is damaged (the
+        file and the problem), or None if nothing stored is damaged."""
+        try:
+            if self.read(cell_id) is not None:
+                for eval_id in eval_ids:
+                    self.read_eval(cell_id, eval_id)
+        except DamagedCell as exc:
+            return str(exc)
+        return None
 
     def finished(
         self, cells: Iterable[tuple[str, list[str]]], *, repair: bool
@@ -234,7 +294,11 @@ class CellStore:
         try:
             return read(*ids)
         except DamagedCell as exc:
-            action = f"moved to {self.set_aside(folder)} and recomputed" if repair else "skipped"
+            action = "skipped"
+            if repair:
+                what = _contents(folder)
+                target = self.set_aside(folder)
+                action = f"{what} moved to {target} and recomputed" if target else "recomputed"
             warnings.warn(f"damaged result {exc}: {action}", MaeBenchWarning, stacklevel=3)
             return None
 
@@ -245,15 +309,48 @@ class CellStore:
                 return self.eval_path(record["cell_id"], evaluation["eval_id"]) / f"{table}.csv"
         return None
 
-    def set_aside(self, folder: Path) -> Path:
-        """Move a cell or evaluation folder to ``cells/.damaged/`` (kept for inspection)."""
+    def set_aside(self, folder: Path) -> Path | None:
+        """Move a cell or evaluation folder to ``cells/.damaged/`` (kept for inspection);
+        where it went, or None if it was gone already (another worker moved it)."""
         name = folder.relative_to(self.cells_dir).as_posix().replace("/", "__")
-        target = self.cells_dir / DAMAGED_DIR / f"{name}.{time.strftime('%Y%m%d-%H%M%S')}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        while target.exists():
-            target = target.with_name(target.name + "_")
-        os.replace(folder, target)
-        return target
+        damaged = self._damaged_dir()
+        target = damaged / f"{name}.{time.strftime('%Y%m%d-%H%M%S')}"
+        while True:
+            while os.path.lexists(target):
+                target = target.with_name(target.name + "_")
+            try:
+                os.rename(folder, target)
+                return target
+            except FileNotFoundError:
+                if os.path.lexists(folder):
+                    raise
+                return None  # another worker moved it
+            except OSError as exc:  # another worker took this name meanwhile
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+
+    def _damaged_dir(self) -> Path:
+        """``cells/.damaged``, a real folder: a symbolic link leaving the results folder is
+        replaced (said in a warning; its target is left as it is), so that nothing is moved
+        through it; anything else in the way is moved into the new folder."""
+        damaged = self.cells_dir / DAMAGED_DIR
+        if damaged.is_symlink():
+            target = damaged.resolve()
+            if not target.is_dir() or not target.is_relative_to(self.root.resolve()):
+                damaged.unlink(missing_ok=True)
+                warnings.warn(
+                    f"{damaged} is a symbolic link to {target}, not a folder in the results "
+                    "folder: replaced by a folder (nothing is moved out of the results folder)",
+                    MaeBenchWarning,
+                    stacklevel=4,
+                )
+        elif os.path.lexists(damaged) and not damaged.is_dir():
+            in_the_way = damaged.with_name(f"{DAMAGED_DIR}.{os.getpid()}.in-the-way")
+            os.rename(damaged, in_the_way)
+            damaged.mkdir()
+            os.rename(in_the_way, damaged / in_the_way.name)
+        damaged.mkdir(parents=True, exist_ok=True)
+        return damaged
 
     def clean_stale_tmp(self) -> list[Path]:
         """Remove temporary folders whose writer is gone: this host's dead processes,
@@ -355,6 +452,15 @@ class CellStore:
             )
 
 
+def _contents(folder: Path) -> str:
+    """What a cell or evaluation folder holds, for the warning that sets it aside."""
+    if folder.parent.name == EVALS_DIR:
+        return "the evaluation"
+    evals = folder / EVALS_DIR
+    count = sum(not p.name.startswith(".") for p in evals.iterdir()) if evals.is_dir() else 0
+    return f"the cell (its pretraining and {count} evaluations)"
+
+
 def _sync_folder(folder: Path) -> None:
     """Flush a folder's files and the folder itself to disk (before it is renamed into place)."""
     for path in [*folder.rglob("*"), folder]:
@@ -414,9 +520,9 @@ def write_suite_record(root: Path, record: dict[str, Any]) -> None:
 
 
 def cell_status(root: Path) -> list[dict[str, Any]]:
-    """Per cell of a results folder: ``state`` (done, running, failed, pending) and a
-    ``detail`` line: where and since when it runs and its stage and epoch, the path of its
-    traceback, or the checkpoint it would resume from."""
+    """Per cell of a results folder: ``state`` (done, running, damaged, failed, pending) and
+    a ``detail`` line: where and since when it runs and its stage and epoch, which file is
+    damaged and why, the path of its traceback, or the checkpoint it would resume from."""
     record = read_suite_record(root)
     store, leases = CellStore(root), Leases(root)
     rows = []
@@ -425,7 +531,8 @@ def cell_status(root: Path) -> list[dict[str, Any]]:
         lease = leases.read(cell_id)
         log = root / FAILED_DIR / f"{cell_id}.log"
         checkpoints = list((root / CHECKPOINT_DIR).glob(f"{cell_id}*.pt"))
-        if store.finished([(cell_id, eval_ids)], repair=False):
+        damage = store.damage(cell_id, eval_ids)
+        if damage is None and store.finished([(cell_id, eval_ids)], repair=False):
             row.update(state="done", detail="")
         elif lease is not None:
             since = dt.datetime.fromtimestamp(lease.since).astimezone()
@@ -440,6 +547,12 @@ def cell_status(root: Path) -> list[dict[str, Any]]:
                 since=lease.since,
                 stage=lease.stage,
                 epoch=lease.epoch,
+            )
+        elif damage is not None:
+            row.update(
+                state="damaged",
+                detail=f"{damage} (the next run sets it aside and recomputes it)",
+                reason=damage,
             )
         elif log.is_file():
             reason = log.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]

@@ -7,7 +7,18 @@ running sums of the epoch. It is read back with ``torch.load(weights_only=True)`
 Signals: SIGTERM (what SLURM, ``kill`` and a preempting scheduler send) stops a training loop
 at its next step boundary after saving a checkpoint; SIGUSR1 saves one and goes on. Outside a
 training loop SIGTERM stops the process where it is (:class:`Terminated`). A scheduler's own
-signal (submitit's SIGUSR2) is added with :func:`handle_signals`.
+signal (submitit's SIGUSR2) is added with :func:`handle_signals`. Ctrl-C (SIGINT) stops at
+once (:class:`Interrupted`). These two are the only exceptions that stop a suite
+(:data:`STOPS`): anything else, even a ``SystemExit`` or ``KeyboardInterrupt`` a plugin
+raises, fails the cell it was raised in.
+
+A step that hangs (a plugin stuck in a loop, a collective waiting for a dead peer) never
+reaches its boundary. So a stop signal in a training loop starts a grace period of
+``MAE_BENCH_STOP_GRACE_S`` seconds (default 25, under SLURM's default 30 s between SIGTERM
+and SIGKILL): if the loop has not stopped by then, :class:`Terminated` is raised where it
+is, without a new checkpoint (the last one on disk is kept and resumed from). If that is
+swallowed, or the loop is stuck where Python cannot raise, the process exits (code 128 +
+the signal) after a second grace period, saying so.
 
 Every loop ends its epochs through :func:`epoch_boundary` (the checkpoint policy, then the
 signals); pretraining also acts on signals between steps (:func:`step_boundary`), where
@@ -17,7 +28,10 @@ fine-tuning waits for the end of the epoch.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -27,10 +41,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from mae_bench.errors import MaeBenchWarning
+from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.files import atomic_write
 
 AUTO_SHARE = 0.05  # "auto": saving takes at most this share of the training time
+GRACE_ENV = "MAE_BENCH_STOP_GRACE_S"
+DEFAULT_GRACE_S = 25.0
 
 
 class Terminated(KeyboardInterrupt):
@@ -43,22 +59,94 @@ class Terminated(KeyboardInterrupt):
         self.detail = detail
 
 
-_state: dict[str, Any] = {"training": 0, "stop": None, "save": False}
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT), raised by mae-bench's own handler: unlike a ``KeyboardInterrupt`` a
+    plugin raises, which fails its cell, it stops the suite."""
+
+
+STOPS = (Terminated, Interrupted)  # the exceptions that stop a suite; every other fails a cell
+
+# training: nesting depth of training loops; stop: the pending stop signal; save: a checkpoint
+# asked for; grace_s: the grace period; watch: the generation of the grace-period watchdog
+# (a newer one, or none, makes an older one stand down); overdue: the watchdog's own signal
+_state: dict[str, Any] = {
+    "training": 0, "stop": None, "save": False, "grace_s": DEFAULT_GRACE_S, "watch": 0,
+    "overdue": False,
+}  # fmt: skip
 Outside = Callable[[int, Any], None]
+
+
+def stop_grace_s() -> float:
+    """The grace period after a stop signal, from ``MAE_BENCH_STOP_GRACE_S`` (seconds);
+    UserError naming the variable if it is not a positive number."""
+    raw = os.environ.get(GRACE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_GRACE_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise UserError(f"{GRACE_ENV}: expected a number of seconds above 0, got {raw!r}")
+    return seconds
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(signum)
 
 
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted()
+
+
 def _on_stop(outside: Outside) -> Callable[[int, Any], None]:
     def handler(signum: int, frame: Any) -> None:
-        if _state["training"]:
-            _state["stop"] = signum  # the loop saves a checkpoint at its next step and stops
-        else:
+        overdue, _state["overdue"] = _state["overdue"], False
+        if overdue:  # the watchdog's: the grace period is over
+            if _state["training"] and _state["stop"] is not None:  # the step still runs
+                _state["stop"] = None
+                raise Terminated(
+                    signum,
+                    f"the step in training did not finish within {_state['grace_s']:g} s of "
+                    f"the signal ({GRACE_ENV}): stopped there without a new checkpoint, the "
+                    "cell resumes from its last checkpoint",
+                )
+        elif not _state["training"]:
             outside(signum, frame)
+        elif _state["stop"] is None:
+            _state["stop"] = signum  # the loop saves a checkpoint at its next step and stops
+            _start_watchdog(signum)
 
     return handler
+
+
+def _start_watchdog(signum: int) -> None:
+    """After the grace period, raise :class:`Terminated` in the main thread if the loop has
+    not taken the stop; after a second one, if it has not left the loop, exit at once."""
+    _state["watch"] += 1
+    watch, grace, main = _state["watch"], _state["grace_s"], threading.main_thread().ident
+
+    def pending() -> bool:
+        return _state["watch"] == watch and _state["training"] > 0
+
+    def watchdog() -> None:
+        time.sleep(grace)
+        if not pending() or _state["stop"] is None:
+            return
+        _state["overdue"] = True
+        signal.pthread_kill(main, signum)  # a real signal: it also ends a sleep or a wait
+        time.sleep(grace)
+        if pending():
+            cursor = "\x1b[?25h" if sys.stderr.isatty() else ""  # shown again (a live display)
+            sys.stderr.write(
+                f"{cursor}\nterminated ({signal.Signals(signum).name}): the step in training "
+                f"did not stop within {2 * grace:g} s of the signal ({GRACE_ENV}): exiting at "
+                "once; the cell resumes from its last checkpoint\n"
+            )
+            sys.stderr.flush()
+            os._exit(128 + signum)
+
+    threading.Thread(target=watchdog, name="mae-bench-stop-grace", daemon=True).start()
 
 
 def _on_save(signum: int, frame: Any) -> None:
@@ -70,15 +158,26 @@ def handle_signals(
     stop: tuple[int, ...] = (signal.SIGTERM,),
     save: tuple[int, ...] = (signal.SIGUSR1,),
     outside: Outside = _raise_terminated,
+    interrupt: bool = True,
 ) -> Iterator[None]:
     """Install the checkpoint-aware handlers for the ``stop`` and ``save`` signals (main
-    thread only); ``outside`` is what a stop signal does outside a training loop."""
+    thread only); ``outside`` is what a stop signal does outside a training loop. With
+    ``interrupt``, Ctrl-C raises :class:`Interrupted` (on the main thread, unless SIGINT is
+    ignored, as in a background job). UserError if ``MAE_BENCH_STOP_GRACE_S`` is invalid."""
+    grace = stop_grace_s() if stop else _state["grace_s"]
     previous = {}
     try:
+        _state["grace_s"] = grace
         for sig in stop:
             previous[sig] = signal.signal(sig, _on_stop(outside))
         for sig in save:
             previous[sig] = signal.signal(sig, _on_save)
+        if (
+            interrupt
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        ):
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
         yield
     finally:
         for sig, handler in previous.items():
@@ -87,15 +186,23 @@ def handle_signals(
 
 @contextlib.contextmanager
 def training() -> Iterator[None]:
-    """Mark a training loop: stop signals now wait for its next step boundary."""
+    """Mark a training loop: stop signals now wait for its next step boundary (for the grace
+    period at most)."""
     _state["training"] += 1
+    stopped = False
     try:
         yield
+    except STOPS:
+        stopped = True
+        raise
     finally:
         _state["training"] -= 1
-        if not _state["training"] and _state["stop"] is not None:
+        if not _state["training"]:
+            _state["watch"] += 1  # the loop is left: a grace-period watchdog stands down
+            _state["overdue"] = False
             signum, _state["stop"] = _state["stop"], None
-            raise Terminated(signum)  # a stop that arrived after the last step boundary
+            if signum is not None and not stopped:
+                raise Terminated(signum)  # a stop that arrived after the last step boundary
 
 
 def requested() -> tuple[int | None, bool]:
@@ -235,10 +342,12 @@ def step_boundary(
     """Act on a request at a step boundary: save ``state()`` to ``checkpoint`` (if any) when
     ``save`` or a ``stop`` signal asks, call ``then()``, and after ``stop`` raise
     :class:`Terminated` (``where``: when it was saved, for the message)."""
+    if stop is not None:
+        _state["stop"] = None  # taken: the loop stops here (the grace period ends)
+        _state["watch"] += 1
     if checkpoint is not None and (stop is not None or save):
         checkpoint.save(state())
     if then is not None:
         then()
     if stop is not None:
-        _state["stop"] = None  # taken: the loop stops here
         raise Terminated(stop, f"checkpoint saved {where}")

@@ -5,11 +5,12 @@ writes the leaderboard. Launching lives here: the :class:`Launcher` interface (t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -166,15 +167,18 @@ def run_suite(
                 highlight=False,
             )
     local = None
-    if launcher.in_process:
-        torch_device = local_device(device_option)
-        start_world(world, torch_device)
-        local = InProcess(suite, console, summary)
-        if world.is_main and pending:  # a missing dataset fails here, before any write
-            local.context = WorkerContext.load(suite, root, torch_device, world, console)
+    # the probe's folders are removed again if the dataset then fails: nothing is left
+    with _removed_on_failure(CellStore(root).cells_dir, root, out_dir):
+        if world.is_main and pending:  # before anything is loaded
+            fresh = [c for c in pending if plan[c.cell_id][0] is None]
+            store.check_writable(sum(_result_bytes(c, suite) for c in fresh) + (1 << 20))
+        if launcher.in_process:
+            torch_device = local_device(device_option)
+            start_world(world, torch_device)
+            local = InProcess(suite, console, summary)
+            if world.is_main and pending:  # a missing dataset fails here, before any write
+                local.context = WorkerContext.load(suite, root, torch_device, world, console)
     if world.is_main and pending:
-        fresh = [c for c in pending if plan[c.cell_id][0] is None]
-        store.check_writable(sum(_result_bytes(c, suite) for c in fresh) + (1 << 20))
         write_suite_record(root, suite_record(suite, cells))
     ids = tuple(c.cell_id for c in pending)
     if launcher.in_process:  # every rank of a data-parallel launch runs the same request
@@ -192,6 +196,20 @@ def run_suite(
         write_suite_record(root, suite_record(suite, cells))
         summary.markdown = suite_leaderboard(root, suite, cells)
     return summary
+
+
+@contextlib.contextmanager
+def _removed_on_failure(*folders: Path) -> Iterator[None]:
+    """Remove those of ``folders`` (given deepest first) that the block created, if it fails
+    and they are still empty."""
+    created = [folder for folder in folders if not folder.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty
+        raise
 
 
 def local_device(device_option: str) -> torch.device:

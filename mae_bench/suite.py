@@ -6,13 +6,14 @@ below (unknown keys are errors), then every component against its plugin's ``Par
 
 from __future__ import annotations
 
-import json
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import torch
 import yaml
@@ -32,6 +33,7 @@ from pydantic import (
 from mae_bench.contract import (
     Dataset,
     Evaluator,
+    ImageData,
     Logger,
     Loss,
     MaskedAutoencoder,
@@ -89,15 +91,19 @@ class DatasetRef(ComponentRef):
 
 
 class LossRef(ComponentRef):
-    """A loss term and its weight in the variant's objective."""
+    """A loss term and its weight in the variant's objective: a positive, finite number (the
+    objective is minimised, so a negative weight would maximise its term)."""
 
     weight: float = 1.0
 
     @field_validator("weight")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value) or value == 0:
-            raise ValueError("must be a finite, non-zero number")
+    def _positive(cls, value: float) -> float:
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                "must be a positive, finite number (the objective is minimised: a negative "
+                "weight would maximise its term)"
+            )
         return value
 
 
@@ -259,6 +265,10 @@ class Resolved:
     plugin: str  # distribution that provides it
     version: str = "unknown"  # of that distribution: part of every key it affects
 
+    def describe(self) -> str:
+        """The component and where it comes from, e.g. ``'vit' (mae-bench 0.1.0)``."""
+        return f"{self.config['name']!r} ({self.plugin} {self.version})"
+
 
 @dataclass(frozen=True)
 class ResolvedLoss:
@@ -389,8 +399,71 @@ class Suite:
         return {**self.dataset.config, "image_size": ds.image_size, "channels": ds.channels}
 
     def build_dataset(self) -> Dataset:
-        """The dataset plugin instance."""
-        return self.dataset.cls(self.dataset.params)
+        """The dataset plugin, its ``load()`` checked (see :class:`CheckedDataset`)."""
+        return CheckedDataset(self.dataset, self.source)
+
+
+T = TypeVar("T")
+
+
+def plugin_call(build: Callable[[], T], field: str, resolved: Resolved, source: str) -> T:
+    """``build()``, which runs a plugin's code, or one ConfigError naming ``field`` in
+    ``source``: a ValueError's message as it is (how a plugin refuses its settings), any
+    other exception as the plugin's failure. A UserError (a missing file) passes unchanged."""
+    try:
+        return build()
+    except UserError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(field, str(exc), source) from None
+    except Exception as exc:
+        message = f"{resolved.describe()} could not be built: {type(exc).__name__}: {exc}"
+        raise ConfigError(field, message, source) from None
+
+
+class CheckedDataset(Dataset):
+    """A suite's dataset plugin as the core uses it: whatever goes wrong in its ``load()``
+    (it raises, returns something else than an ImageData, or data that fails ImageData's
+    checks: float images, labels out of range, an empty split, a label-count mismatch) is
+    one ConfigError naming the plugin under ``dataset``, never a traceback. A UserError the
+    plugin raises (a missing file, with its hint) passes unchanged."""
+
+    def __init__(self, resolved: Resolved, source: str) -> None:
+        self.plugin = plugin_call(
+            lambda: resolved.cls(resolved.params), "dataset", resolved, source
+        )
+        super().__init__(resolved.params)
+        self.resolved = resolved
+        self.source = source
+
+    @property
+    def pretrain_sees_test(self) -> bool:
+        return self.plugin.pretrain_sees_test
+
+    def load(self) -> ImageData:
+        who = self.resolved.describe()
+        try:
+            data = self.plugin.load()
+        except UserError:
+            raise
+        except Exception as exc:
+            if _raised_in(exc, ImageData.__post_init__):
+                message = f"{who} returned invalid data: {exc}"
+            else:
+                message = f"{who} failed to load: {type(exc).__name__}: {exc}"
+            raise ConfigError("dataset", message, self.source) from None
+        if not isinstance(data, ImageData):
+            message = f"{who} returned {type(data).__name__}, not an ImageData"
+            raise ConfigError("dataset", message, self.source)
+        return data
+
+
+def _raised_in(exc: BaseException, function: Callable[..., Any]) -> bool:
+    """Whether ``exc`` was raised by ``function``'s own code (its innermost frame)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code is function.__code__
 
 
 def _format_loc(loc: Sequence[str | int], prefix: str = "") -> str:
@@ -426,8 +499,79 @@ def config_error(exc: ValidationError, prefix: str, source: str) -> ConfigError:
     return error
 
 
+def _alternatives(annotation: Any) -> tuple[Any, ...]:
+    """The types a field of ``annotation`` takes: a union's members, ``Annotated`` unwrapped."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, UnionType):
+        return tuple(a for arg in get_args(annotation) for a in _alternatives(arg))
+    return (annotation,)
+
+
+def _number_not_bool(annotation: Any) -> bool:
+    """Whether a field of ``annotation`` takes numbers but not true/false (which pydantic
+    would silently read as 1 and 0)."""
+    options = _alternatives(annotation)
+    takes_bool = any(
+        o is bool or o is Any or (get_origin(o) is Literal and bool in map(type, get_args(o)))
+        for o in options
+    )
+    return not takes_bool and any(o in (int, float) for o in options)
+
+
+def _boolean_in(annotation: Any, value: Any, path: str) -> tuple[str, bool] | None:
+    """The first ``(path, value)`` in ``value`` that is a boolean where ``annotation`` wants a
+    number (nested models, lists and tuples included), or None."""
+    if isinstance(value, bool):
+        return (path, value) if _number_not_bool(annotation) else None
+    for option in _alternatives(annotation):
+        origin, args = get_origin(option), get_args(option)
+        if isinstance(option, type) and issubclass(option, BaseModel):
+            return boolean_for_number(option, value, path)
+        if origin is list and args and isinstance(value, dict):  # one item for a list
+            return _boolean_in(args[0], value, f"{path}[0]")
+        if origin in (list, tuple) and args and isinstance(value, list):
+            repeated = origin is list or args[-1] is Ellipsis
+            for i, item in enumerate(value[: None if repeated else len(args)]):
+                found = _boolean_in(args[0] if repeated else args[i], item, f"{path}[{i}]")
+                if found:
+                    return found
+            return None
+    return None
+
+
+def boolean_for_number(
+    model: type[BaseModel], raw: Any, prefix: str = ""
+) -> tuple[str, bool] | None:
+    """The path and value of the first boolean in ``raw`` (the data for ``model``) where
+    ``model`` wants a number: pydantic would silently read ``epochs: true`` as 1."""
+    if not isinstance(raw, dict):
+        return None
+    for key, value in raw.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is not None:
+            found = _boolean_in(field.annotation, value, _format_loc([key], prefix))
+            if found:
+                return found
+    return None
+
+
+def _refuse_booleans(model: type[BaseModel], raw: Any, prefix: str, source: str) -> None:
+    """A ConfigError naming the first field of ``raw`` given true/false for a number."""
+    found = boolean_for_number(model, raw, prefix)
+    if found:
+        path, value = found
+        raise ConfigError(path, f"must be a number, not {str(value).lower()}", source)
+
+
 def _check_masking(variant: Variant, grid: tuple[int, int]) -> None:
     variant.build_masking().check_grid(grid)
+
+
+def _on(device: torch.device, build: Callable[[], T]) -> T:
+    """``build()`` with ``device`` as torch's default device."""
+    with device:
+        return build()
 
 
 def lookup_component(registry: Registry, kind: str, name: str, path: str, source: str) -> Any:
@@ -441,6 +585,7 @@ def lookup_component(registry: Registry, kind: str, name: str, path: str, source
 
 def _resolve(registry: Registry, kind: str, ref: ComponentRef, path: str, source: str) -> Resolved:
     info = lookup_component(registry, kind, ref.name, f"{path}.name", source)
+    _refuse_booleans(info.cls.Params, ref.params, path, source)
     try:
         validated = info.cls.Params.model_validate(ref.params)
     except ValidationError as exc:
@@ -453,6 +598,7 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
     """Validate raw suite data against the schema and the plugins; raise ConfigError if bad."""
     if not isinstance(raw, dict):
         raise ConfigError("", "a suite must be a YAML mapping", source)
+    _refuse_booleans(SuiteConfig, raw, "", source)
     try:
         config = SuiteConfig.model_validate(raw)
     except ValidationError as exc:
@@ -469,21 +615,20 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
             for j, t in enumerate(v.loss)
         )
         variant = Variant(v.name, encoder, masking, losses)
-        try:  # shapes only (no memory): a huge model is caught by the memory check
-            with torch.device("cpu" if v.encoder.init_from else "meta"):
-                model = variant.build_model(ds.image_size, ds.channels)
-        except ValueError as exc:
-            raise ConfigError(f"{path}.encoder", str(exc), source) from None
-        builders = (
-            ("masking", partial(_check_masking, variant, model.grid)),
-            ("loss", variant.build_losses),
-            ("loss", variant.decoder_loss),
+        # shapes only (no memory): a huge model is caught by the memory check
+        device = torch.device("cpu" if v.encoder.init_from else "meta")
+        build_model = partial(variant.build_model, ds.image_size, ds.channels)
+        model = plugin_call(partial(_on, device, build_model), f"{path}.encoder", encoder, source)
+        plugin_call(
+            partial(_check_masking, variant, model.grid), f"{path}.masking", masking, source
         )
-        for field_name, build in builders:
-            try:
-                build()
-            except ValueError as exc:
-                raise ConfigError(f"{path}.{field_name}", str(exc), source) from None
+        for j, term in enumerate(losses):
+            part = term.component
+            plugin_call(partial(part.cls, part.params), f"{path}.loss[{j}]", part, source)
+        try:
+            variant.decoder_loss()
+        except ValueError as exc:  # the terms disagree on what the model predicts
+            raise ConfigError(f"{path}.loss", str(exc), source) from None
         if v.encoder.init_from:
             checkpoint = Path(v.encoder.init_from)
             try:
@@ -494,7 +639,9 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
             variant = replace(variant, init_from=v.encoder.init_from, init_digest=digest)
         variants.append(variant)
     warnings = []
-    if dataset.cls(dataset.params).pretrain_sees_test:
+    if plugin_call(
+        lambda: CheckedDataset(dataset, source).pretrain_sees_test, "dataset", dataset, source
+    ):
         warnings.append(
             f"{source}: dataset: pretraining (and the input normalisation) sees the test "
             "images: every result is optimistic, and marked `pretrain_sees_test` in the "
@@ -534,10 +681,7 @@ def _resolve_loggers(
     out = []
     for i, ref in enumerate(refs):
         resolved = _resolve(registry, "logger", ref, f"loggers[{i}]", source)
-        try:
-            resolved.cls(resolved.params)
-        except ValueError as exc:
-            raise ConfigError(f"loggers[{i}]", str(exc), source) from None
+        plugin_call(partial(resolved.cls, resolved.params), f"loggers[{i}]", resolved, source)
         out.append(resolved)
     return tuple(out)
 
@@ -565,10 +709,100 @@ def _resolve_evaluators(registry: Registry, cfg: EvalConfig, source: str) -> tup
         if name not in named and info.cls.enabled_by_default:
             ref = ComponentRef(name=name)
             out.append(_resolve(registry, "evaluator", ref, f"eval.{name}", source))
+    for resolved in out:  # each built once, as the suite's metrics are listed
+        build = partial(_evaluator_metrics, resolved)
+        plugin_call(build, f"eval.{resolved.config['name']}", resolved, source)
     return tuple(out)
 
 
+def _evaluator_metrics(resolved: Resolved) -> dict[str, Metric]:
+    return resolved.cls(resolved.params).metrics()
+
+
 # --------------------------------------------------------------------------- files
+MAX_YAML_VALUES = 100_000  # a suite has a few hundred; a "billion laughs" bomb has 9**9
+
+
+class SuiteYAMLError(yaml.YAMLError):
+    """YAML that parses but is refused: a duplicate key or a recursive alias."""
+
+
+class YAMLTooLarge(SuiteYAMLError):
+    """YAML whose aliases expand it past :data:`MAX_YAML_VALUES` values, or nested too deeply
+    to read; the message continues "the YAML ..." or "the value ..."."""
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _SuiteLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing what a suite never needs and a hostile file uses: a
+    duplicate key (the second value would silently win), a recursive alias, and aliases of
+    aliases expanding past :data:`MAX_YAML_VALUES` values (found on the composed node graph,
+    before anything is built, so a bomb is refused at once)."""
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        expanded = _expanded_size(node, set(), {}) if node is not None else 0
+        if expanded > MAX_YAML_VALUES:
+            raise YAMLTooLarge(
+                f"expands to more than {MAX_YAML_VALUES:,} values ({expanded:,}) through aliases "
+                "of aliases (a 'billion laughs' bomb?); refused"
+            )
+        return node
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        first: dict[tuple[str, str], yaml.Node] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == _MERGE_TAG:
+                continue  # a merge key (<<) may be overridden: that is what it is for
+            earlier = first.setdefault((key.tag, key.value), key)
+            if earlier is not key:
+                mark = key.start_mark
+                raise SuiteYAMLError(
+                    f"duplicate key {key.value!r} (line {mark.line + 1}, column "
+                    f"{mark.column + 1}; first at line {earlier.start_mark.line + 1}): a second "
+                    "value would silently replace the first"
+                )
+        return node
+
+
+def _expanded_size(node: yaml.Node, path: set[int], sizes: dict[int, int]) -> int:
+    """How many values ``node`` holds once every alias is expanded (each shared node counted
+    once per use, measured once); a SuiteYAMLError if an alias refers to its own ancestor."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in path:
+        mark = node.start_mark
+        raise SuiteYAMLError(
+            f"an alias refers to itself (line {mark.line + 1}): a recursive structure is refused"
+        )
+    path.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    sizes[key] = 1 + sum(_expanded_size(child, path, sizes) for child in children)
+    path.discard(key)
+    return sizes[key]
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` read as YAML the safe way (plain data only), refusing duplicate keys,
+    recursive aliases and alias bombs (a SuiteYAMLError) as well as malformed YAML (a
+    yaml.YAMLError)."""
+    loader = _SuiteLoader(text)
+    try:
+        return loader.get_single_data()
+    except RecursionError:
+        raise YAMLTooLarge("nests too deeply to read; refused") from None
+    finally:
+        loader.dispose()
+
+
 def read_suite_file(path: str | Path, what: str = "suite") -> dict[str, Any]:
     """Load a suite (or another ``what``: a YAML mapping) safely; raise UserError for a
     missing file or bad YAML."""
@@ -584,7 +818,11 @@ def read_suite_file(path: str | Path, what: str = "suite") -> dict[str, Any]:
     except OSError as exc:
         raise UserError(f"{path}: cannot read the {what} file ({exc.strerror or exc})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(text)
+    except YAMLTooLarge as exc:
+        raise UserError(f"{path}: the YAML {exc}") from None
+    except SuiteYAMLError as exc:
+        raise UserError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -601,13 +839,17 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     A path step into a list is an index (``variants.0``) or, for lists of named mappings,
     a name (``variants.vit-mae.encoder.dim=64``).
     """
-    data = json.loads(json.dumps(raw))  # deep copy of plain data
+    data = copy.deepcopy(raw)  # YAML may hold dates: the schema names such a field
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected key.path=value")
         try:
-            value = yaml.safe_load(text)
+            value = parse_yaml(text)
+        except YAMLTooLarge as exc:
+            raise UserError(f"--set {key}: the value {exc}") from None
+        except SuiteYAMLError as exc:
+            raise UserError(f"--set {key}: {exc}") from None
         except yaml.YAMLError:
             raise UserError(f"--set {key}: cannot parse value {text!r}") from None
         parts = key.split(".")

@@ -15,7 +15,14 @@ import torch
 from torch import Tensor
 
 from mae_bench import resume
-from mae_bench.contract import Loss, LossInputs, Mask, MaskedAutoencoder, MaskingStrategy
+from mae_bench.contract import (
+    Loss,
+    LossInputs,
+    Mask,
+    MaskedAutoencoder,
+    MaskingStrategy,
+    call_masking,
+)
 from mae_bench.data import ImageFeeder, index_batches
 from mae_bench.device import autocast, optimizer_options
 from mae_bench.distributed import SINGLE, Dist
@@ -62,6 +69,16 @@ def loss_terms(
     terms: dict[str, Tensor] = {}
     for loss, weight in losses:
         value = loss(inputs)
+        if not isinstance(value, Tensor) or value.numel() != 1:
+            what = (
+                f"a tensor of shape {tuple(value.shape)}"
+                if isinstance(value, Tensor)
+                else (type(value).__name__)
+            )
+            raise TypeError(
+                f"loss {loss.name!r} ({type(loss).__module__}.{type(loss).__qualname__}) "
+                f"returned {what}, not a scalar tensor"
+            )
         key = loss.name if loss.name not in terms else f"{loss.name}_{len(terms)}"
         terms[key] = value.detach()
         total = total + weight * value
@@ -80,6 +97,12 @@ def forward_loss(
     ``model`` (its DistributedDataParallel wrapper)."""
     with autocast(x.device):
         out = (forward or model)(x, mask)  # pred (B, L, p*p*C), latent (B, prefix + K, D)
+    expected = (len(x), mask.mask.shape[1], model.patch_size**2 * x.shape[1])
+    if tuple(out.pred.shape) != expected:
+        raise ValueError(
+            f"encoder {model.name!r} predicted a tensor of shape {tuple(out.pred.shape)}, "
+            f"expected (B, L, p*p*C) = {expected}"
+        )
     inputs = LossInputs(
         x, out.pred.float(), mask.mask, out.latent.float(), model.patch_size, model.pool
     )
@@ -142,11 +165,15 @@ def draw_mask(
     generator: torch.Generator | None,
     *,
     full_check: bool = True,
+    device: torch.device | None = None,
 ) -> Mask:
-    """A masking strategy's masks for a batch, checked: shapes always, values (which need a
-    device sync) when ``full_check``; a bad mask is a ``ValueError`` naming the strategy."""
-    device = next(model.parameters()).device
-    mask = masking(batch_size, model.grid, progress=progress, generator=generator, device=device)
+    """A masking strategy's masks for a batch, on ``device`` (default: the model's), checked:
+    shapes always, values (which need a device sync) when ``full_check``; a bad mask is a
+    ``ValueError`` naming the strategy."""
+    device = device or next(model.parameters()).device
+    mask = call_masking(
+        masking, batch_size, model.grid, progress=progress, generator=generator, device=device
+    )
     try:
         if not isinstance(mask, Mask):
             raise ValueError(f"returned a {type(mask).__name__}, not a mae_bench.Mask")

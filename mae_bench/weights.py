@@ -28,11 +28,10 @@ from torch import Tensor
 
 from mae_bench.contract import MaskedAutoencoder
 from mae_bench.errors import UserError
-from mae_bench.files import atomic_write
+from mae_bench.files import atomic_write, grant_umask
 from mae_bench.plugins import Registry
-from mae_bench.results import PRETRAIN_FILE
+from mae_bench.results import PRETRAIN_FILE, WEIGHT_FILES
 
-WEIGHT_FILES = ("encoder.safetensors", "decoder.safetensors")
 CORE_ENCODER_KEYS = ("name", "init_from", "init_sha256")  # in a record, not the plugin's
 ModelBuilder = Callable[[int, int], MaskedAutoencoder]
 """A fresh model from ``(image_size, in_chans)``, e.g. a resolved variant's ``build_model``."""
@@ -40,11 +39,14 @@ ModelBuilder = Callable[[int, int], MaskedAutoencoder]
 
 def save_weights(model: MaskedAutoencoder, folder: Path, metadata: dict[str, str]) -> None:
     """Write ``model``'s encoder and decoder as the cell folder's two safetensors files
-    (:data:`WEIGHT_FILES`), each carrying ``metadata``; :func:`load_weights` reads them back."""
+    (:data:`WEIGHT_FILES`), each carrying ``metadata``; :func:`load_weights` reads them back.
+    They get the permissions the umask allows, as every other result (safetensors creates
+    its files 0600)."""
     for part, name in zip(("encoder", "decoder"), WEIGHT_FILES, strict=True):
         state = getattr(model, part).state_dict()
         tensors = {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
         save_file(tensors, str(folder / name), metadata=metadata)
+        grant_umask(folder / name)
 
 
 def weight_files(path: Path) -> list[Path]:

@@ -114,8 +114,8 @@ def run_cells(
     signals = (
         resume.handle_signals(stop=(stop,), save=(), outside=outside)
         if stop is not None
-        else contextlib.nullcontext()  # the command line installed the handlers
-    )
+        else resume.handle_signals(stop=(), save=())  # the command line installed the others
+    )  # a real Ctrl-C stops the suite; a KeyboardInterrupt a plugin raises fails its cell
     context = local.context if local is not None else None
     try:
         with signals:
@@ -278,7 +278,9 @@ def _pretrain_on_rank(cell: Cell, suite: Suite, ctx: WorkerContext, world: Dist)
             checkpoint=ctx.checkpoint(cell, suite, world),
             world=world,
         )
-    except Exception as exc:  # rank 0 records the cell's failure
+    except resume.STOPS:
+        raise
+    except BaseException as exc:  # rank 0 records the cell's failure
         print(f"rank {world.rank}: {cell.cell_id}: {failure_line(exc)}", file=sys.stderr)
 
 
@@ -346,6 +348,8 @@ def _run_one(
             ctx.loggers.call(
                 "log_evaluation", cell.cell_id, out.record["evaluator"], out.record["metrics"]
             )
+    except resume.STOPS:  # a real signal: the suite stops (a checkpoint is kept)
+        raise
     except LeaseLost:
         summary.elsewhere.append(cell.cell_id)
         display.end_cell(
@@ -353,7 +357,7 @@ def _run_one(
             "too long) and another worker took the cell over"
         )
         return
-    except Exception as exc:  # one cell's failure is that cell's, not the suite's
+    except BaseException as exc:  # whatever a plugin raises (even SystemExit) fails its cell
         failure = record_failure(root, cell, exc)
         summary.failed[cell.cell_id] = failure
         display.end_cell(f"[red]FAILED[/red] {cell.cell_id}: {failure.reason}")
@@ -430,8 +434,8 @@ class CellDisplay:
 
 
 class LoggerSet:
-    """The suite's loggers, each guarded: one that fails is reported once and switched off,
-    and the run goes on."""
+    """The suite's loggers, each guarded: one that fails (whatever it raises, even
+    ``SystemExit``) is reported once and switched off, and the run goes on."""
 
     def __init__(self, loggers: list[Logger]) -> None:
         self.active = list(loggers)
@@ -441,7 +445,9 @@ class LoggerSet:
         for logger in list(self.active):
             try:
                 getattr(logger, method)(*args)
-            except Exception as exc:
+            except resume.STOPS:
+                raise
+            except BaseException as exc:
                 self.active.remove(logger)
                 warnings.warn(
                     f"logger {logger.name!r} failed in {method} ({type(exc).__name__}: {exc}): "

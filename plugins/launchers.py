@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import torch
 from pydantic import Field, NonNegativeInt, PositiveInt
@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mae_bench import Launcher, LaunchRequest, Params, UserError, hookimpl
+from mae_bench.files import WriteError, open_inside
 
 POLL_S = 2.0
 
@@ -85,7 +86,10 @@ class LocalLauncher(Launcher):
         slices = device_slices(request.device, p.workers, p.procs_per_cell)
         threads = p.threads or max(1, (os.cpu_count() or 1) // (p.workers * p.procs_per_cell))
         logs = request.root / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        try:
+            logs.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WriteError.of(logs, exc) from exc
         workers: list[tuple[subprocess.Popen, Path]] = []
         try:
             for i in range(p.workers):
@@ -103,7 +107,7 @@ class LocalLauncher(Launcher):
                         *command[1:],  # -m mae_bench run-cell ...
                     ]
                 log = logs / f"worker-{i}.log"
-                with log.open("ab") as out:
+                with _open_log(request.root, log) as out:
                     proc = subprocess.Popen(
                         command,
                         env=env,
@@ -130,6 +134,12 @@ class LocalLauncher(Launcher):
                 console.print(
                     f"[yellow]warning:[/yellow] a worker exited with {proc.returncode} (log: {log})"
                 )
+
+
+def _open_log(root: Path, log: Path) -> BinaryIO:
+    """A worker's log under the results folder ``root``, opened for appending, never through
+    a symlink that leads outside ``root`` (one there is replaced, with a warning)."""
+    return os.fdopen(open_inside(root, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND), "ab")
 
 
 def device_slices(device: str, workers: int, procs_per_cell: int) -> list[str] | None:

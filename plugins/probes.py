@@ -7,18 +7,20 @@ adding one costs no extra encoder pass.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch import Tensor, nn
 
 from mae_bench import EvalContext, EvalResult, Evaluator, Metric, Params, hookimpl
 from mae_bench.contract import TablePlot
 from mae_bench.data import index_batches
+from mae_bench.errors import MaeBenchWarning
 from mae_bench.metrics import (
     PREDICTIONS_TABLE,
     THRESHOLD_METRICS,
@@ -43,9 +45,15 @@ class LinearProbeParams(Params):
 
 
 class KNNParams(Params):
-    """k-NN on the cached frozen features: cosine similarity, temperature-weighted votes (DINO)."""
+    """k-NN on the cached frozen features: cosine similarity, temperature-weighted votes (DINO).
 
-    k: PositiveInt = 20
+    A ``k`` above the number of training images is not refused (the dataset is unknown at
+    validation): every training image votes, with a warning naming ``eval.knn.k``."""
+
+    k: PositiveInt = Field(
+        20,
+        description="neighbours that vote; more than the training images: all of them, warned",
+    )
     temperature: PositiveFloat = 0.07
     pool: Literal["cls", "mean"] = "mean"
 
@@ -246,6 +254,13 @@ class KNNEvaluator(Evaluator):
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         data, p = ctx.data, self.params
         train_x, test_x = ctx.features.get(p.pool)
+        if p.k > len(train_x):
+            warnings.warn(
+                f"eval.knn.k: {p.k} is more than the {len(train_x)} training images: all "
+                f"{len(train_x)} vote (k = {len(train_x)})",
+                MaeBenchWarning,
+                stacklevel=2,
+            )
         probs = knn_classify(
             train_x, data.train_labels, test_x, num_classes=data.num_classes,
             k=p.k, temperature=p.temperature,

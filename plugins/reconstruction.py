@@ -19,7 +19,7 @@ from mae_bench import (
     Params,
     hookimpl,
 )
-from mae_bench.contract import Mask, Seed
+from mae_bench.contract import Mask, Seed, call_masking
 from mae_bench.data import ImageFeeder, index_batches
 from mae_bench.evaluate import evaluation_sample, fixed_masks, reconstruct
 from mae_bench.layers import masked_laplacian_error, patch_mask_to_pixels
@@ -122,7 +122,14 @@ class ReconstructionEvaluator(Evaluator):
         masks = None
         if p.masks == "variant" and ctx.masking is not None:
             generator = torch.Generator().manual_seed(p.mask_seed)
-            masks = ctx.masking(len(sample), ctx.model.grid, progress=1.0, generator=generator)
+            masks = call_masking(
+                ctx.masking,
+                len(sample),
+                ctx.model.grid,
+                progress=1.0,
+                generator=generator,
+                device=None,
+            )
             masks.validate(len(sample), ctx.model.num_patches)
         scores = reconstruction_quality(
             ctx.model, ctx.data.test_images[sample], ctx.feeder, p,

@@ -86,3 +86,9 @@ def test_out_of_memory_gets_a_hint():
     line = failure_line(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert line.startswith("OutOfMemoryError: CUDA out of memory") and "batch_size" in line
     assert failure_line(ValueError("")) == "ValueError: "
+
+
+def test_a_plugin_exiting_or_interrupting_is_told_from_a_signal():
+    reason = " (raised by a plugin, not a signal: it fails the cell only)"
+    assert failure_line(SystemExit(0)) == "SystemExit: 0" + reason
+    assert failure_line(KeyboardInterrupt()) == "KeyboardInterrupt:" + reason

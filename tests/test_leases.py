@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from mae_bench import leases as leases_module
+from mae_bench.errors import MaeBenchWarning
 from mae_bench.leases import Leases
 from tests.conftest import MAE_BENCH, invoke, write_suite
 
@@ -74,3 +75,18 @@ def test_two_runs_on_one_folder_compute_each_cell_once(tmp_path):
     assert len(board) == 6  # the process that ended last wrote every cell
     status = invoke("status", str(root))
     assert status.stdout.count("done ") == 6 and "6 done" in status.stderr
+
+
+def test_an_unreadable_lease_is_taken_over_once_by_one_of_two_workers(tmp_path):
+    leases = Leases(tmp_path)
+    path = leases.path("cell-a")
+    path.parent.mkdir()
+    path.write_bytes(b"\x00garbage")
+    with pytest.warns(MaeBenchWarning, match=f"lease {path} cannot be read .*taken over"):
+        first = leases.claim("cell-a")
+    assert first is not None and first.held()
+    # a second worker that also saw the unreadable file moves aside first's fresh lease:
+    # it must put it back and give up, not delete it
+    assert leases_module._take_over(path, None) is False
+    assert first.held() and leases.claim("cell-a") is None
+    first.release()

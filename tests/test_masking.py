@@ -9,7 +9,7 @@ import torch
 from mae_bench.errors import ConfigError
 from mae_bench.suite import resolve_suite
 from mae_bench.train import draw_mask
-from tests.conftest import make_component, tiny_suite_data
+from tests.conftest import make_component, small_vit, tiny_suite_data
 
 
 def test_random_masking_ratio_and_exact_count(registry):
@@ -104,3 +104,19 @@ def test_masking_geometry_is_checked_at_validation(registry):
             resolve_suite(data, registry)
     finally:
         del registry.components["masking"]["buggy"]
+
+
+@pytest.mark.parametrize("ratio", [math.nan, 1.5, -0.25, "half"])
+def test_a_ratio_that_is_no_ratio_is_one_clear_error_naming_the_strategy(registry, ratio):
+    base = registry.components["masking"]["random"].cls
+
+    class Unbounded(base):
+        name = "unbounded"
+
+        def ratio_at(self, progress):
+            return ratio
+
+    strategy = Unbounded(base.Params())
+    expected = r"masking 'unbounded': ratio_at\(0.5\) returned .*, not a mask ratio in \[0, 1\]"
+    with pytest.raises(ValueError, match=expected):
+        draw_mask(strategy, 2, small_vit(registry), 0.5, torch.Generator().manual_seed(0))

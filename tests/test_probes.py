@@ -1,7 +1,19 @@
 """The probes (plugins/probes.py): the linear probe and k-NN on frozen features."""
 
+import warnings
+from types import SimpleNamespace
+
+import pytest
 import torch
-from mae_bench_plugins.probes import LinearProbeParams, knn_classify, linear_probe
+from mae_bench_plugins.probes import (
+    KNNEvaluator,
+    KNNParams,
+    LinearProbeParams,
+    knn_classify,
+    linear_probe,
+)
+
+from mae_bench.errors import MaeBenchWarning
 
 
 def test_linear_probe_separates_separable_features():
@@ -65,3 +77,21 @@ def test_knn_votes_are_stable_at_tiny_temperatures():
     nearest = (torch.nn.functional.normalize(test, dim=1)
                @ torch.nn.functional.normalize(train, dim=1).T).argmax(1)  # fmt: skip
     assert torch.equal(probs.argmax(1), labels[nearest])
+
+
+def test_knn_k_above_the_training_set_is_warned_and_every_image_votes():
+    g = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(10, 4, generator=g), torch.randn(6, 4, generator=g)
+    labels = torch.arange(10) % 2
+    features = SimpleNamespace(get=lambda pool: (train_x, test_x))
+    data = SimpleNamespace(train_labels=labels, test_labels=labels[:6], num_classes=2)
+    ctx = SimpleNamespace(data=data, features=features)
+    with pytest.warns(MaeBenchWarning) as caught:
+        many = KNNEvaluator(KNNParams(k=50)).evaluate(ctx)
+    assert [str(w.message) for w in caught] == [
+        "eval.knn.k: 50 is more than the 10 training images: all 10 vote (k = 10)"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # k within the training set: no warning
+        every = KNNEvaluator(KNNParams(k=10)).evaluate(ctx)
+    assert many.metrics == every.metrics

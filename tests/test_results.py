@@ -12,9 +12,11 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 import mae_bench.cell
-from mae_bench.results import CellStore, write_json
+from mae_bench.results import WEIGHT_FILES, CellStore, write_json
 from tests.conftest import invoke, write_suite
 
 
@@ -94,6 +96,8 @@ def test_finished_cells_are_never_replaced_even_by_racing_writers(tmp_path):
     def writer(tag: int):
         def write_files(folder: Path) -> None:
             (folder / "tag").write_text(str(tag))
+            for name in WEIGHT_FILES:  # a cell without its weights is damaged
+                save_file({"w": torch.zeros(2)}, str(folder / name))
             write_json(folder / "pretrain.json", record)
 
         for _ in range(25):
@@ -129,13 +133,12 @@ def test_results_respect_the_umask(tmp_path):
     assert result.exit_code == 0, result.output
     cell = next((tmp_path / "out" / "tiny" / "cells").iterdir())
     assert cell.stat().st_mode & 0o777 == 0o755
-    assert (cell / "pretrain.json").stat().st_mode & 0o777 == 0o644
+    for name in ("pretrain.json", "history.csv", "encoder.safetensors", "decoder.safetensors"):
+        assert (cell / name).stat().st_mode & 0o777 == 0o644, name  # a teammate reads them
     assert (tmp_path / "out" / "tiny" / "leaderboard.md").stat().st_mode & 0o777 == 0o644
 
 
-def test_sigterm_while_a_cell_folder_is_written_leaves_nothing_half_written(
-    tmp_path, monkeypatch
-):
+def test_sigterm_while_a_cell_folder_is_written_leaves_nothing_half_written(tmp_path, monkeypatch):
     real = mae_bench.cell.write_json
 
     def write_then_get_killed(path, data):

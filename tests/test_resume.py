@@ -2,6 +2,7 @@
 SIGTERM mid-epoch resumes to exactly the numbers of an uninterrupted run; so does
 fine-tuning; and when checkpoints are saved."""
 
+import os
 import signal
 import subprocess
 import time
@@ -137,3 +138,27 @@ def test_checkpoint_policy(tmp_path):
     assert torch.load(auto.path, weights_only=True)["key"] == "k"
     auto.remove()
     assert not (tmp_path / "checkpoints").exists()  # the emptied folder goes too
+
+
+def test_a_stop_signal_in_a_hung_step_raises_after_the_grace_period(tmp_path, monkeypatch):
+    """A step that never returns: after MAE_BENCH_STOP_GRACE_S the stop is raised where the
+    loop is, without a checkpoint; a loop that reaches its step boundary in time saves one.
+    Either way the watchdog then stands down (its hard exit would end this process)."""
+    monkeypatch.setenv("MAE_BENCH_STOP_GRACE_S", "0.5")
+    checkpoint = Checkpoint(tmp_path / "c.pt", "k", every=0)
+    start = time.perf_counter()
+    raises = pytest.raises(resume.Terminated)
+    with resume.handle_signals(), raises as stopped, resume.training():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the hung step
+    assert time.perf_counter() - start < 5 and stopped.value.signum == signal.SIGTERM
+    assert "did not finish within 0.5 s of the signal" in stopped.value.detail
+    assert not checkpoint.path.exists()
+    raises = pytest.raises(resume.Terminated, match="saved in epoch 1")
+    with resume.handle_signals(), raises, resume.training():
+        os.kill(os.getpid(), signal.SIGTERM)
+        stop, save = resume.requested()
+        resume.step_boundary(checkpoint, lambda: {"x": 1}, stop, save, where="in epoch 1")
+    assert torch.load(checkpoint.path, weights_only=True)["x"] == 1
+    time.sleep(1.2)  # both grace periods pass: nothing is raised, nothing exits
+    assert resume.requested() == (None, False)

@@ -68,4 +68,4 @@ def test_the_paired_interval_covers_the_truth_95_percent_of_the_time(n):
 
 def test_no_interval_from_one_value_and_a_point_from_equal_values():
     assert all(math.isnan(b) for b in mean_interval(np.array([0.3])))
-    assert mean_interval(np.array([0.2, 0.2, 0.2])) == (0.2, 0.2)
+    assert mean_interval(np.array([0.2, 0.2, 0.2])) == pytest.approx((0.2, 0.2))

@@ -77,3 +77,29 @@ def test_pretraining_on_cuda_with_bf16_and_fused_adamw(registry):
     _, model, result = pretrain_variant(suite, suite.variants[1], device="cuda")
     assert next(model.parameters()).is_cuda
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+
+
+def test_a_misbehaving_encoder_or_loss_fails_with_a_message_naming_it():
+    """An encoder returning tokens narrower than its embed_dim, and a loss returning a float,
+    fail with one line naming the component (not a shape error deep in the decoder, not
+    "'float' object has no attribute 'detach'")."""
+    from mae_bench.layers import random_mask
+    from mae_bench.train import forward_loss
+    from tests import fault_plugins
+    from tests.conftest import make_component, registry_with
+
+    registry = registry_with(fault_plugins, "faults")
+    info = registry.get("encoder", "faulty", "encoder")
+    params = {"patch_size": 4, "dim": 32, "hidden": 64}
+    x = torch.rand(2, 3, 16, 16)
+    mask = Mask(*random_mask(2, 16, 0.75))
+    mse = make_component(registry, "loss", "mse")
+    narrow = info.cls(info.cls.Params(**params, fault="width"), image_size=16, in_chans=3)
+    with pytest.raises(ValueError, match=r"encoder 'faulty' .*returned tokens of shape .*31\)"):
+        forward_loss(narrow, x, mask, [(mse, 1.0)])
+    healthy = info.cls(info.cls.Params(**params), image_size=16, in_chans=3)
+    not_tensor = make_component(registry, "loss", "faulty", fault="not-tensor")
+    with pytest.raises(TypeError, match=r"loss 'faulty' .*returned float, not a scalar tensor"):
+        forward_loss(healthy, x, mask, [(not_tensor, 1.0)])
+    total, terms = forward_loss(healthy, x, mask, [(mse, 1.0)])
+    assert total.ndim == 0 and set(terms) == {"mse"}

@@ -5,6 +5,7 @@ each cell's state."""
 import json
 import os
 import shutil
+import signal
 
 import pandas as pd
 
@@ -51,14 +52,29 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(tmp_path, monkeypatch)
 
 def test_ctrl_c_keeps_finished_cells_and_exits_130(tmp_path, monkeypatch):
     suite, out = _suite(tmp_path), tmp_path / "out"
-    monkeypatch.setattr(
-        mae_bench.worker, "pretrain_cell", _failing_for("vit", KeyboardInterrupt())
-    )
+    real = mae_bench.worker.pretrain_cell
+
+    def pretrain_cell(cell, *args, **kwargs):
+        if cell.variant.name == "vit":
+            os.kill(os.getpid(), signal.SIGINT)  # the real Ctrl-C, mid-cell
+        return real(cell, *args, **kwargs)
+
+    monkeypatch.setattr(mae_bench.worker, "pretrain_cell", pretrain_cell)
     result = invoke("run", str(suite), "--out", str(out))
     assert result.exit_code == 130 and "interrupted" in result.stderr
     cells = list((out / "tiny" / "cells").iterdir())
     assert [c.name.startswith("mlp-") for c in cells] == [True, True]  # nothing half-written
     assert not (out / "tiny" / "failed").exists()
+
+
+def test_a_keyboard_interrupt_a_plugin_raises_fails_its_cell_not_the_suite(tmp_path, monkeypatch):
+    """Only a real signal stops a suite (tests/test_faults_signals.py: through plugins)."""
+    suite, out = _suite(tmp_path), tmp_path / "out"
+    monkeypatch.setattr(mae_bench.worker, "pretrain_cell", _failing_for("vit", KeyboardInterrupt()))
+    result = invoke("run", str(suite), "--out", str(out))
+    assert result.exit_code == 1 and "interrupted" not in result.stderr
+    assert "KeyboardInterrupt: (raised by a plugin, not a signal" in result.stderr
+    assert len(pd.read_csv(out / "tiny" / "runs.csv")) == 3  # the other cells finished
 
 
 def test_run_cell_runs_named_cells_and_status_reports_each_state(tiny_run_copy):
