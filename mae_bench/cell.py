@@ -232,6 +232,7 @@ def evaluate_cell(
             "trains_encoder": evaluator.trains_encoder,
             "summary_priority": evaluator.summary_priority,
             "confusion": result.confusion,
+            "sanity": result.sanity,
             "provenance": provenance(device_name(feeder.device)),
         }
         model.eval()

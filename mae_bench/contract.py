@@ -396,6 +396,9 @@ class Loss(Component, ABC):
     """A training objective term; a variant sums several, each with a ``weight``."""
 
     kind: ClassVar[str] = "loss"
+    depends_on_batch: ClassVar[bool] = False
+    """True for a statistic of the whole batch (e.g. ``uniformity``'s pairs): its objective
+    changes with what changes the batch it sees (``accum_iter``, data-parallel processes)."""
 
     @property
     def prediction_space(self) -> str | None:
@@ -523,6 +526,8 @@ class Metric:
     summary: str | None = None  # an unprefixed summary column it can fill (e.g. "f1_macro")
     compare: bool = True  # its best value is marked in leaderboards
     flag: str | None = None  # a 0/1 metric: variants below 1 are marked, with this note
+    bounds: tuple[float | None, float | None] = (None, None)  # its range, e.g. (0, 1): drawn
+    # intervals are clipped to it
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data, stored with each result so tables render without the plugin."""
@@ -534,6 +539,7 @@ class Metric:
             "summary": self.summary,
             "compare": self.compare,
             "flag": self.flag,
+            "bounds": list(self.bounds),
         }
 
 
@@ -595,11 +601,16 @@ class EvalContext:
 @dataclass
 class EvalResult:
     """What an evaluator returns: metrics named as in ``Evaluator.metrics()``, tables written
-    as ``<name>.csv`` beside the cell's result, and an optional confusion matrix."""
+    as ``<name>.csv`` beside the cell's result, an optional confusion matrix, and ``sanity``:
+    plain facts that say how far its figures can be trusted (split sizes, chance level, an
+    accuracy's resolution ``1 / n_test``, and ``warnings``: sentences about a figure below its
+    floor or a test set too small to separate variants), stored with the result and shown
+    on the page."""
 
     metrics: dict[str, float]
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     confusion: list[list[int]] | None = None
+    sanity: dict[str, Any] = field(default_factory=dict)
 
 
 class TablePlot:

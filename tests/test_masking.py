@@ -19,6 +19,27 @@ def test_random_masking_ratio_and_exact_count(registry):
     assert torch.all(mask.mask.sum(1) == 15)
 
 
+def official_masked_count(num_patches: int, ratio: float) -> int:
+    """Patches the official MAE masks: ``random_masking`` keeps
+    ``int(L * (1 - mask_ratio))`` (written out here from the paper's code, not imported)."""
+    return num_patches - int(num_patches * (1 - ratio))
+
+
+@pytest.mark.parametrize("side", [4, 7, 8, 14])  # L = 16, 49, 64, 196
+def test_random_masks_hide_as_many_patches_as_the_official_code(registry, side):
+    """At every ratio from 0.05 to 0.95 (a curriculum passes through many): at L=16 and 0.7
+    the official code masks 12 patches, ``round`` masked 11."""
+    generator = torch.Generator().manual_seed(0)
+    for k in range(1, 20):
+        ratio = round(0.05 * k, 2)
+        masking = make_component(registry, "masking", "random", ratio=ratio)
+        mask = masking(3, (side, side), generator=generator)
+        expected = min(side * side - 1, official_masked_count(side * side, ratio))
+        assert mask.mask.sum(1).tolist() == [expected] * 3, (side, ratio)
+        assert mask.ids_keep.shape == (3, side * side - expected)
+    assert official_masked_count(16, 0.7) == 12
+
+
 @pytest.mark.parametrize(
     ("schedule", "progress", "expected"),
     [
