@@ -104,7 +104,7 @@ def pretrain_cell(
     fine-tuning, reconstruction) runs it where it is.
     """
     cfg = suite.config
-    reset_peak_memory(feeder.device)
+    measures_memory = reset_peak_memory(feeder.device)  # this cell's peak, not the process's
     torch.manual_seed(cell.seed)
     model: MaskedAutoencoder = cell.variant.build_model(feeder.image_size, feeder.channels)
     if cell.variant.init_from:
@@ -137,7 +137,7 @@ def pretrain_cell(
             imgs_per_s=trained.images_per_second,
             final_loss=trained.history[-1]["loss"],
         )
-    metrics["peak_mem_mb"] = peak_memory_mb(feeder.device)
+    metrics["peak_mem_mb"] = peak_memory_mb(feeder.device) if measures_memory else float("nan")
     record = {
         "cell_id": cell.cell_id,
         "suite": cell.suite,

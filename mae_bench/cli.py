@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import sys
+import textwrap
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from mae_bench.errors import MaeBenchWarning, UserError
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_TERMINATED = 143  # SIGTERM (what SLURM and `kill` send)
+LISTING_WIDTH = 100  # `mae-bench plugins` wraps descriptions at this many columns
 
 
 def _print_warning(text: str) -> None:
@@ -290,6 +292,7 @@ def status(results_dir: str, as_json: bool) -> None:
 def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
     """Check a suite file against the schema and the plugins, without running it."""
     from mae_bench.device import resolve_device
+    from mae_bench.leaderboard import plural
     from mae_bench.memory import memory_check
     from mae_bench.plan import baseline_variants, suite_cells
     from mae_bench.plugins import load_registry
@@ -306,10 +309,10 @@ def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
         _print_warning(f"{check.problem} (on this machine; `run` refuses it here)")
     cells = suite_cells(suite)
     baselines = len(baseline_variants(suite))
-    extra = f" + {baselines} baseline(s)" if baselines else ""
+    extra = f" + {plural(baselines, 'baseline')}" if baselines else ""
     click.echo(
-        f"ok: suite {suite.name!r}: ({len(suite.variants)} variants{extra}) x "
-        f"{len(suite.config.seeds)} seeds = {len(cells)} cells"
+        f"ok: suite {suite.name!r}: ({plural(len(suite.variants), 'variant')}{extra}) x "
+        f"{plural(len(suite.config.seeds), 'seed')} = {plural(len(cells), 'cell')}"
     )
     if show:
         click.echo(yaml.safe_dump(suite.resolved, sort_keys=False))
@@ -340,7 +343,7 @@ def plugins(as_json: bool) -> None:
             }
             for p in registry.plugins
         ]
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps(data, indent=2, default=str))  # a default of any type: as text
         return
     if not registry.plugins:
         click.echo("no plugins loaded")
@@ -350,11 +353,31 @@ def plugins(as_json: bool) -> None:
         for kind in KINDS:
             comps = [c for c in p.components if c.kind == kind]
             for c in comps:
-                click.echo(f"  {kind:9} {c.name:14} {c.description}")
+                head = f"  {kind:9} {c.name:14} "
+                indent = " " * len(head)
+                click.echo(
+                    textwrap.fill(
+                        c.description or "-", LISTING_WIDTH, initial_indent=head,
+                        subsequent_indent=indent, break_on_hyphens=False,
+                    )
+                )  # fmt: skip
                 for name, param in describe_params(c.cls.Params).items():
-                    click.echo(f"  {'':9} {'':14}   {name}: {param['type']} = {param['default']!r}")
+                    line = _param_line(name, param)
+                    click.echo(
+                        textwrap.fill(
+                            line, LISTING_WIDTH, initial_indent=f"{indent}  ",
+                            subsequent_indent=f"{indent}      ", break_on_hyphens=False,
+                        )
+                    )  # fmt: skip
         for error in p.errors:
             click.echo(click.style(f"  error: {error}", fg="red"))
+
+
+def _param_line(name: str, param: dict[str, Any]) -> str:
+    """``name: type = default  (description)``, or ``name: type (required)``."""
+    text = f"{name}: {param['type']}"
+    text += " (required)" if param["required"] else f" = {param['default']!r}"
+    return text + (f"  ({param['description']})" if param["description"] else "")
 
 
 @cli.command()
@@ -383,6 +406,7 @@ def leaderboard(results_dir: str) -> None:
 def report(results_dir: str, open_page: bool) -> None:
     """Regenerate every table and plot of a suite's results folder, and its self-contained
     results page DIR/report.html, without retraining."""
+    from mae_bench.leaderboard import plural
     from mae_bench.plugins import load_registry
     from mae_bench.report import render_report
 
@@ -390,7 +414,7 @@ def report(results_dir: str, open_page: bool) -> None:
     for path in paths:
         click.echo(str(path))
     click.echo(str(page))
-    click.echo(f"{len(paths)} plots and the results page written", err=True)
+    click.echo(f"{plural(len(paths), 'plot')} and the results page written", err=True)
     if open_page:
         import webbrowser
 

@@ -61,6 +61,9 @@ class Component:
     kind: ClassVar[str]  # set by each kind's base class; the registry checks it
     name: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
+    version: ClassVar[str | None] = None
+    """The component's own version, part of every result key it affects: bump it when a
+    change outside its own modules (a helper it imports) changes its results."""
 
     def __init__(self, params: Params) -> None:
         self.params = params
@@ -332,9 +335,26 @@ class MaskedAutoencoder(nn.Module, Component, ABC):
 
     def encoder_param_groups(self, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
         """AdamW groups of the encoder alone for fine-tuning, each with an ``lr_scale``:
-        layer-wise decay over the encoder's timm-style ``group_matcher`` (see
+        the official MAE's layer-wise decay over the stem and blocks of the encoder's
+        timm-style ``group_matcher``, its final norm at scale 1 (see
         :func:`mae_bench.layers.layer_decay_param_groups`; one scale, 1, without one)."""
         return layer_decay_param_groups(self.encoder, weight_decay, layer_decay)
+
+    def drop_final_norm(self) -> bool:
+        """Remove, in place, the normalisation the encoder applies to its output tokens, so
+        ``forward_encoder`` returns them unnormalized; True when there was one.
+
+        For the official MAE's global-pool fine-tuning head, which replaces that norm with
+        its own ``fc_norm`` on the mean of the patch tokens; call it on a copy
+        (``without_decoder()``). By default an encoder's ``norm`` submodule (timm's ViTs
+        and the built-in ``vit``) becomes an identity; override for encoders built
+        otherwise (return False when yours has no final norm).
+        """
+        norm = getattr(self.encoder, "norm", None)
+        if not isinstance(norm, nn.Module) or isinstance(norm, nn.Identity):
+            return False
+        self.encoder.norm = nn.Identity()
+        return True
 
     def set_drop_path(self, rate: float) -> None:
         """Stochastic depth on the encoder's timm ``Block``s, rising linearly to ``rate`` at the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import platform
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch
 
 import mae_bench
 from mae_bench.errors import UserError
+from mae_bench.leases import host_name
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -32,8 +34,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         device = None
     if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise UserError(
-            f"--device: unknown or unsupported device {name!r} (use auto, cpu, cuda, cuda:N "
-            "or mps)"
+            f"--device: unknown or unsupported device {name!r} (use auto, cpu, cuda, cuda:N or mps)"
         )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device: CUDA was requested but is not available on this machine")
@@ -63,21 +64,45 @@ def optimizer_options(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if device.type == "cuda" else {"foreach": True}
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory measurement (CUDA only; the CPU figure is process-wide)."""
+CLEAR_REFS = Path("/proc/self/clear_refs")  # Linux: writing "5" resets the peak RSS (VmHWM)
+PROC_STATUS = Path("/proc/self/status")  # Linux: VmHWM, the peak RSS since the last reset
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory measurement: CUDA's allocator statistics, or on a Linux CPU
+    the process's peak resident set (``/proc/self/clear_refs``). False where no new
+    measurement can start (the CPU elsewhere): the peak so far would include earlier cells'."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        CLEAR_REFS.write_text("5", encoding="ascii")
+    except OSError:
+        return False
+    return _resident_peak_kib() is not None
+
+
+def _resident_peak_kib() -> int | None:
+    """The process's peak resident set since the last reset (VmHWM, KiB); None if unknown."""
+    try:
+        status = PROC_STATUS.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return None
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory in MiB: CUDA memory allocated since the last reset on CUDA; elsewhere
-    the process's peak resident set size so far (a process-wide high-water mark)."""
+    """Peak memory in MiB since :func:`reset_peak_memory`: allocated CUDA memory, or the
+    process's peak resident set on a Linux CPU; NaN where it is not measured."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
+    peak = _resident_peak_kib() if device.type == "cpu" else None
+    return float("nan") if peak is None else peak / 2**10
 
 
 def prepare(device: torch.device) -> None:
@@ -109,9 +134,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+@cache
+def run_id() -> str:
+    """This process's run: its host, process id and start time (UTC). Cells timed in one
+    run on one host can be compared for speed; others cannot."""
+    started = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{host_name()}-{os.getpid()}-{started}"
+
+
 def provenance(device_name: str) -> dict[str, str]:
-    """Versions, commit, device and date to store beside every result (``device_name``:
-    :func:`device_name` of where it ran)."""
+    """Versions, commit, device, host, run (:func:`run_id`) and date to store beside every
+    result (``device_name``: :func:`device_name` of where it ran)."""
     return {
         "mae_bench_version": mae_bench.__version__,
         "git_commit": git_commit(),
@@ -120,5 +153,7 @@ def provenance(device_name: str) -> dict[str, str]:
         "python_version": sys.version.split()[0],
         "platform": platform.platform(),
         "device": device_name,
+        "host": host_name(),
+        "run_id": run_id(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

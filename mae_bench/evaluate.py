@@ -1,7 +1,11 @@
 """Evaluation helpers shared by the core and the evaluator plugins: frozen features (extracted
-once per cell), the fixed evaluation sample and masks, and reconstructions mapped to pixels."""
+once per cell), the fixed evaluation sample and masks, reconstructions mapped to pixels, and
+the sanity facts a classifier's result carries."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,9 +61,7 @@ def evaluation_sample(labels: Tensor, n: int, seed: int = 0) -> Tensor:
 
     index = np.arange(len(labels))
     try:
-        keep, _ = train_test_split(
-            index, train_size=n, stratify=labels.numpy(), random_state=seed
-        )
+        keep, _ = train_test_split(index, train_size=n, stratify=labels.numpy(), random_state=seed)
     except ValueError:  # a class too small to stratify: a plain fixed-seed sample
         keep = np.random.default_rng(seed).choice(len(labels), n, replace=False)
     return torch.from_numpy(np.sort(keep))
@@ -89,3 +91,72 @@ def reconstruct(
     return unpatchify(pred, model.patch_size, x.shape[1])
 
 
+SMALL_TEST_SET = 100
+"""Fewer test images than this: one image moves an accuracy by more than 0.01, too coarse to
+separate variants closer than that (a warning in the result's sanity)."""
+SMALL_TEST_CLASS = 10
+"""A class with fewer test images than this: one image moves its recall, and so the macro
+averages, by a tenth or more (a warning in the result's sanity)."""
+
+
+def _listed(names: Sequence[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def classifier_sanity(
+    train_labels: Tensor,
+    test_labels: Tensor,
+    num_classes: int,
+    *,
+    class_names: Sequence[str] | None = None,
+    accuracy: tuple[str, float] | None = None,
+) -> dict[str, Any]:
+    """What says how far a classifier's test figures can be trusted, for its result's
+    ``sanity``: ``n_train``, ``n_test``, ``num_classes``, ``chance`` (the share of the test
+    set's majority class: what always predicting it scores), ``resolution`` (1 / n_test, the
+    smallest step of an accuracy) and ``warnings``, sentences about
+
+    - a test set of fewer than :data:`SMALL_TEST_SET` images (resolution above 0.01),
+    - classes present with fewer than :data:`SMALL_TEST_CLASS` test images,
+    - classes absent from the test set (left out of the macro averages),
+    - ``accuracy`` (its metric name and value) at or below chance.
+    """
+    names = list(class_names or [str(k) for k in range(num_classes)])
+    counts = np.bincount(test_labels.numpy(), minlength=num_classes)
+    n_test = int(counts.sum())
+    chance = float(counts.max() / n_test)
+    warnings: list[str] = []
+    if n_test < SMALL_TEST_SET:
+        warnings.append(
+            f"only {n_test} test images: one image moves an accuracy by 1/{n_test} = "
+            f"{1 / n_test:.3f}, too coarse to separate variants closer than that"
+        )
+    small = [k for k in range(num_classes) if 0 < counts[k] < SMALL_TEST_CLASS]
+    if small:
+        sizes = sorted({int(counts[k]) for k in small})
+        each = f"{sizes[0]} test images" + (" each" if len(small) > 1 else "")
+        if len(sizes) > 1:
+            each = f"{_listed([str(int(counts[k])) for k in small])} test images"
+        verb = "has" if len(small) == 1 else "have"
+        warnings.append(
+            f"{_listed([names[k] for k in small])} {verb} {each} (fewer than "
+            f"{SMALL_TEST_CLASS}): one image moves a class's recall by 1/{max(sizes)} or more"
+        )
+    absent = [names[k] for k in range(num_classes) if counts[k] == 0]
+    if absent:
+        verb = "has" if len(absent) == 1 else "have"
+        warnings.append(f"{_listed(absent)} {verb} no test images: left out of the macro averages")
+    if accuracy is not None and accuracy[1] <= chance:
+        warnings.append(
+            f"{accuracy[0]} {accuracy[1]:.3f} is no better than chance {chance:.3f} "
+            "(always predicting the test set's majority class)"
+        )
+    return {
+        "n_train": len(train_labels),
+        "n_test": n_test,
+        "num_classes": num_classes,
+        "chance": chance,
+        "resolution": 1 / n_test,
+        "warnings": warnings,
+    }

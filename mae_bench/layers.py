@@ -7,6 +7,7 @@ row-major order over the grid.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models import group_parameters
+from timm.models._manipulate import MATCH_PREV_GROUP, group_with_matcher
 from timm.models.vision_transformer import Block
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
@@ -219,17 +221,19 @@ def layer_decay_param_groups(
 ) -> list[dict[str, Any]]:
     """AdamW groups of an encoder for fine-tuning, each with an ``lr_scale``.
 
-    Layers come from the encoder's timm-style ``group_matcher`` (stem, ``blocks.N``; the
-    final norm merged with the last block, as timm groups it); the classifier head sits
-    one layer above, at scale 1. Block ``i`` of ``depth`` gets
-    ``layer_decay ** (depth - i)`` (the last block ``layer_decay``, as in the official
-    MAE), the stem ``layer_decay ** (depth + 1)``. Encoders without a ``group_matcher``
-    get one scale, 1. No weight decay on 1-D parameters and ``no_weight_decay()`` names.
+    The official MAE rule (``util/lr_decay.py:param_groups_lrd``): the stem is layer 0,
+    block ``i`` layer ``i + 1``, and everything else (the encoder's final norm, a head)
+    layer ``depth + 1``; layer ``k`` gets ``layer_decay ** (depth + 1 - k)``, so the last
+    block gets ``layer_decay`` and the final norm 1. The stem and blocks come from the
+    encoder's timm-style ``group_matcher``; what it merges into the last block (timm's
+    ``MATCH_PREV_GROUP``, e.g. ``norm``) or does not match sits at the top, scale 1.
+    Encoders without a ``group_matcher`` get one scale, 1. No weight decay on 1-D
+    parameters and ``no_weight_decay()`` names.
     """
     no_decay = set(getattr(encoder, "no_weight_decay", set)())
     layer_of: dict[str, int] = {}
     if hasattr(encoder, "group_matcher"):
-        layer_of = group_parameters(encoder, encoder.group_matcher(coarse=False), reverse=True)
+        layer_of = _stem_and_block_layers(encoder, encoder.group_matcher(coarse=False))
     top = max(layer_of.values(), default=-1) + 1
     groups: dict[tuple[float, bool], dict[str, Any]] = {}
     for name, param in encoder.named_parameters():
@@ -243,6 +247,27 @@ def layer_decay_param_groups(
         )
         group["params"].append(param)
     return list(groups.values())
+
+
+def _stem_and_block_layers(encoder: nn.Module, matcher: Any) -> dict[str, int]:
+    """Layer ids (0, 1, ...) of the parameters a timm ``group_matcher`` places in the stem
+    or a block; parameters it merges into the previous group (``MATCH_PREV_GROUP``) or does
+    not match are left out (the caller puts them at the top)."""
+    if not isinstance(matcher, dict):  # a callable matcher: its groups as they are
+        return group_parameters(encoder, matcher, reverse=True)
+    rules: dict[str, Any] = {}
+    for group, spec in matcher.items():
+        if isinstance(spec, list | tuple):
+            spec = [rule for rule in spec if rule[1] != MATCH_PREV_GROUP]
+        rules[group] = spec
+    patterns = [
+        re.compile(rule[0] if isinstance(rule, list | tuple) else rule)
+        for spec in rules.values()
+        if spec
+        for rule in ([spec] if isinstance(spec, str) else spec)
+    ]
+    named = [(n, p) for n, p in encoder.named_parameters() if any(r.match(n) for r in patterns)]
+    return group_with_matcher(named, rules, reverse=True)
 
 
 def set_block_drop_path(module: nn.Module, rate: float) -> None:

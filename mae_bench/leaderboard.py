@@ -20,6 +20,7 @@ from mae_bench.metrics import (
     CORE_METRICS,
     DEFAULT_PRIMARY_METRIC,
     THRESHOLDS_TABLE,
+    TIMING_METRICS,
     binary_thresholds,
 )
 from mae_bench.results import (
@@ -72,7 +73,9 @@ def table_damage(text: str) -> str | None:
 
 def metric_info(records: Iterable[dict[str, Any]]) -> Info:
     """How to show each metric, from the evaluators' declarations stored in the records
-    (evaluators in suite order), then the runner's own metrics."""
+    (evaluators in suite order), then the runner's own metrics, then the unprefixed summary
+    columns (:func:`summary_columns`), each described as a copy of its one source."""
+    records = list(records)
     info: Info = {}
     for r in records:
         for _, evaluation in evaluations(r):
@@ -80,7 +83,26 @@ def metric_info(records: Iterable[dict[str, Any]]) -> Info:
                 info.setdefault(name, described)
     for name, metric in CORE_METRICS.items():
         info.setdefault(name, metric.as_dict())
+    for key, source in summary_columns(records).items():
+        described = info[source]
+        info.setdefault(
+            key,
+            {
+                **described,
+                "description": f"{described.get('description', source)}: a copy of `{source}` "
+                "(every row from this one evaluator; empty where it did not run)",
+                "headline": False,
+                "summary": None,
+                "flag": None,
+                "summary_of": source,
+            },
+        )
     return info
+
+
+def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun``, its plural from 2 on or at 0 (``1 seed``, ``3 seeds``)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def higher_is_better(metric: str, info: Info | None = None) -> bool:
@@ -122,21 +144,30 @@ def _baseline_rows(row: dict[str, Any], trained: set[str]) -> list[dict[str, Any
     return [frozen, scratch]
 
 
-def _summary_sources(records: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Unprefixed summary columns (``f1_macro``, ``auc``, ...) and the metrics that can fill
-    them, by evaluator priority (fine-tuning first where it ran, then the linear probe)."""
-    ranked: dict[str, list[tuple[int, str]]] = {}
+def summary_columns(records: list[dict[str, Any]]) -> dict[str, str]:
+    """Each unprefixed summary column (``f1_macro``, ``auc``, ...) and the one metric that
+    fills it for every row: that of the highest-priority evaluator (lowest
+    ``summary_priority``: fine-tuning where it ran, else the linear probe) that reported it
+    for any cell. Rows without that evaluator stay empty: a column never mixes evaluators."""
+    ranked: dict[str, set[tuple[int, str]]] = {}
     for r in records:
         for _, evaluation in evaluations(r):
             for name, described in evaluation["info"].items():
                 key = described.get("summary")
-                if key and (evaluation["summary_priority"], name) not in ranked.get(key, []):
-                    ranked.setdefault(key, []).append((evaluation["summary_priority"], name))
-    return {key: [name for _, name in sorted(pairs)] for key, pairs in ranked.items()}
+                if key and not _missing(evaluation["metrics"].get(name)):
+                    ranked.setdefault(key, set()).add((evaluation["summary_priority"], name))
+    return {key: min(pairs)[1] for key, pairs in ranked.items()}
+
+
+def _run_of(record: dict[str, Any]) -> str:
+    """The run that timed a cell (``provenance.run_id``); a cell stored without one counts
+    as a run of its own (its timings are not known to be comparable with any other's)."""
+    return record.get("provenance", {}).get("run_id") or f"unknown ({record['cell_id']})"
 
 
 def runs_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per finished cell (two for a baseline cell): components, metrics, config hash."""
+    """One row per finished cell (two for a baseline cell): components, metrics, the run
+    that timed it, config hash."""
     records = list(records)
     rows = []
     for r in records:
@@ -146,6 +177,7 @@ def runs_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
             **r["components"],
             "pretrain_sees_test": bool(r.get("data", {}).get("pretrain_sees_test", False)),
             **{k: (float("nan") if v is None else v) for k, v in r["metrics"].items()},
+            "run_id": _run_of(r),
             "config_hash": r["config_hash"],
             "cell_id": r["cell_id"],
         }
@@ -153,14 +185,10 @@ def runs_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     runs = pd.DataFrame(rows)
     if runs.empty:
         return runs
-    for key, sources in _summary_sources(records).items():
-        present = [m for m in sources if m in runs]
-        if present:
-            runs[key] = runs[present[0]]
-            for other in present[1:]:
-                runs[key] = runs[key].fillna(runs[other])
+    for key, source in summary_columns(records).items():
+        runs[key] = runs[source] if source in runs else float("nan")
     head = ["variant", "seed", *ID_COLUMNS[1:], "pretrain_sees_test"]
-    tail = ["config_hash", "cell_id"]
+    tail = ["run_id", "config_hash", "cell_id"]
     return runs[[*head, *_metric_columns(runs, metric_info(records)), *tail]]
 
 
@@ -175,11 +203,30 @@ def _metric_columns(runs: pd.DataFrame, info: Info | None = None) -> list[str]:
 
 
 def ci95_halfwidth(std: pd.Series, n: pd.Series) -> pd.Series:
-    """Half-width of the 95% Student-t confidence interval of a mean (NaN for one seed)."""
+    """Half-width of the 95% Student-t confidence interval of a mean of ``n`` values (NaN
+    for fewer than two)."""
     from scipy.stats import t
 
     dof = (n - 1).where(n > 1)
     return t.ppf(0.975, dof) * std / n.pow(0.5)
+
+
+def _tie_key(value: float) -> float:
+    """A mean as ranks compare it: to 12 significant digits, so that equal values summed in
+    another seed order (a last-bit difference) tie."""
+    return value if _missing(value) else float(f"{value:.12g}")
+
+
+def _timed_in(runs: pd.DataFrame) -> pd.Series:
+    """Per variant, the runs (``run_id``) that measured its timings, comma-separated; NaN
+    for a variant without timings."""
+    timings = [m for m in TIMING_METRICS if m in runs]
+    if "run_id" not in runs or not timings:
+        return pd.Series(dtype=object)
+    timed = runs[runs[timings].notna().any(axis=1)]
+    return timed.groupby("variant", sort=False)["run_id"].agg(
+        lambda ids: ", ".join(sorted(set(ids)))
+    )
 
 
 def leaderboard_table(
@@ -188,13 +235,17 @@ def leaderboard_table(
     info: Info | None = None,
     reference: str | None = None,
 ) -> pd.DataFrame:
-    """Per variant: mean, std (ddof=1) and 95% CI of every metric, ranked by ``primary``.
+    """Per variant: mean, std (ddof=1), 95% CI and number of seeds with a value
+    (``<metric>_seeds``: a NaN seed is not a seed of that metric) of every metric, ranked by
+    ``primary``; ``seeds`` counts the variant's finished cells, ``timed_in`` the runs that
+    measured its timings.
 
+    Equal means share a rank (1, 1, 3); a variant without ``primary`` has none.
     ``overlaps_leader`` is True where a variant's interval on the primary metric overlaps the
-    leader's, NaN with a single seed. With a ``reference`` variant, the paired comparison of
-    each variant with it on the primary metric (:mod:`mae_bench.stats`): ``delta``,
-    ``delta_ci95_low``/``high``, ``prob_improve``, ``p_value`` (Holm-corrected) and
-    ``verdict``.
+    leader's, NaN with a single seed. With a ``reference`` variant and a compared
+    ``primary``, the paired comparison of each variant with it on the primary metric
+    (:mod:`mae_bench.stats`): ``pairs``, ``delta``, ``delta_ci95_low``/``high``,
+    ``prob_improve``, ``p_value`` (Holm-corrected) and ``verdict``.
     """
     if runs.empty:
         return pd.DataFrame(columns=[*ID_COLUMNS, "seeds"])
@@ -204,23 +255,26 @@ def leaderboard_table(
     board["seeds"] = grouped["seed"].count()
     means = grouped[metrics].mean()
     stds = grouped[metrics].std(ddof=1)  # spreads after the means: the CSV reads left to right
-    cis = stds.apply(lambda column: ci95_halfwidth(column, board["seeds"]))
+    counts = grouped[metrics].count()
+    cis = pd.DataFrame({m: ci95_halfwidth(stds[m], counts[m]) for m in metrics}, index=stds.index)
+    timed = _timed_in(runs).rename("timed_in")
     parts = [board, means, stds.add_suffix("_std"), cis.add_suffix("_ci95")]
+    parts += [counts.add_suffix("_seeds"), timed.reindex(board.index)]
     board = pd.concat(parts, axis=1).reset_index()
     if primary in board:
+        ascending = not higher_is_better(primary, info)
         board = board.sort_values(
-            primary,
-            ascending=not higher_is_better(primary, info),
-            kind="stable",
-            na_position="last",
+            primary, ascending=ascending, kind="stable", na_position="last"
         ).reset_index(drop=True)
-        board.insert(1, "rank", range(1, len(board) + 1))
+        ranks = board[primary].map(_tie_key).rank(method="min", ascending=ascending)
+        board.insert(1, "rank", ranks.astype("Int64"))
         ci = board[f"{primary}_ci95"]
         gap = (board[primary] - board[primary].iloc[0]).abs()
         overlaps = (gap <= ci + ci.iloc[0]).astype(object).where(ci.notna() & pd.notna(ci.iloc[0]))
         overlaps.iloc[0] = True
         board["overlaps_leader"] = overlaps
-        if reference is not None:
+        compared = (info or {}).get(primary, {}).get("compare", True)
+        if reference is not None and compared:
             board = _with_comparison(board, runs, primary, reference, info)
     return board.reset_index(drop=True)
 
@@ -230,7 +284,9 @@ def _with_comparison(
 ) -> pd.DataFrame:
     direction = {primary: higher_is_better(primary, info)}
     found = compare(runs, [primary], reference, direction).set_index("variant")
-    columns = ["delta", "delta_ci95_low", "delta_ci95_high", "prob_improve", "p_holm", "verdict"]
+    columns = [
+        "pairs", "delta", "delta_ci95_low", "delta_ci95_high", "prob_improve", "p_holm", "verdict"
+    ]  # fmt: skip
     joined = board.join(found[columns].rename(columns={"p_holm": "p_value"}), on="variant")
     joined.loc[joined["variant"] == reference, "verdict"] = "reference"
     joined["verdict"] = joined["verdict"].fillna("not compared")
@@ -257,18 +313,25 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+SPEED_MARK = "§"  # beside timing columns measured in more than one run or host
+
+
 def leaderboard_markdown(
     board: pd.DataFrame, title: str = "", info: Info | None = None, primary: str | None = None
 ) -> str:
     """The leaderboard as Markdown: the headline metrics (as their evaluators declare them)
-    as ``mean ± std``, the best value of each compared metric in bold, and ``≈`` beside
-    variants whose interval overlaps the leader's."""
+    as ``mean ± std`` (with ``(k/n)`` where only k of a variant's n seeds have a value), the
+    best value of each compared metric in bold, ``≈`` beside variants whose interval overlaps
+    the leader's, and ``§`` on timing columns measured in different runs or on different
+    hosts."""
     info = info or {}
     shown = [m for m, d in info.items() if d.get("headline") and m in board.columns]
     table = board[[c for c in ("rank", *ID_COLUMNS, "seeds") if c in board.columns]].copy()
+    if "rank" in board:
+        table["rank"] = ["" if pd.isna(rank) else str(rank) for rank in board["rank"]]
     if "overlaps_leader" in board:
         table["variant"] = [
-            f"{name} ≈" if overlap is True and rank > 1 else name
+            f"{name} ≈" if overlap is True and not pd.isna(rank) and rank > 1 else name
             for name, overlap, rank in zip(
                 table["variant"], board["overlaps_leader"], board["rank"], strict=True
             )
@@ -288,6 +351,8 @@ def leaderboard_markdown(
                     f"{name} {mark}" if hit else name
                     for name, hit in zip(table["variant"], below, strict=True)
                 ]
+    runs = _timing_runs(board)
+    partial = False  # a shown value over fewer seeds than its variant has
     for metric in shown:
         fmt = metric_fmt(info, metric)
         cells = [
@@ -301,7 +366,16 @@ def leaderboard_markdown(
                 f"**{c}**" if v == best and len(board) > 1 else c
                 for c, v in zip(cells, values, strict=True)
             ]
-        table[metric] = cells
+        if f"{metric}_seeds" in board and "seeds" in board:
+            counts, seeds = board[f"{metric}_seeds"], board["seeds"]
+            fewer = (counts > 0) & (counts < seeds)
+            cells = [
+                f"{c} ({k}/{n})" if few else c
+                for c, k, n, few in zip(cells, counts, seeds, fewer, strict=True)
+            ]
+            partial |= bool(fewer.any())
+        header = f"{metric} {SPEED_MARK}" if metric in TIMING_METRICS and len(runs) > 1 else metric
+        table[header] = cells
     if "verdict" in board:
         fmt = metric_fmt(info, primary, "{:.3f}")
         table["vs reference"] = [
@@ -313,12 +387,30 @@ def leaderboard_markdown(
         "\nmean ± std over seeds; **bold**: best; ≈: 95% interval on the ranking metric "
         "overlaps the leader's.\n"
     )
+    if partial:
+        note += (
+            "(k/n): only k of the variant's n seeds have a value for this metric (the others "
+            "are missing or NaN); its mean, std and interval are over those k.\n"
+        )
     if leaked.any():
         note += "†: pretrained on the test images too (`pretrain_sees_test`): optimistic.\n"
     note += "".join(f"{flag}\n" for flag in flags)
+    if len(runs) > 1 and any(m in TIMING_METRICS for m in shown):
+        note += (
+            f"{SPEED_MARK}: timings measured in {len(runs)} different runs or hosts (`timed_in` "
+            "in leaderboard.csv): not comparable for speed; time the variants in one run on "
+            "one host to compare them.\n"
+        )
     if "verdict" in board:
         note += _comparison_note(board)
     return f"{heading}{body}\n{note}"
+
+
+def _timing_runs(board: pd.DataFrame) -> set[str]:
+    """Every run that measured a timing on the board (from its ``timed_in`` column)."""
+    if "timed_in" not in board:
+        return set()
+    return {run for ids in board["timed_in"].dropna() for run in str(ids).split(", ")}
 
 
 def _delta_cell(row: pd.Series, fmt: str) -> str:
@@ -330,7 +422,7 @@ def _delta_cell(row: pd.Series, fmt: str) -> str:
 
 
 def _comparison_note(board: pd.DataFrame) -> str:
-    """How the verdicts were reached, and whether these seeds could reach one at all."""
+    """How the verdicts were reached, and whether the paired seeds could reach one at all."""
     reference = board.loc[board["verdict"] == "reference", "variant"]
     compared = board[~board["verdict"].isin(["reference", "not compared"])]
     text = (
@@ -338,14 +430,29 @@ def _comparison_note(board: pd.DataFrame) -> str:
         " over seeds [95% Student-t interval]; `better`/`worse` only when the interval excludes "
         "0 and the Wilcoxon signed-rank p, Holm-corrected over the variants, is below 0.05.\n"
     )
-    if len(compared):
-        pairs = int(board["seeds"].max())
+    if len(compared) and "pairs" in compared:
+        pairs = compared["pairs"].astype(int)
+        fewest, most = int(pairs.min()), int(pairs.max())
         needed = seeds_needed(len(compared))
-        if pairs < needed:
+        test = (
+            f"the exact Wilcoxon test needs at least {plural(needed, 'paired seed')} for "
+            f"{plural(len(compared), 'comparison')} at 0.05 (Holm)"
+        )
+        if fewest == most:
+            counted = plural(fewest, "paired seed")
+        else:
+            names = ", ".join(compared.loc[pairs == fewest, "variant"].astype(str))
+            counted = f"{fewest} to {most} paired seeds (fewest: {names})"
+        if most < needed:
             text += (
-                f"With {pairs} paired seeds no verdict can be reached: the exact Wilcoxon test "
-                f"needs at least {needed} seeds for {len(compared)} comparisons at 0.05 (Holm); "
-                "the intervals and win rates above are descriptive.\n"
+                f"With {counted} no verdict can be reached: {test}; the intervals and win "
+                "rates above are descriptive.\n"
+            )
+        elif fewest < needed:
+            short = ", ".join(compared.loc[pairs < needed, "variant"].astype(str))
+            text += (
+                f"With {counted}, {short} cannot reach a verdict: {test}; their intervals "
+                "and win rates are descriptive.\n"
             )
     return text
 
@@ -364,6 +471,12 @@ def thresholds_markdown(tables: dict[str, pd.DataFrame]) -> str:
         parts.append(f"### {name} (positive: {table['class'].iloc[0]})\n")
         parts.append(shown.drop(columns="class").to_markdown(index=False) + "\n")
     return "\n".join(parts)
+
+
+def compared_metrics(info: Info) -> list[str]:
+    """The metrics that enter comparisons: results (``compare``), not timings, sizes,
+    settings or the summary columns' copies of another column."""
+    return [m for m, d in info.items() if d.get("compare", True) and not d.get("summary_of")]
 
 
 def default_reference(records: list[dict[str, Any]]) -> str | None:
@@ -386,7 +499,7 @@ def write_leaderboard(
     reference = reference or default_reference(records)
     board = leaderboard_table(runs, primary, info, reference)
     if reference is not None and not runs.empty:
-        metrics = [m for m in info if m in runs]
+        metrics = [m for m in compared_metrics(info) if m in runs]
         directions = {m: higher_is_better(m, info) for m in metrics}
         comparisons = compare(runs, metrics, reference, directions)
         atomic_write(root / COMPARISONS_FILE, comparisons.to_csv(index=False))

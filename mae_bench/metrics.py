@@ -22,6 +22,8 @@ DEFAULT_PRIMARY_METRIC = "lp_acc"
 """What a suite ranks its variants by unless it sets ``primary_metric``."""
 THRESHOLDS_TABLE = "thresholds"
 """A classifier's threshold table (:func:`threshold_analysis`), as evaluators store it."""
+UNIT_INTERVAL = (0.0, 1.0)
+"""The range of a proportion (accuracy, F1, AUC, ...): drawn intervals are clipped to it."""
 PREDICTIONS_TABLE = "predictions"
 """A classifier's test-set class probabilities: ``label`` and one ``p_<class>`` per class."""
 
@@ -144,11 +146,10 @@ def best_thresholds(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 
 def threshold_analysis(
     data: ImageData, probs: torch.Tensor, thresholds: list[float]
-) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Threshold table of the positive class (binary) or of every class one-vs-rest.
-
-    The best-F1 and Youden thresholds are returned for binary tasks only.
-    """
+) -> pd.DataFrame:
+    """Threshold table of the positive class (binary) or of every class one-vs-rest, on the
+    test set. (Best thresholds are chosen on held-out data, never here: see
+    ``plugins/probes.py``.)"""
     y, p = data.test_labels.numpy(), probs.numpy()
     if data.num_classes == 2:
         positive = 1 if data.positive_class is None else data.positive_class
@@ -160,8 +161,7 @@ def threshold_analysis(
         table = threshold_table(y == c, p[:, c], np.array(thresholds))
         table.insert(0, "class", data.class_names[c])
         tables.append(table)
-    best = best_thresholds(y == classes[0], p[:, classes[0]]) if len(classes) == 1 else {}
-    return pd.concat(tables, ignore_index=True), best
+    return pd.concat(tables, ignore_index=True)
 
 
 def binary_thresholds(table: pd.DataFrame) -> bool:
@@ -188,27 +188,48 @@ def classification_metric_info(
             fmt=fmt,
             headline=key in headline,
             summary=None if key == "acc" else key,
+            bounds=UNIT_INTERVAL,
         )
         for key, (text, fmt) in info.items()
     }
 
 
-THRESHOLD_METRICS = {
-    "best_f1_threshold": Metric("threshold maximising F1 (binary tasks)", fmt="{:.2f}"),
-    "best_f1": Metric("F1 at the best-F1 threshold (binary tasks)"),
-    "youden_threshold": Metric("threshold maximising Youden's J (binary tasks)", fmt="{:.2f}"),
-    "youden_j": Metric("Youden's J at its best threshold (binary tasks)"),
-}
-
+TIMING_METRICS = ("pretrain_s", "imgs_per_s")
+"""Core metrics that measure speed: comparable only between cells timed in one run on one
+host (the leaderboard marks them otherwise)."""
 
 CORE_METRICS = {
-    "pretrain_s": Metric("pretraining time (s)", False, "{:.1f}", headline=True, compare=False),
-    "imgs_per_s": Metric("pretraining throughput (images/s)", True, "{:.0f}", headline=True),
-    "params_m": Metric("encoder parameters (millions)", False, "{:.3f}", True, compare=False),
+    "pretrain_s": Metric(
+        "pretraining time (s)", False, "{:.1f}", headline=True, compare=False, bounds=(0, None)
+    ),
+    "imgs_per_s": Metric(
+        "pretraining throughput (images/s)",
+        True,
+        "{:.0f}",
+        headline=True,
+        compare=False,
+        bounds=(0, None),
+    ),
+    "params_m": Metric(
+        "encoder parameters (millions)", False, "{:.3f}", True, compare=False, bounds=(0, None)
+    ),
     "params_total_m": Metric(
-        "encoder + decoder parameters (millions)", False, "{:.3f}", compare=False
+        "encoder + decoder parameters (millions)",
+        False,
+        "{:.3f}",
+        compare=False,
+        bounds=(0, None),
     ),
     "final_loss": Metric("pretraining loss in the last epoch", False, "{:.4f}", compare=False),
-    "peak_mem_mb": Metric("peak memory (MiB)", False, "{:.0f}", compare=False),
+    "peak_mem_mb": Metric(
+        "peak memory of the cell's pretraining (MiB): allocated tensors on CUDA, the process's "
+        "peak resident memory during the cell on a Linux CPU, empty where that cannot be "
+        "measured per cell",
+        False,
+        "{:.0f}",
+        compare=False,
+        bounds=(0, None),
+    ),
 }
-"""Metrics the runner itself measures on every cell (evaluators add their own)."""
+"""Metrics the runner itself measures on every cell (evaluators add their own). Timings and
+sizes are not compared: they describe the run and the model, not how good it is."""

@@ -3,7 +3,10 @@ cells (and evaluations) remain to be run in a results folder.
 
 A cell is one variant pretrained with one seed, keyed by everything that determines its
 weights; each evaluation is keyed by the cell's key plus what determines its result, so that
-changing an evaluator re-runs only that evaluation, from the stored weights.
+changing an evaluator re-runs only that evaluation, from the stored weights. Plugins enter
+keys component by component (:func:`mae_bench.suite.component_identity`: the source of a
+local or editable install, the version of a release, a component's own ``version``), so that
+editing one component recomputes only the results it affects.
 """
 
 from __future__ import annotations
@@ -13,19 +16,21 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
+from mae_bench.distributed import env_world
 from mae_bench.results import CellStore
 from mae_bench.suite import Resolved, Suite, Variant
 
 RESULT_FORMAT = 4  # 2: fixed metrics; 3: evaluator plugins; 4: the official mask count, macro
 # averages over the test set's classes. Older cells are recomputed
 # pretraining settings that change how a cell runs, not what it computes: not in its key
+# (but a loss that is a statistic of the batch sees the micro-batch: see `loss_batch`)
 RUN_ONLY = {"accum_iter", "checkpoint_every"}
 
 
 @dataclass(frozen=True)
 class Evaluation:
     """One evaluator run on one cell's pretrained model, keyed by what determines it: the
-    cell's pretraining key, the evaluator, its params and plugin version, the thresholds."""
+    cell's pretraining key, the evaluator, its params and identity, the thresholds."""
 
     evaluator: Resolved
     config: dict[str, Any]
@@ -46,7 +51,8 @@ class Evaluation:
 class Cell:
     """One unit of pretraining: a variant trained with one seed, keyed by what determines
     its weights (dataset, variant, pretraining settings, seed, result format and the
-    versions of the plugins providing its components); then one evaluation per evaluator."""
+    identity of each of its components and of the dataset); then one evaluation per
+    evaluator."""
 
     suite: str
     variant: Variant
@@ -102,8 +108,30 @@ def baseline_variants(suite: Suite) -> list[Variant]:
     ]
 
 
-def suite_cells(suite: Suite) -> list[Cell]:
-    """Every (variant, seed) cell of ``suite``, variant by variant, baselines last."""
+def loss_batch(suite: Suite, world_size: int) -> int:
+    """The images one loss call sees: a step's batch split over ``world_size`` data-parallel
+    processes and ``accum_iter`` micro-batches."""
+    pretrain = suite.config.pretrain
+    return pretrain.batch_size // (world_size * pretrain.accum_iter)
+
+
+def pretrain_key(suite: Suite, variant: Variant, world_size: int) -> dict[str, Any]:
+    """The pretraining settings in ``variant``'s key: all but :data:`RUN_ONLY`, plus
+    ``loss_batch`` (:func:`loss_batch`) when one of its losses is a statistic of the batch,
+    whose objective then depends on it (other variants' keys do not)."""
+    settings = suite.config.pretrain.model_dump(mode="json", exclude=RUN_ONLY)
+    if variant.depends_on_batch:
+        settings["loss_batch"] = loss_batch(suite, world_size)
+    return settings
+
+
+def suite_cells(suite: Suite, world_size: int | None = None) -> list[Cell]:
+    """Every (variant, seed) cell of ``suite``, variant by variant, baselines last.
+
+    ``world_size``: the data-parallel processes each cell runs on (default: this process's
+    world, from torchrun's ``WORLD_SIZE``); it enters only the keys of variants with a loss
+    that is a statistic of the batch."""
+    world_size = env_world().world_size if world_size is None else world_size
     cells = []
     thresholds = suite.config.eval.thresholds.model_dump(mode="json")
     for variant in [*suite.variants, *baseline_variants(suite)]:
@@ -113,10 +141,10 @@ def suite_cells(suite: Suite) -> list[Cell]:
                 "dataset": suite.dataset_config,
                 "variant": variant.config,
                 "seed": seed,
-                "plugins": {suite.dataset.plugin: suite.dataset.version, **variant.plugins()},
+                "components": {"dataset": suite.dataset.identity, **variant.components()},
             }
             if not variant.baseline:
-                config["pretrain"] = suite.config.pretrain.model_dump(mode="json", exclude=RUN_ONLY)
+                config["pretrain"] = pretrain_key(suite, variant, world_size)
             key = config_hash(config)
             evaluations = []
             for evaluator in suite.evaluators:
@@ -127,7 +155,7 @@ def suite_cells(suite: Suite) -> list[Cell]:
                     "cell": key,
                     "evaluator": evaluator.config,
                     "thresholds": thresholds,
-                    "plugins": {evaluator.plugin: evaluator.version},
+                    "components": {"evaluator": evaluator.identity},
                 }
                 evaluations.append(Evaluation(evaluator, eval_config, config_hash(eval_config)))
             cells.append(Cell(suite.name, variant, seed, config, key, tuple(evaluations)))

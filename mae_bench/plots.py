@@ -28,7 +28,7 @@ from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.evaluate import evaluation_sample, extract_features, fixed_masks, reconstruct
 from mae_bench.files import atomic_write
 from mae_bench.layers import patch_mask_to_pixels
-from mae_bench.leaderboard import read_table, row_name
+from mae_bench.leaderboard import metric_info, read_table, row_name
 from mae_bench.plan import baseline_variants
 from mae_bench.results import HISTORY_FILE, PLOTS_DIR, CellStore
 from mae_bench.suite import Suite
@@ -54,34 +54,106 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+HISTORY_COLUMNS = ("epoch", "loss", "mask_ratio", "lr")  # a history's columns besides its terms
+
+
+def loss_term_columns(record: dict[str, Any], history: pd.DataFrame) -> dict[str, str]:
+    """A cell's history columns of its loss terms, each with the objective it measures: the
+    loss's name, and its settings where two variants use that name differently (e.g.
+    ``mse(masked_only=True, norm_pix=True)``: another objective than plain ``mse``). Columns
+    are named as pretraining names them (a repeated loss gets ``<name>_<index>``)."""
+    configured = record.get("config", {}).get("variant", {}).get("loss")
+    if not isinstance(configured, list):  # no stored configuration: each column its own
+        return {c: c for c in history.columns if c not in HISTORY_COLUMNS}
+    columns: dict[str, str] = {}
+    for term in configured:
+        name = str(term.get("name"))
+        column = name if name not in columns else f"{name}_{len(columns)}"
+        settings = ", ".join(
+            f"{k}={v}" for k, v in sorted(term.items()) if k not in ("name", "weight")
+        )
+        columns[column] = f"{name}({settings})" if settings else name
+    return {c: objective for c, objective in columns.items() if c in history}
+
+
+def _panel_titles(objectives: list[str]) -> dict[str, str]:
+    """Each objective's panel title: the loss's bare name unless two objectives share it."""
+    names = [o.split("(", 1)[0] for o in objectives]
+    return {o: o if names.count(n) > 1 else n for o, n in zip(objectives, names, strict=True)}
+
+
 def plot_loss_curves(records: list[dict[str, Any]], store: CellStore, out: Path) -> Path | None:
-    """Pretraining loss per epoch, one line per variant (band: spread over seeds)."""
+    """Pretraining loss per epoch: one panel per loss term (unweighted; variants with
+    different objectives share only the terms they have in common, never a summed total),
+    one line per variant (mean over seeds, band: spread over seeds)."""
     frames = []
     for r in records:
         if r.get("baseline"):
             continue
         path = store.path(r["cell_id"]) / HISTORY_FILE
         history = read_table(path)
-        if history is None or "loss" not in history:
+        terms = loss_term_columns(r, history) if history is not None else {}
+        if history is None or "epoch" not in history or not terms:
             if history is not None or not path.exists():
                 warnings.warn(f"{path}: no loss history: skipped", MaeBenchWarning, 2)
             continue
-        frames.append(history.assign(variant=r["variant"], seed=r["seed"]))
+        for column, objective in terms.items():
+            frames.append(
+                pd.DataFrame(
+                    {"epoch": history["epoch"], "value": history[column], "term": objective,
+                     "variant": r["variant"], "seed": r["seed"]}
+                )
+            )  # fmt: skip
     if not frames:
         return None
     data = pd.concat(frames, ignore_index=True)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    sns.lineplot(data=data, x="epoch", y="loss", hue="variant", errorbar="sd", ax=ax)
-    ax.set(title="Pretraining loss", ylabel="loss (weighted sum of terms)")
+    objectives = list(dict.fromkeys(data["term"]))
+    titles = _panel_titles(objectives)
+    variants = list(dict.fromkeys(data["variant"]))
+    colors = dict(zip(variants, sns.color_palette(n_colors=len(variants)), strict=True))
+    columns = min(3, len(objectives))
+    rows_of_panels = -(-len(objectives) // columns)
+    fig, grid = plt.subplots(
+        rows_of_panels, columns, figsize=(4.2 * columns, 3.4 * rows_of_panels), squeeze=False
+    )
+    axes = list(grid.flat)
+    for unused in axes[len(objectives) :]:
+        fig.delaxes(unused)
+    for ax, objective in zip(axes, objectives, strict=False):
+        term = data[data["term"] == objective]
+        for variant, rows in term.groupby("variant", sort=False):
+            by_epoch = rows.groupby("epoch")["value"]
+            mean, spread = by_epoch.mean(), by_epoch.std(ddof=1)
+            ax.plot(mean.index, mean, label=variant, color=colors[variant], marker=".")
+            ax.fill_between(
+                mean.index, mean - spread, mean + spread, color=colors[variant], alpha=0.2
+            )
+        ax.set(title=titles[objective], xlabel="epoch")
+        ax.legend(fontsize=7)
+    for row in grid:
+        row[0].set_ylabel("loss term (unweighted)")
+    fig.suptitle("Pretraining loss, term by term (each panel one objective)", fontsize=10)
+    fig.tight_layout()
     return save_figure(fig, out / "loss_curves.png")
 
 
-def plot_leaderboard(board: pd.DataFrame, metric: str, out: Path) -> Path:
-    """Bar chart of ``metric`` per variant with its 95% confidence interval."""
+def plot_leaderboard(
+    board: pd.DataFrame,
+    metric: str,
+    out: Path,
+    bounds: tuple[float | None, float | None] = (None, None),
+) -> Path:
+    """Bar chart of ``metric`` per variant with its 95% confidence interval, drawn inside
+    the metric's declared range ``bounds`` (an accuracy's interval stops at 1)."""
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(board)))
-    ci = board.get(f"{metric}_ci95", pd.Series(np.nan, index=board.index)).fillna(0)
-    sns.barplot(x=board[metric], y=board["variant"], color="tab:blue", ax=ax, orient="h")
-    ax.errorbar(board[metric], np.arange(len(board)), xerr=ci, fmt="none", color="black")
+    mean = board[metric]
+    half = board.get(f"{metric}_ci95", pd.Series(np.nan, index=board.index)).fillna(0)
+    low, high = bounds
+    lower = (mean - half).clip(lower=low) if low is not None else mean - half
+    upper = (mean + half).clip(upper=high) if high is not None else mean + half
+    sns.barplot(x=mean, y=board["variant"], color="tab:blue", ax=ax, orient="h")
+    xerr = np.vstack([(mean - lower).to_numpy(), (upper - mean).to_numpy()])
+    ax.errorbar(mean, np.arange(len(board)), xerr=xerr, fmt="none", color="black")
     ax.set(title=f"{metric} (mean, 95% CI over seeds)", xlabel=metric, ylabel="")
     return save_figure(fig, out / f"leaderboard_{metric}.png")
 
@@ -371,7 +443,8 @@ def draw_plots(
     losses = plot_loss_curves(records, store, out)
     paths = [losses] if losses else []
     if primary in board:
-        paths.append(plot_leaderboard(board, primary, out))
+        low, high = metric_info(records).get(primary, {}).get("bounds") or (None, None)
+        paths.append(plot_leaderboard(board, primary, out, (low, high)))
     plots = evaluator_plots(suite) if plots is None else plots
     paths += draw_table_plots(records, store, plots, out)
     stored = load_stored_models(root, records, suite)

@@ -8,16 +8,19 @@ comma-separated list of entry-point or distribution names to load only those (em
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
-from types import ModuleType
-from typing import Any, Literal, get_args, get_origin
+from types import ModuleType, NoneType, UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import pluggy
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from mae_bench import hookspecs
 from mae_bench.contract import Component, Params
@@ -54,23 +57,94 @@ KINDS: dict[str, Kind] = {
 
 
 def describe_params(params: type[Params]) -> dict[str, dict[str, Any]]:
-    """Each parameter of a component: its type and default (``required`` if none)."""
+    """Each parameter of a component: its type as a person writes it (:func:`type_text`),
+    its default, whether it is required, and its description."""
     out = {}
     for name, field_info in params.model_fields.items():
-        annotation = field_info.annotation
-        if get_origin(annotation) is Literal:
-            kind = " | ".join(repr(a) for a in get_args(annotation))
-        elif isinstance(annotation, type):
-            kind = annotation.__name__
-        else:
-            kind = str(annotation).replace("typing.", "")
-        default = (
-            "required"
-            if field_info.is_required()
-            else field_info.get_default(call_default_factory=True)
-        )
-        out[name] = {"type": kind, "default": default, "description": field_info.description}
+        required = field_info.is_required()
+        default = None if required else field_info.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):  # nested settings: as they are written in a suite
+            default = default.model_dump(mode="json")
+        out[name] = {
+            "type": type_text(field_info.annotation, field_info.metadata),
+            "default": "required" if required else default,
+            "required": required,
+            "description": field_info.description,
+        }
     return out
+
+
+def type_text(annotation: Any, constraints: Iterable[Any] = ()) -> str:
+    """A parameter's type as a person writes it, not as pydantic or ``typing`` repr it:
+    ``int | None``, ``'cls' | 'mean'``, ``float in (0, 1]``, ``int > 0``, ``dict[str, Any]``
+    (``constraints``: pydantic's or annotated-types' bounds on it)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return type_text(args[0], [*args[1:], *constraints])
+    if origin in (Union, UnionType):
+        return " | ".join(type_text(a, () if a is NoneType else constraints) for a in args)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if annotation is NoneType or annotation is None:
+        return "None"
+    if annotation is Any:
+        text = "Any"
+    elif origin is not None:
+        name = getattr(origin, "__name__", str(origin).replace("typing.", ""))
+        text = f"{name}[{', '.join(type_text(a) for a in args)}]" if args else name
+    elif isinstance(annotation, type):
+        text = annotation.__name__
+    else:
+        text = str(annotation).replace("typing.", "")
+    return text + _bounds_text(constraints)
+
+
+def _bounds_text(constraints: Iterable[Any]) -> str:
+    """`` in (0, 1]``, `` > 0``, `` <= 9`` or ``""``: the numeric bounds among
+    ``constraints`` (annotated-types ``Gt``/``Ge``/``Lt``/``Le``, possibly inside a
+    pydantic ``FieldInfo``)."""
+    low: tuple[Any, bool] | None = None  # (value, inclusive)
+    high: tuple[Any, bool] | None = None
+    for item in constraints:
+        if isinstance(item, FieldInfo):
+            inner = _bounds_text(item.metadata)
+            if inner:
+                return inner
+            continue
+        for attribute, inclusive, is_low in (
+            ("gt", False, True), ("ge", True, True), ("lt", False, False), ("le", True, False),
+        ):  # fmt: skip
+            value = getattr(item, attribute, None)
+            if value is not None:
+                if is_low:
+                    low = (value, inclusive)
+                else:
+                    high = (value, inclusive)
+    if low and high:
+        return (
+            f" in {'[' if low[1] else '('}{_number(low[0])}, "
+            f"{_number(high[0])}{']' if high[1] else ')'}"
+        )
+    if low:
+        return f" {'>=' if low[1] else '>'} {_number(low[0])}"
+    if high:
+        return f" {'<=' if high[1] else '<'} {_number(high[0])}"
+    return ""
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def first_paragraph(doc: str | None) -> str:
+    """The first paragraph of a docstring as one line (its lines joined, whitespace
+    collapsed): what a listing shows, never a line cut mid-sentence."""
+    if not doc:
+        return ""
+    paragraph = inspect.cleandoc(doc).split("\n\n", 1)[0]
+    return " ".join(paragraph.split())
 
 
 @dataclass(frozen=True)
@@ -84,8 +158,8 @@ class ComponentInfo:
 
     @property
     def description(self) -> str:
-        """First line of the class docstring."""
-        return (self.cls.__doc__ or "").strip().splitlines()[0] if self.cls.__doc__ else ""
+        """The first paragraph of the class docstring, as one line."""
+        return first_paragraph(self.cls.__doc__)
 
 
 @dataclass(eq=False)

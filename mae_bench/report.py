@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import math
+from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,20 +28,29 @@ from mae_bench.leaderboard import (
     higher_is_better,
     metric_fmt,
     metric_info,
+    plural,
     read_table,
     threshold_display,
     write_leaderboard,
 )
-from mae_bench.metrics import DEFAULT_PRIMARY_METRIC, THRESHOLDS_TABLE, binary_thresholds
+from mae_bench.metrics import (
+    DEFAULT_PRIMARY_METRIC,
+    THRESHOLDS_TABLE,
+    TIMING_METRICS,
+    binary_thresholds,
+)
 from mae_bench.plots import EvaluatorPlot, draw_plots, evaluator_plots, variant_curves
 from mae_bench.results import (
     FAILED_DIR,
     REPORT_FILE,
     SUITE_FILE,
     CellStore,
+    evaluations,
     read_suite_record,
     recorded_cells,
+    strict_json,
 )
+from mae_bench.stats import ALPHA, seeds_needed
 from mae_bench.suite import resolve_suite
 
 if TYPE_CHECKING:
@@ -59,6 +70,13 @@ img{max-width:100%;border:1px solid #eee;margin:.3em 0}
 details{margin:.4em 0} summary{cursor:pointer;font-weight:600}
 pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:12px}
 .note{color:#555;font-size:13px}
+#leaderboard .variant{position:sticky;left:0;background:#fff;z-index:1}
+#leaderboard th.variant{background:#f3f3f3}
+.mark{color:#a40;font-weight:bold;cursor:help}
+.glossary td{white-space:normal;text-align:left}
+.warnings{background:#fff4e5;border:1px solid #e0a040;padding:.5em 1em .5em 2em}
+.warnings li{margin:.2em 0}
+#checks td{text-align:left;white-space:normal}
 """
 
 SCRIPT = """
@@ -85,15 +103,113 @@ def _png(data: bytes, alt: str) -> str:
     return f'<img alt="{escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
-def summary_paragraph(board: pd.DataFrame, primary: str, info: Info) -> str:
-    """What the results say, in one paragraph: the leader, the verdicts against the
-    reference, and how the best pretrained variant compares with training from scratch."""
+LEAK_MARK = "†"
+LEAK_NOTE = "pretrained on the test images too (pretrain_sees_test): optimistic"
+OVERLAP_MARK = "≈"
+OVERLAP_NOTE = "its 95% interval on the ranking metric overlaps the leader's"
+SPEED_MARK = "§"
+
+COMPARISON_HELP = {
+    "verdict": (
+        "better / worse only when the 95% Student-t interval of the paired per-seed "
+        "differences excludes 0 and the exact Wilcoxon signed-rank p, Holm-corrected over the "
+        f"variants compared, is below {ALPHA:g}; inconclusive otherwise"
+    ),
+    "delta": (
+        "mean of the paired per-seed differences to the reference (variant − reference, same "
+        "seed) on {primary}, with their 95% Student-t interval [low, high]"
+    ),
+    "prob_improve": (
+        "share of the seed pairs on which the variant beats the reference on {primary} (ties "
+        "count half): descriptive, no test"
+    ),
+    "p_value": (
+        "exact Wilcoxon signed-rank test of the paired per-seed differences on {primary}, "
+        "Holm-corrected over the variants compared"
+    ),
+}
+"""How each comparison column was produced (its tooltip and glossary entry)."""
+
+SANITY_ORDER = ("n_train", "n_val", "n_test", "num_classes", "chance", "resolution")
+"""Sanity facts shown first, in this order (then any other an evaluator stores)."""
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A caveat the leaderboards put beside variant names: its symbol, what it means, and
+    for each board row whether it applies."""
+
+    symbol: str
+    note: str
+    rows: tuple[bool, ...]
+
+    def variants(self, board: pd.DataFrame) -> list[str]:
+        """The board's variants it applies to."""
+        return [str(v) for v, hit in zip(board["variant"], self.rows, strict=True) if hit]
+
+
+def board_marks(board: pd.DataFrame, info: Info) -> list[Mark]:
+    """The caveats the Markdown leaderboard marks variants with, numbered as it numbers them:
+    ``†`` pretrained on the test images, then ``‡``, ``‡‡``, ... for each flag metric
+    (``Metric.flag``) below 1 on some variant (fine-tuning not converged, never learned)."""
+    marks = []
+    if "pretrain_sees_test" in board:
+        leaked = tuple(not _missing(v) and bool(v) for v in board["pretrain_sees_test"])
+        if any(leaked):
+            marks.append(Mark(LEAK_MARK, LEAK_NOTE, leaked))
+    flags = 0
+    for metric, described in info.items():
+        if described.get("flag") and metric in board:
+            below = tuple(bool(v < 1) for v in board[metric])
+            if any(below):
+                flags += 1
+                note = f"{described['flag']} ({metric} < 1)"
+                marks.append(Mark("‡" * flags, note, below))
+    return marks
+
+
+def _missing(value: Any) -> bool:
+    """None, NaN or pandas' NA: no value."""
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+
+
+def _row_marks(marks: list[Mark], index: int) -> list[Mark]:
+    return [m for m in marks if m.rows[index]]
+
+
+def _named(board: pd.DataFrame, marks: list[Mark], index: int, html: bool = False) -> str:
+    """A board row's variant name with its marks (``scratch-vit ‡``), escaped."""
+    name = escape(str(board["variant"].iloc[index]))
+    mine = _row_marks(marks, index)
+    if not mine:
+        return name
+    if html:
+        spans = "".join(
+            f'<span class="mark" title="{escape(m.note)}">{escape(m.symbol)}</span>' for m in mine
+        )
+        return f"{name} {spans}"
+    return f"{name} {' '.join(m.symbol for m in mine)}"
+
+
+def summary_paragraph(
+    board: pd.DataFrame,
+    primary: str,
+    info: Info,
+    planned_seeds: int | None = None,
+    sanity_warnings: int = 0,
+) -> str:
+    """What the results say, in one paragraph of HTML: the leader, the verdicts against the
+    reference, how the best pretrained variant compares with training from scratch, and
+    every caveat that applies to them (the leaderboard's marks, too few seeds for a verdict,
+    fewer seeds than ``planned_seeds``, the evaluators' ``sanity_warnings``)."""
     if board.empty or primary not in board:
         return "No finished cells yet."
-    leader = board.iloc[0]
+    marks = board_marks(board, info)
+    fmt = metric_fmt(info, primary)
+    row_of = {str(v): i for i, v in enumerate(board["variant"])}
     parts = [
-        f"{escape(str(leader['variant']))} leads on {escape(primary)} "
-        f"({format_metric(metric_fmt(info, primary), leader[primary])})."
+        f"{_named(board, marks, 0)} leads on {escape(primary)} "
+        f"({format_metric(fmt, board[primary].iloc[0])})."
     ]
     if "verdict" in board:
         reference = board.loc[board["verdict"] == "reference", "variant"]
@@ -102,22 +218,68 @@ def summary_paragraph(board: pd.DataFrame, primary: str, info: Info) -> str:
             tally = ", ".join(
                 f"{counted.get(v, 0)} {v}" for v in ("better", "worse", "inconclusive")
             )
-            parts.append(f"Against the reference {escape(str(reference.iloc[0]))}: {tally}.")
-    scratch = board[board["variant"].astype(str).str.startswith("scratch")]
+            name = _named(board, marks, row_of[str(reference.iloc[0])])
+            parts.append(f"Against the reference {name}: {tally}.")
+            parts += _verdict_reach(board)
+    scratch = board[board["variant"].astype(str).str.startswith("scratch") & board[primary].notna()]
     pretrained = board[
         ~board["variant"].astype(str).str.startswith(("scratch", "random-init"))
         & board[primary].notna()
     ]
-    if len(scratch) and len(pretrained) and scratch[primary].notna().any():
-        best, base = pretrained.iloc[0], scratch[primary].max()
-        gap = best[primary] - base
-        direction = "above" if (gap > 0) == higher_is_better(primary, info) else "below"
+    if len(scratch) and len(pretrained):
+        up = higher_is_better(primary, info)
+        best = pretrained[primary].idxmax() if up else pretrained[primary].idxmin()
+        base = scratch[primary].idxmax() if up else scratch[primary].idxmin()
+        gap = board[primary].loc[best] - board[primary].loc[base]
+        direction = "above" if (gap > 0) == up else "below"
+        where = {i: n for n, i in enumerate(board.index)}
         parts.append(
-            f"The best pretrained variant ({escape(str(best['variant']))}) is "
-            f"{format_metric(metric_fmt(info, primary), abs(gap))} {direction} the best "
-            "from-scratch run."
+            f"The best pretrained variant ({_named(board, marks, where[best])}) is "
+            f"{format_metric(fmt, abs(gap))} {direction} the best from-scratch run "
+            f"({_named(board, marks, where[base])})."
+        )
+    for mark in marks:
+        variants = ", ".join(escape(v) for v in mark.variants(board))
+        parts.append(f"{escape(mark.symbol)}: {escape(mark.note)}: {variants}.")
+    short = []  # fewer seeds than planned, or than the variant has, behind its figures
+    for index, name in enumerate(board["variant"].astype(str)):
+        cells = board["seeds"].iloc[index] if "seeds" in board else None
+        if planned_seeds and not _missing(cells) and int(cells) < planned_seeds:
+            short.append(f"{escape(name)} has {int(cells)} of the {planned_seeds} planned seeds")
+        if _partial(board, primary).iloc[index]:
+            have = int(board[f"{primary}_seeds"].iloc[index])
+            short.append(
+                f"{escape(name)}'s {escape(primary)} is over {have} of its {int(cells)} seeds "
+                "(the others have none)"
+            )
+    if short:
+        parts.append("; ".join(short) + ".")
+    if sanity_warnings:
+        parts.append(
+            f"{plural(sanity_warnings, 'sanity warning')} about the evaluations: see "
+            '<a href="#checks">Checks</a>.'
         )
     return " ".join(parts)
+
+
+def _verdict_reach(board: pd.DataFrame) -> list[str]:
+    """A sentence when the paired seeds are too few for any verdict (the exact Wilcoxon
+    test's smallest p cannot reach 0.05 after Holm's correction)."""
+    compared = board[~board["verdict"].isin(["reference", "not compared"])]
+    if compared.empty:
+        return []
+    pairs = compared["pairs"] if "pairs" in compared else compared.get("seeds")
+    if pairs is None or pairs.dropna().empty:
+        return []
+    most, needed = int(pairs.max()), seeds_needed(len(compared))
+    if most >= needed:
+        return []
+    return [
+        f"With {plural(most, 'paired seed')} no verdict can be reached: the exact Wilcoxon "
+        f"test needs at least {plural(needed, 'paired seed')} for "
+        f"{plural(len(compared), 'comparison')} at {ALPHA:g} (Holm), so the tally says nothing "
+        "yet."
+    ]
 
 
 def _leaderboard_html(board: pd.DataFrame, primary: str, info: Info) -> str:
@@ -127,26 +289,50 @@ def _leaderboard_html(board: pd.DataFrame, primary: str, info: Info) -> str:
     headline = {m for m in metrics if info[m].get("headline")} | {primary}
     ids = [c for c in ("rank", *ID_COLUMNS, "seeds") if c in board.columns]
     extra = [c for c in ("verdict", "delta", "prob_improve", "p_value") if c in board.columns]
-    head = "".join(f'<th class="id" data-sort>{escape(c)}</th>' for c in ids)
+    marks = board_marks(board, info)
+    overlaps = _overlap_rows(board)
+    speed = len(_timing_runs(board)) > 1
+    partial = {m: _partial(board, m) for m in metrics}
+    head = "".join(
+        f'<th class="id{" variant" if c == "variant" else ""}" data-sort>{escape(c)}</th>'
+        for c in ids
+    )
     for i, m in enumerate(metrics):
         cls = "" if m in headline else ' class="all-only"'
         title = escape(info[m].get("description", ""))
-        head += f'<th{cls} title="{title}" data-sort>{escape(m)}</th>'
+        label = escape(m)
+        if speed and m in TIMING_METRICS:
+            title += escape(f" ({SPEED_MARK}: {_speed_note(board)})")
+            label += f' <span class="mark">{SPEED_MARK}</span>'
+        head += f'<th{cls} title="{title}" data-sort>{label}</th>'
         if i == 0:  # the comparison with the reference, beside the ranking metric
-            head += "".join(f"<th data-sort>{escape(c)}</th>" for c in extra)
+            head += "".join(
+                f'<th title="{escape(comparison_help(c, primary))}" data-sort>{escape(c)}</th>'
+                for c in extra
+            )
     best = {}
     for m in metrics:
         if info[m].get("compare", True) and board[m].notna().any():
             best[m] = board[m].max() if higher_is_better(m, info) else board[m].min()
     rows = []
-    for _, row in board.iterrows():
-        cells = "".join(
-            f'<td class="id" data-v="{escape(str(row[c]))}">{escape(str(row[c]))}</td>'
-            for c in ids
-        )
+    for index, (_, row) in enumerate(board.iterrows()):
+        cells = ""
+        for c in ids:
+            value = "" if _missing(row[c]) else str(row[c])
+            if c == "variant":
+                shown = _named(board, marks, index, html=True)
+                if overlaps[index]:
+                    shown += (
+                        f' <span class="mark" title="{escape(OVERLAP_NOTE)}">{OVERLAP_MARK}</span>'
+                    )
+                cells += f'<td class="id variant" data-v="{escape(value)}">{shown}</td>'
+            else:
+                cells += f'<td class="id" data-v="{escape(value)}">{escape(value)}</td>'
         for i, m in enumerate(metrics):
             value = row[m]
             text = format_metric(metric_fmt(info, m), value, row.get(f"{m}_std"))
+            if partial[m].iloc[index]:
+                text += f" ({int(row[f'{m}_seeds'])}/{int(row['seeds'])})"
             classes = ["all-only"] if m not in headline else []
             if m in best and value == best[m] and len(board) > 1:
                 classes.append("best")
@@ -162,15 +348,203 @@ def _leaderboard_html(board: pd.DataFrame, primary: str, info: Info) -> str:
     )
 
 
+def comparison_help(column: str, primary: str) -> str:
+    """How a comparison column (``verdict``, ``delta``, ...) was produced, in words."""
+    return COMPARISON_HELP[column].format(primary=primary)
+
+
+def _overlap_rows(board: pd.DataFrame) -> list[bool]:
+    """Per row, whether the Markdown marks it ``≈`` (overlaps the leader, not the leader)."""
+    if "overlaps_leader" not in board or "rank" not in board:
+        return [False] * len(board)
+    return [
+        overlap is True and not _missing(rank) and rank > 1
+        for overlap, rank in zip(board["overlaps_leader"], board["rank"], strict=True)
+    ]
+
+
+def _timing_runs(board: pd.DataFrame) -> set[str]:
+    """Every run that measured a timing on the board (its ``timed_in`` column)."""
+    if "timed_in" not in board:
+        return set()
+    return {run for ids in board["timed_in"].dropna() for run in str(ids).split(", ")}
+
+
+def _partial(board: pd.DataFrame, metric: str) -> pd.Series:
+    """Per row, whether only some of its seeds have a value of ``metric`` (``(k/n)``)."""
+    if f"{metric}_seeds" not in board or "seeds" not in board:
+        return pd.Series(False, index=board.index)
+    have = board[f"{metric}_seeds"]
+    return (have > 0) & (have < board["seeds"])
+
+
+def _speed_note(board: pd.DataFrame) -> str:
+    return (
+        f"timings measured in {len(_timing_runs(board))} different runs or hosts: not "
+        "comparable for speed"
+    )
+
+
+def _marks_note(board: pd.DataFrame, info: Info) -> str:
+    """What each mark beside a variant name means (always shown, as in the Markdown)."""
+    lines = [f"{OVERLAP_MARK}: {OVERLAP_NOTE}"] if any(_overlap_rows(board)) else []
+    lines += [f"{m.symbol}: {m.note}" for m in board_marks(board, info)]
+    if len(_timing_runs(board)) > 1 and any(m in board for m in TIMING_METRICS):
+        lines.append(f"{SPEED_MARK}: {_speed_note(board)}")
+    if any(_partial(board, m).any() for m in info if m in board):
+        lines.append(
+            "(k/n): only k of the variant's n seeds have a value for this metric; its mean, "
+            "std and interval are over those k"
+        )
+    return "<br>".join(escape(line) for line in lines)
+
+
 def _comparison_cells(row: pd.Series, extra: list[str], info: Info, primary: str) -> str:
     cells = ""
+    fmt = metric_fmt(info, primary)
     for c in extra:
         value = row[c]
-        shown = value if isinstance(value, str) else format_metric(metric_fmt(info, primary), value)
+        shown = value if isinstance(value, str) else format_metric(fmt, value)
+        if c == "delta" and not _missing(value):
+            signed = fmt.replace("{:", "{:+")
+            shown = signed.format(value)
+            low, high = row.get("delta_ci95_low"), row.get("delta_ci95_high")
+            if not _missing(low) and not _missing(high):
+                shown += f" [{signed.format(low)}, {signed.format(high)}]"
         cls = f' class="verdict-{escape(str(value))}"' if c == "verdict" else ""
         v = "" if not isinstance(value, str) and pd.isna(value) else escape(str(value))
         cells += f'<td{cls} data-v="{v}">{escape(str(shown))}</td>'
     return cells
+
+
+# ------------------------------------------------------------------ sanity of the evaluations
+@dataclass
+class EvaluatorSanity:
+    """What one evaluator's stored results say about how far its figures can be trusted,
+    over every cell: each fact's distinct values, each warning and the cells it came from,
+    and the cells that stored no facts (results written before they were recorded)."""
+
+    facts: dict[str, list[Any]]
+    warnings: dict[str, list[str]]
+    without: list[str]
+    cells: int = 0
+
+
+def collect_sanity(records: list[dict[str, Any]]) -> dict[str, EvaluatorSanity]:
+    """Per evaluator (suite order), its results' ``sanity`` facts and warnings."""
+    out: dict[str, EvaluatorSanity] = {}
+    for r in sorted(records, key=lambda r: (str(r["variant"]), r["seed"])):
+        cell = f"{r['variant']} seed {r['seed']}"
+        for name, evaluation in evaluations(r):
+            found = out.setdefault(name, EvaluatorSanity({}, {}, []))
+            found.cells += 1
+            sanity = evaluation.get("sanity")
+            if not isinstance(sanity, dict) or not sanity:
+                found.without.append(cell)
+                continue
+            for key, value in sanity.items():
+                if key == "warnings":
+                    for sentence in value if isinstance(value, list) else [value]:
+                        found.warnings.setdefault(str(sentence), []).append(cell)
+                elif value not in found.facts.setdefault(key, []):
+                    found.facts[key].append(value)
+    return out
+
+
+def _fact_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _facts_line(facts: dict[str, list[Any]]) -> str:
+    keys = [k for k in SANITY_ORDER if k in facts] + [k for k in facts if k not in SANITY_ORDER]
+    parts = []
+    for key in keys:
+        values = facts[key]
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numbers and len(values) > 1:
+            text = f"{_fact_text(min(values))}–{_fact_text(max(values))}"
+        else:
+            text = " / ".join(_fact_text(v) for v in values)
+        parts.append(f"<b>{escape(key)}</b> {escape(text)}")
+    return " · ".join(parts)
+
+
+def _cells_text(cells: list[str], total: int) -> str:
+    return "every cell" if len(cells) == total else ", ".join(cells)
+
+
+def sanity_section(found: dict[str, EvaluatorSanity]) -> str:
+    """The page's Checks: one line per evaluator with its facts (split sizes, chance level,
+    resolution of an accuracy, ...), and every warning, with the cells it applies to."""
+    rows, warnings = [], []
+    for name, sanity in found.items():
+        line = _facts_line(sanity.facts) if sanity.facts else ""
+        if sanity.without:
+            missing = "no sanity facts stored" + (
+                ""
+                if len(sanity.without) == sanity.cells
+                else f" for {escape(_cells_text(sanity.without, sanity.cells))}"
+            )
+            line = f"{line} ({missing})" if line else missing
+        rows.append(
+            f'<tr data-evaluator="{escape(name)}"><td class="id"><b>{escape(name)}</b></td>'
+            f"<td>{line}</td></tr>"
+        )
+        for sentence, cells in sanity.warnings.items():
+            warnings.append(
+                f"<li>⚠ <b>{escape(name)}</b>: {escape(sentence)} "
+                f'<span class="note">({escape(_cells_text(cells, sanity.cells))})</span></li>'
+            )
+    listed = f'<ul class="warnings">{"".join(warnings)}</ul>' if warnings else "<p>no warnings</p>"
+    return (
+        '<section id="checks"><h2>Checks</h2><p class="note">What each evaluator\'s results '
+        "say about how far its figures can be trusted: split sizes, chance level (always "
+        "answering the test set's majority class), resolution of an accuracy (1 / test images), "
+        f"and warnings.</p>{listed}<table>{''.join(rows)}</table></section>"
+    )
+
+
+def embedded_json(data: Any) -> str:
+    """``data`` as JSON to embed in ``<script type="application/json">``: valid JSON
+    (NaN and infinities as null) that a browser's ``JSON.parse`` reads, with only what
+    could end or confuse the script element escaped (``<`` as ``\\u003c``; U+2028/2029)."""
+    text = json.dumps(strict_json(data), default=_json_default, allow_nan=False, ensure_ascii=False)
+    return text.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _json_default(value: Any) -> Any:
+    """A numpy or pandas scalar as plain Python (NaN and NA as None), anything else as text."""
+    if value is pd.NA or value is pd.NaT:
+        return None
+    if hasattr(value, "item"):
+        plain = value.item()
+        return None if isinstance(plain, float) and not math.isfinite(plain) else plain
+    return str(value)
+
+
+def glossary_html(info: Info, board: pd.DataFrame, primary: str) -> str:
+    """Every column's meaning: the metrics as their evaluators describe them, and how each
+    comparison column was produced."""
+    rows = [
+        (m, d.get("description", ""), "higher" if d.get("higher_is_better", True) else "lower")
+        for m, d in info.items()
+    ]
+    rows += [
+        (c, comparison_help(c, primary), "")
+        for c in ("verdict", "delta", "prob_improve", "p_value")
+        if c in board.columns
+    ]
+    body = "".join(
+        f'<tr><td class="id">{escape(m)}</td><td class="id">{escape(text)}</td>'
+        f'<td class="id">{better}</td></tr>'
+        for m, text, better in rows
+    )
+    return (
+        '<table class="glossary"><tr><th class="id">column</th><th class="id">meaning</th>'
+        f'<th class="id">better</th></tr>{body}</table>'
+    )
 
 
 def _variant_sections(
@@ -213,7 +587,8 @@ def _variant_sections(
             parts.append(table.to_html(index=False, escape=True, classes="thresholds"))
         out.append(
             f'<details class="variant" data-variant="{escape(name)}">'
-            f"<summary>{escape(name)} ({len(cells)} seeds)</summary>{''.join(parts)}</details>"
+            f"<summary>{escape(name)} ({plural(len(cells), 'seed')})</summary>"
+            f"{''.join(parts)}</details>"
         )
     return "".join(out)
 
@@ -249,6 +624,9 @@ def render_page(
         first = log.read_text(encoding="utf-8", errors="replace").splitlines()[:1]
         failures.append(f"<li><b>{escape(log.stem)}</b>: {escape(first[0] if first else '')}</li>")
     order = list(board["variant"]) if "variant" in board else []
+    sanity = collect_sanity(records)
+    warned = sum(len(found.warnings) for found in sanity.values())
+    summary = summary_paragraph(board, primary, info, len(resolved.get("seeds", [])), warned)
     html = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>{escape(suite_record["name"])}: mae-bench results</title>
@@ -257,20 +635,20 @@ def render_page(
 <h1>{escape(suite_record["name"])}</h1>
 <p>{escape(str(resolved.get("description", "")))}</p>
 <p class="note">{" · ".join(f"{escape(k)}: {escape(str(v))}" for k, v in facts.items())}</p>
-<h2>Summary</h2><p id="summary">{summary_paragraph(board, primary, info)}</p>
+<h2>Summary</h2><p id="summary">{summary}</p>
 <h2>Leaderboard</h2>
 <p class="note">mean ± std over seeds, ranked by {escape(primary)}; bold: best; click a column
-header to sort. <button id="toggle">show all columns</button></p>
+header to sort; hover a header or a mark for what it means. <button id="toggle">show all
+columns</button></p>
 {_leaderboard_html(board, primary, info)}
+<p class="note" id="marks">{_marks_note(board, info)}</p>
+{sanity_section(sanity)}
 <h2>Variants</h2>{_variant_sections(records, store, info, order, table_plots or [])}
 <h2>Plots</h2>{"".join(_image(p) for p in plots if p.suffix == ".png" and p.is_file())}
 <h2>Failed cells</h2>{f"<ul>{''.join(failures)}</ul>" if failures else "<p>none</p>"}
 <h2>Suite (resolved)</h2><pre>{escape(yaml.safe_dump(resolved, sort_keys=False))}</pre>
-<h2>Metrics</h2><table>{"".join(
-        f'<tr><td class="id">{escape(m)}</td><td class="id">{escape(d.get("description", ""))}'
-        f"</td></tr>" for m, d in info.items())}</table>
-<script type="application/json" id="data">{escape(json.dumps(
-        board.to_dict(orient="records"), default=str))}</script>
+<h2>Glossary</h2>{glossary_html(info, board, primary)}
+<script type="application/json" id="data">{embedded_json(board.to_dict(orient="records"))}</script>
 </body></html>
 """
     path = root / REPORT_FILE

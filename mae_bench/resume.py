@@ -45,6 +45,7 @@ from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.files import atomic_write
 
 AUTO_SHARE = 0.05  # "auto": saving takes at most this share of the training time
+SAVED_AT_KEY = "saved_at"  # a checkpoint's record of when it was saved ("in epoch 3")
 GRACE_ENV = "MAE_BENCH_STOP_GRACE_S"
 DEFAULT_GRACE_S = 25.0
 
@@ -253,6 +254,9 @@ class Checkpoint:
         self.key = key
         self.every = every
         self.writer = writer  # rank 0 writes; every rank reads
+        # when the state :meth:`load` returned was saved, as the save said it ("in epoch 3",
+        # "after epoch 2"): the resume message repeats it (None: not known)
+        self.saved_at: str | None = None
         self._last_save_s = 0.0
         self._last_save_at = time.perf_counter()
 
@@ -272,6 +276,8 @@ class Checkpoint:
                 stacklevel=2,
             )
             return None
+        saved_at = state.get(SAVED_AT_KEY)
+        self.saved_at = saved_at if isinstance(saved_at, str) else None
         return state
 
     def due(self, epoch: int, epoch_end: bool) -> bool:
@@ -283,11 +289,13 @@ class Checkpoint:
             return elapsed * AUTO_SHARE >= self._last_save_s
         return epoch % int(self.every) == 0
 
-    def save(self, state: dict[str, Any]) -> None:
-        """Write ``state`` (tensors and plain data) atomically: temporary file, fsync, rename."""
+    def save(self, state: dict[str, Any], saved_at: str | None = None) -> None:
+        """Write ``state`` (tensors and plain data) atomically: temporary file, fsync, rename.
+        ``saved_at``: when in the run, as the stop message says it (``"in epoch 3"``)."""
         start = time.perf_counter()
         if self.writer:
-            atomic_write(self.path, lambda handle: torch.save({**state, "key": self.key}, handle))
+            full = {**state, "key": self.key, SAVED_AT_KEY: saved_at}
+            atomic_write(self.path, lambda handle: torch.save(full, handle))
         self._last_save_at = time.perf_counter()
         self._last_save_s = self._last_save_at - start
 
@@ -346,7 +354,7 @@ def step_boundary(
         _state["stop"] = None  # taken: the loop stops here (the grace period ends)
         _state["watch"] += 1
     if checkpoint is not None and (stop is not None or save):
-        checkpoint.save(state())
+        checkpoint.save(state(), saved_at=where)
     if then is not None:
         then()
     if stop is not None:

@@ -25,6 +25,7 @@ from mae_bench.device import resolve_device
 from mae_bench.distributed import cell_device, env_world
 from mae_bench.distributed import start as start_world
 from mae_bench.errors import ConfigError, MaeBenchWarning, UserError
+from mae_bench.leaderboard import plural
 from mae_bench.plan import Cell, remaining, suite_cells, suite_record
 from mae_bench.plugins import Registry, load_registry
 from mae_bench.results import (
@@ -37,7 +38,13 @@ from mae_bench.results import (
     write_suite_record,
 )
 from mae_bench.suite import Suite, config_error, lookup_component
-from mae_bench.worker import InProcess, RunSummary, WorkerContext, run_cells, suite_leaderboard
+from mae_bench.worker import (
+    InProcess,
+    RunSummary,
+    WorkerContext,
+    run_cells,
+    suite_leaderboard,
+)
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,12 @@ class Launcher(Component):
     kind: ClassVar[str] = "launcher"
     in_process: ClassVar[bool] = False
 
+    @property
+    def processes_per_cell(self) -> int:
+        """Data-parallel processes each cell runs on (a batch-statistic loss's key holds the
+        share of the batch each sees); an in-process launcher runs on the calling ranks."""
+        return 1
+
     def launch(self, request: LaunchRequest, console: Any) -> None:
         """Run the cells of ``request``; ``console`` is a ``rich.console.Console`` for progress."""
         raise NotImplementedError
@@ -145,7 +158,7 @@ def run_suite(
     launcher = launcher or resolve_launcher(load_registry(), "inline", {})
     device_option = str(device)
     root = out_dir / suite.name
-    cells = suite_cells(suite)
+    cells = suite_cells(suite, None if launcher.in_process else launcher.processes_per_cell)
     world = env_world()
     summary = RunSummary(root=root)
     pending: list[Cell] = []
@@ -161,10 +174,13 @@ def run_suite(
         reused = [c for c in pending if plan[c.cell_id][0] is not None]
         if reused:
             todo = sorted({e.name for c in reused for e in plan[c.cell_id][1]})
+            does = (
+                "reuses its stored pretraining and only runs"
+                if len(reused) == 1
+                else ("reuse their stored pretraining and only run")
+            )
             console.print(
-                f"{len(reused)} cells reuse their stored pretraining and only run: "
-                f"{', '.join(todo)}",
-                highlight=False,
+                f"{plural(len(reused), 'cell')} {does}: {', '.join(todo)}", highlight=False
             )
     local = None
     # the probe's folders are removed again if the dataset then fails: nothing is left
@@ -186,7 +202,8 @@ def run_suite(
     if ids:
         if not launcher.in_process:
             console.print(
-                f"launching {len(ids)} cells of suite {suite.name!r} with {launcher.summary()}",
+                f"launching {plural(len(ids), 'cell')} of suite {suite.name!r} with "
+                f"{launcher.summary()}",
                 highlight=False,
             )
         launcher.launch(LaunchRequest(root.resolve(), ids, device_option, local), console)
@@ -265,8 +282,9 @@ def _claim_folder(root: Path, suite: Suite, cells: list[Cell], replace: bool) ->
         return
     raise UserError(
         f"--out: {root} holds the results of another suite ({old['name']!r} from "
-        f"{old.get('source', '?')}: {len(finished)} finished cells, none of them part of this "
-        "suite, e.g. every setting changed); writing here would orphan them. Use another "
+        f"{old.get('source', '?')}: {plural(len(finished), 'finished cell')}, none of them "
+        "part of this suite, e.g. every setting changed); writing here would orphan them. Use "
+        "another "
         f"--out, or --replace to move them aside to {aside.name}"
     )
 

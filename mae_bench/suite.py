@@ -7,10 +7,15 @@ below (unknown keys are errors), then every component against its plugin's ``Par
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib.metadata
+import inspect
+import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
@@ -255,6 +260,81 @@ class SuiteConfig(_Strict):
 
 
 # --------------------------------------------------------------------------- resolution
+SITE_FOLDERS = frozenset({"site-packages", "dist-packages"})  # where installers put releases
+
+
+def _own_modules(cls: type) -> list[str]:
+    """The modules defining ``cls``, its ``Params`` and their bases within ``cls``'s own
+    top-level package (not the core's base classes, not pydantic's or torch's)."""
+    package = cls.__module__.split(".")[0]
+    params = getattr(cls, "Params", object)
+    classes = (*cls.__mro__, *(params.__mro__ if isinstance(params, type) else ()))
+    return sorted({k.__module__ for k in classes if k.__module__.split(".")[0] == package})
+
+
+def _source_file(module_name: str) -> Path | None:
+    """The source file of a loaded module, or None (no such module, or no source)."""
+    module = sys.modules.get(module_name)
+    try:
+        source = inspect.getsourcefile(module) if module is not None else None
+    except TypeError:  # a built-in module
+        return None
+    return Path(source) if source else None
+
+
+def _from_local_directory(distribution: str) -> bool:
+    """True if pip installed ``distribution`` from a local folder (``pip install -e DIR`` or
+    ``pip install DIR``: its ``direct_url.json`` has ``dir_info``), whatever its version says."""
+    try:
+        direct_url = importlib.metadata.distribution(distribution).read_text("direct_url.json")
+        return "dir_info" in json.loads(direct_url or "{}")
+    except (importlib.metadata.PackageNotFoundError, ValueError, OSError):
+        return False
+
+
+def _source_digests(cls: type) -> tuple[dict[str, str], bool] | None:
+    """SHA-256 of the source of each of ``cls``'s own modules, by module name, and whether
+    every one lies in a site-packages folder; None if a source cannot be read."""
+    digests, in_site = {}, True
+    for name in _own_modules(cls):
+        path = _source_file(name)
+        if path is None:
+            return None
+        try:
+            digests[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            return None
+        in_site = in_site and bool(SITE_FOLDERS & set(path.parts))
+    return (digests, in_site) if digests else None
+
+
+@cache
+def component_identity(cls: type, distribution: str, distribution_version: str) -> dict[str, Any]:
+    """What determines the behaviour of the component ``cls`` (beyond its params), for the
+    keys of the results it affects: its distribution, its own declared ``version`` if any,
+    and either
+
+    - ``source_sha256``: the SHA-256 of each of its own modules' source, by module name, for
+      a local or editable install (whose version metadata stays as installed while its
+      source changes), or
+    - ``plugin_version``: the distribution's version, for a release installed into
+      site-packages (or a component whose source cannot be read).
+
+    Read once per class and process, so that every plan of one process agrees with the
+    code it runs."""
+    identity: dict[str, Any] = {"plugin": distribution}
+    declared = getattr(cls, "version", None)
+    if isinstance(declared, str | int | float):  # not an unrelated property or method
+        identity["version"] = str(declared)
+    sources = _source_digests(cls)
+    released = sources is None or (sources[1] and not _from_local_directory(distribution))
+    if released:
+        identity["plugin_version"] = distribution_version
+    else:
+        identity["source_sha256"] = sources[0]
+    return identity
+
+
 @dataclass(frozen=True)
 class Resolved:
     """A component reference checked against its plugin: class, validated params, config."""
@@ -263,11 +343,17 @@ class Resolved:
     params: Params
     config: dict[str, Any]  # {"name": ..., **params}, every default filled in
     plugin: str  # distribution that provides it
-    version: str = "unknown"  # of that distribution: part of every key it affects
+    version: str = "unknown"  # of that distribution (see ``identity``)
 
     def describe(self) -> str:
         """The component and where it comes from, e.g. ``'vit' (mae-bench 0.1.0)``."""
         return f"{self.config['name']!r} ({self.plugin} {self.version})"
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What determines its behaviour beyond its params, part of every key it affects
+        (see :func:`component_identity`)."""
+        return copy.deepcopy(component_identity(self.cls, self.plugin, self.version))
 
 
 @dataclass(frozen=True)
@@ -316,6 +402,25 @@ class Variant:
     def build_masking(self) -> MaskingStrategy:
         """The masking strategy."""
         return self.masking.cls(self.masking.params)
+
+    @property
+    def depends_on_batch(self) -> bool:
+        """True if a loss term is a statistic of the batch it sees (``Loss.depends_on_batch``):
+        what splits a step's batch then changes the objective (not for baselines: no loss)."""
+        return not self.baseline and any(
+            getattr(t.component.cls, "depends_on_batch", False) for t in self.losses
+        )
+
+    def components(self) -> dict[str, Any]:
+        """The identity of each of its components (:func:`component_identity`), by role:
+        ``encoder``, ``masking`` and ``loss`` (one per term; a baseline has its encoder only)."""
+        if self.baseline:
+            return {"encoder": self.encoder.identity}
+        return {
+            "encoder": self.encoder.identity,
+            "masking": self.masking.identity,
+            "loss": [t.component.identity for t in self.losses],
+        }
 
     def plugins(self) -> dict[str, str]:
         """Name and version of every plugin distribution providing one of its components."""

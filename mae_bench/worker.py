@@ -37,7 +37,7 @@ from mae_bench.device import device_name, prepare, resolve_device
 from mae_bench.distributed import Dist, cell_device, env_world
 from mae_bench.distributed import start as start_world
 from mae_bench.errors import MaeBenchWarning, UserError
-from mae_bench.leaderboard import format_metric, rebuild_leaderboard
+from mae_bench.leaderboard import format_metric, plural, rebuild_leaderboard
 from mae_bench.leases import Lease, Leases
 from mae_bench.plan import Cell, CellPlan, Evaluation, remaining, suite_cells
 from mae_bench.plugins import load_registry
@@ -183,9 +183,11 @@ def work(
                 lease.release()
             world.barrier()
     if summary.elsewhere and world.is_main:
+        one = len(summary.elsewhere) == 1
+        where = "is running in another process" if one else "are running in other processes"
         console.print(
-            f"{len(summary.elsewhere)} cells are running in other processes (see mae-bench "
-            f"status {root}); the one that ends last writes the complete leaderboard",
+            f"{plural(len(summary.elsewhere), 'cell')} {where} (see mae-bench status {root}); "
+            "the one that ends last writes the complete leaderboard",
             highlight=False,
         )
 
@@ -308,12 +310,21 @@ def _run_one(
         lease.update(epoch=epoch)
         ctx.loggers.call("log_epoch", cell.cell_id, epoch, row)
 
-    def on_resume(epoch: int) -> None:
-        display.console.print(f"resumed {cell.cell_id} from epoch {epoch}", highlight=False)
+    checkpoint = ctx.checkpoint(cell, suite, world)
+
+    def on_resume(epochs_done: int) -> None:
+        # the words the stop message used when it saved ("checkpoint saved in epoch 3")
+        where = (
+            f"saved {checkpoint.saved_at}"
+            if checkpoint.saved_at
+            else f"({plural(epochs_done, 'epoch')} complete)"  # saved before it was recorded
+        )
+        display.console.print(
+            f"resumed {cell.cell_id} from its checkpoint {where}", highlight=False
+        )
 
     try:
         if stored is None:
-            checkpoint = ctx.checkpoint(cell, suite, world)
             lease.update(stage="pretraining", epochs=suite.config.pretrain.epochs)
             display.start_cell(cell, 0 if cell.variant.baseline else suite.config.pretrain.epochs)
             pre = pretrain_cell(

@@ -81,6 +81,10 @@ class LocalLauncher(Launcher):
     name = "local"
     Params = LocalParams
 
+    @property
+    def processes_per_cell(self) -> int:
+        return self.params.procs_per_cell
+
     def launch(self, request: LaunchRequest, console: Any) -> None:
         p: LocalParams = self.params
         slices = device_slices(request.device, p.workers, p.procs_per_cell)
@@ -257,6 +261,10 @@ class SubmititLauncher(Launcher):
             options.pop("name")
         executor.update_parameters(**options)
         return executor
+
+    @property
+    def processes_per_cell(self) -> int:
+        return self.params.tasks_per_node
 
     def launch(self, request: LaunchRequest, console: Any) -> None:
         p: SubmititParams = self.params

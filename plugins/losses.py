@@ -134,6 +134,7 @@ class UniformityLoss(Loss):
 
     name = "uniformity"
     Params = UniformityParams
+    depends_on_batch = True  # pairs of the batch it sees: the micro-batch is in its key
 
     @property
     def prediction_space(self) -> None:

@@ -97,6 +97,10 @@ class MLPMAE(MaskedAutoencoder):
         p = self.params
         return f"mlp(p{p.patch_size},d{p.dim})"
 
+    def drop_final_norm(self) -> bool:
+        """Nothing to drop: the per-patch MLP has no final norm."""
+        return False
+
 
 @hookimpl
 def register_encoders(register):

@@ -3,7 +3,7 @@ images, with a fixed-seed stratified sample and fixed-seed masks shared by every
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, PositiveInt
@@ -91,6 +91,20 @@ def reconstruction_quality(
     }
 
 
+def reconstruction_sanity(scores: dict[str, float], n_images: int, masks: str) -> dict[str, Any]:
+    """What says how far the reconstruction figures can be trusted, for the result's
+    ``sanity``: the sample size, which masks, and a warning when ``psnr_masked`` is below
+    its floor ``psnr_mean_image`` (predicting the mean training image does better)."""
+    warnings = []
+    if scores["psnr_masked"] < scores["psnr_mean_image"]:
+        warnings.append(
+            f"psnr_masked {scores['psnr_masked']:.2f} dB is below psnr_mean_image "
+            f"{scores['psnr_mean_image']:.2f} dB: predicting the mean training image "
+            "reconstructs the masked patches better than this model"
+        )
+    return {"n_images": n_images, "masks": masks, "warnings": warnings}
+
+
 class ReconstructionEvaluator(Evaluator):
     """PSNR over masked patches and full images, and the masked high-frequency error."""
 
@@ -110,9 +124,12 @@ class ReconstructionEvaluator(Evaluator):
                 higher_is_better=False,
                 fmt="{:.4f}",
                 headline=True,
+                bounds=(0, None),
             ),
             "psnr_mean_image": Metric(
-                "PSNR (dB) of predicting the mean training image: a floor", fmt="{:.2f}"
+                "PSNR (dB) of predicting the mean training image: a floor, not compared",
+                fmt="{:.2f}",
+                compare=False,
             ),
         }
 
@@ -135,7 +152,7 @@ class ReconstructionEvaluator(Evaluator):
             ctx.model, ctx.data.test_images[sample], ctx.feeder, p,
             decoder_loss=ctx.decoder_loss, mean_image=ctx.mean_image, masks=masks,
         )  # fmt: skip
-        return EvalResult(scores)
+        return EvalResult(scores, sanity=reconstruction_sanity(scores, len(sample), p.masks))
 
 
 @hookimpl

@@ -86,6 +86,15 @@ class TimmMAE(MaskedAutoencoder):
     def summary(self) -> str:
         return f"timm({self.params.model})"
 
+    def drop_final_norm(self) -> bool:
+        """The timm ViT without its final ``norm`` (for the official global-pool head);
+        False where it has none (e.g. built with ``global_pool: avg``, whose ``fc_norm``
+        ``forward_encoder`` does not apply)."""
+        if isinstance(self.encoder.norm, nn.Identity):
+            return False
+        self.encoder.norm = nn.Identity()
+        return True
+
     def export_state_dict(self, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``timm``: the encoder is a timm model already; its weights as they are."""
         if fmt != "timm":

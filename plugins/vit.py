@@ -32,8 +32,8 @@ K of them visible, D / D_dec the encoder / decoder width; each step names where 
 Same numbers, other lines: positions are added before masking and the cls token gets none
 (the official cls position, in the encoder and the decoder, is a zero row). Differences: the
 mask is drawn outside the model (a masking plugin can replace step 2), its noise on the CPU
-from a seeded generator, and K = round(L * (1 - ratio)), at least 1 (official: ``int``, the
-same K for ratio 0.75 on 14x14 or 4x4 grids). Parameter names, initialisation, LayerNorm
+from a seeded generator, and K = int(L * (1 - ratio)) as the official count, but at least 1.
+Parameter names, initialisation, LayerNorm
 eps 1e-6 and the positions follow ``models_mae.py``, so its checkpoints load
 (``ViTMAE.adapt_state_dict``: its ``decoder_*`` and ``mask_token`` keys are our
 ``decoder.*``, the rest our ``encoder.*``) and an encoder exports to timm's
@@ -180,6 +180,13 @@ class ViTMAE(MaskedAutoencoder):
         p = self.params
         return f"vit(p{p.patch_size},d{p.dim}x{p.depth})"
 
+    def drop_final_norm(self) -> bool:
+        """The encoder without its final ``norm`` (for the official global-pool head)."""
+        if isinstance(self.encoder.norm, nn.Identity):
+            return False
+        self.encoder.norm = nn.Identity()
+        return True
+
     def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         """Accept our own keys (``encoder.*``, ``decoder.*``) or the official MAE's
         (``patch_embed.proj``, ``cls_token``, ``blocks.N``, ``norm``, ``decoder_*``,
@@ -218,9 +225,7 @@ class ViTMAE(MaskedAutoencoder):
             return super().export_state_dict(fmt)
         p = self.params
         enc = self.encoder
-        weights = {
-            k: v for k, v in enc.state_dict().items() if not k.startswith("pos_embed")
-        }
+        weights = {k: v for k, v in enc.state_dict().items() if not k.startswith("pos_embed")}
         weights["pos_embed"] = torch.cat(
             [torch.zeros(1, 1, p.dim), enc.pos_embed.detach().cpu()], dim=1
         )

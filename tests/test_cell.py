@@ -3,13 +3,17 @@ fails one cell only, and a failure is one line with a hint."""
 
 import dataclasses
 import errno
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import mae_bench.cell
+import mae_bench.device
 from mae_bench.cell import evaluate_cell, failure_line, pretrain_cell
 from mae_bench.data import ImageFeeder
+from mae_bench.device import peak_memory_mb, reset_peak_memory
 from mae_bench.plan import suite_cells
 from mae_bench.suite import resolve_suite
 from tests.conftest import invoke, tiny_suite_data, write_suite
@@ -92,3 +96,39 @@ def test_a_plugin_exiting_or_interrupting_is_told_from_a_signal():
     reason = " (raised by a plugin, not a signal: it fails the cell only)"
     assert failure_line(SystemExit(0)) == "SystemExit: 0" + reason
     assert failure_line(KeyboardInterrupt()) == "KeyboardInterrupt:" + reason
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_peak_memory_on_the_cpu_is_the_cells_not_the_processs():
+    """A 256 MiB tensor freed before the next cell starts: the next cell's peak must not
+    inherit it (the process's high-water mark did, for every later cell)."""
+    assert reset_peak_memory(CPU)
+    before = peak_memory_mb(CPU)
+    big = torch.ones(64 * 2**20)  # 256 MiB, every page touched
+    during = peak_memory_mb(CPU)
+    del big
+    assert reset_peak_memory(CPU)
+    after = peak_memory_mb(CPU)
+    assert during - before > 200 and during - after > 200
+
+
+def test_memory_is_not_reported_where_it_cannot_be_measured_per_cell(
+    registry, monkeypatch, tmp_path
+):
+    """Without a way to restart the measurement, a cell's peak is unknown (NaN), never the
+    process's peak so far."""
+    data_cfg = tiny_suite_data()
+    data_cfg["eval"]["baselines"] = True
+    suite = resolve_suite(data_cfg, registry)
+    data = suite.build_dataset().load()
+    feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=CPU)
+    baseline = next(c for c in suite_cells(suite) if c.variant.baseline)  # no training: fast
+    measured = pretrain_cell(baseline, suite, data, feeder).record
+    if Path("/proc/self/clear_refs").exists():
+        assert 10 < measured["metrics"]["peak_mem_mb"] < float("inf")
+    monkeypatch.setattr(mae_bench.device, "CLEAR_REFS", tmp_path / "missing" / "clear_refs")
+    assert reset_peak_memory(CPU) is False
+    unmeasured = pretrain_cell(baseline, suite, data, feeder).record
+    assert math.isnan(unmeasured["metrics"]["peak_mem_mb"])
+    provenance = unmeasured["provenance"]
+    assert provenance["host"] and provenance["run_id"] == measured["provenance"]["run_id"]

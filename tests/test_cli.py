@@ -168,9 +168,20 @@ def test_missing_suite_and_bad_yaml_and_bad_set(tmp_path):
 def test_validate_show_prints_resolved_suite():
     result = invoke("validate", str(ROOT / "suites" / "quick.yaml"), "--show")
     assert result.exit_code == 0, result.output
-    assert "ok: suite 'quick': (7 variants + 2 baseline(s)) x 3 seeds = 27 cells" in result.stdout
+    assert "ok: suite 'quick': (7 variants + 2 baselines) x 3 seeds = 27 cells" in result.stdout
     resolved = yaml.safe_load(result.stdout.split("\n", 1)[1])
     assert resolved["variants"][1]["masking"] == {"name": "random", "ratio": 0.75}
+
+
+def test_validate_counts_in_the_singular_too(tmp_path):
+    data = tiny_suite_data(seeds=[0])
+    data["variants"] = data["variants"][:1]
+    result = invoke("validate", str(write_suite(tmp_path, data)))
+    assert result.exit_code == 0, result.output
+    assert "ok: suite 'tiny': (1 variant) x 1 seed = 1 cell" in result.stdout
+    data["eval"]["baselines"] = True
+    result = invoke("validate", str(write_suite(tmp_path, data)))
+    assert "(1 variant + 1 baseline) x 1 seed = 2 cells" in result.stdout, result.output
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -118,3 +118,24 @@ def test_drop_path_rises_linearly(registry):
     rates = [getattr(b.drop_path1, "drop_prob", 0.0) for b in model.encoder.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2])
     assert isinstance(model.encoder.blocks[2].drop_path2, DropPath)
+
+
+@pytest.mark.parametrize(("name", "params"), MODELS, ids=[m[0] for m in MODELS])
+def test_drop_final_norm_leaves_the_tokens_unnormalized(registry, name, params):
+    """What the official global-pool fine-tuning head needs: the encoder without its final
+    norm (the ViTs), or nothing to drop (the MLP has none)."""
+    torch.manual_seed(0)
+    model = build(registry, name, **params).eval()
+    x = torch.randn(2, 3, 16, 16)
+    ids_all = torch.arange(model.num_patches).expand(2, -1)
+    with torch.no_grad():
+        normed = model.forward_encoder(x, ids_all)
+        dropped = model.drop_final_norm()
+        raw = model.forward_encoder(x, ids_all)
+    assert dropped == (name != "mlp")
+    assert not any(".norm." in n for n, _ in model.encoder.named_parameters(prefix="."))
+    if dropped:  # the norm it dropped is the one that made the tokens
+        norm = torch.nn.functional.layer_norm(raw, (model.embed_dim,), eps=1e-6)
+        assert torch.allclose(norm, normed, atol=1e-4) and not torch.allclose(raw, normed)
+    else:
+        assert torch.equal(raw, normed)

@@ -1,6 +1,7 @@
 """Evaluation helpers (mae_bench/evaluate.py): frozen features extracted once per pooling,
 the fixed evaluation sample and masks."""
 
+import pytest
 import torch
 
 from mae_bench.data import ImageFeeder
@@ -56,3 +57,25 @@ def test_evaluation_sample_is_stratified_and_fixed():
     assert torch.equal(a, evaluation_sample(labels, 50, seed=0))
     assert not torch.equal(a, evaluation_sample(labels, 50, seed=1))
     assert torch.equal(evaluation_sample(labels, 500), torch.arange(200))
+
+
+def test_classifier_sanity_names_small_and_absent_classes():
+    from mae_bench.evaluate import classifier_sanity
+
+    test = torch.tensor([0] * 150 + [1] * 7 + [2] * 3)
+    sanity = classifier_sanity(
+        torch.arange(40) % 4, test, 4, class_names=["cat", "dog", "fox", "owl"],
+        accuracy=("knn_acc", 0.95),
+    )  # fmt: skip
+    assert sanity["chance"] == pytest.approx(150 / 160)
+    assert sanity["resolution"] == pytest.approx(1 / 160) and sanity["n_train"] == 40
+    assert sanity["warnings"] == [
+        "dog and fox have 7 and 3 test images (fewer than 10): one image moves a class's "
+        "recall by 1/7 or more",
+        "owl has no test images: left out of the macro averages",
+    ]  # 160 test images: fine; 0.95 beats chance 0.9375
+    below = classifier_sanity(torch.arange(4), test, 4, accuracy=("lp_acc", 0.9))
+    assert below["warnings"][-1] == (
+        "lp_acc 0.900 is no better than chance 0.938 (always predicting the test set's "
+        "majority class)"
+    )

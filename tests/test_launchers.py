@@ -69,9 +69,7 @@ def test_local_workers_match_inline(tiny_run, local_run):
         assert b[cell]["history"]["loss"] == pytest.approx(a[cell]["history"]["loss"], rel=1e-4)
 
 
-def test_submitit_debug_executor_runs_the_suite_with_the_example_options(
-    tmp_path, tiny_suite_file
-):
+def test_submitit_debug_executor_runs_the_suite_with_the_example_options(tmp_path, tiny_suite_file):
     result = invoke(
         "run",
         str(tiny_suite_file),
@@ -96,6 +94,7 @@ def test_submitit_preempted_task_is_requeued_and_resumes_exactly(tmp_path, regis
 
     class Prepare:  # writes the results folder's suite.json, runs nothing
         in_process = False
+        processes_per_cell = 1
 
         def launch(self, request, console):
             pass
@@ -116,7 +115,7 @@ def test_submitit_preempted_task_is_requeued_and_resumes_exactly(tmp_path, regis
     assert job.result() is True
     log = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
     assert "checkpoint saved in epoch" in log or "checkpoint saved after epoch" in log
-    assert "Requeued job" in log and f"resumed {cell} from epoch" in log
+    assert "Requeued job" in log and f"resumed {cell} from its checkpoint saved" in log
     assert results_of(root) == results_of(slow_run.root)
 
 
@@ -146,10 +145,30 @@ def test_local_launcher_gives_workers_gpu_slices_and_torchrun(tmp_path, monkeypa
     assert command[-2:] == ["--device", "auto"]
 
 
+def test_cells_are_planned_for_the_processes_the_launcher_gives_each_cell(
+    tmp_path, monkeypatch, registry
+):
+    """A batch-statistic loss (``uniformity``) sees batch / processes: the runner plans its
+    cells with the launcher's processes per cell, as its torchrun workers will."""
+    requested = []
+    monkeypatch.setattr(LaunchRequest, "finished", lambda self: 0)
+    monkeypatch.setattr(LocalLauncher, "launch", lambda self, req, console: requested.append(req))
+    suite = load_suite(str(ROOT / "suites" / "tiny.yaml"), registry)  # vit: uniformity
+    launcher = LocalLauncher(LocalParams(workers=1, procs_per_cell=2))
+    assert launcher.processes_per_cell == 2
+    summary = run_suite(suite, tmp_path, "cpu", launcher=launcher)
+    assert len(summary.failed) == 2  # nothing ran here: each cell's job ended without a result
+    (request,) = requested
+    planned = {c.cell_id for c in suite_cells(suite, 2)}
+    assert set(request.cell_ids) == planned
+    assert planned != {c.cell_id for c in suite_cells(suite, 1)}  # the vit cell's key differs
+
+
 @pytest.mark.slow
 def test_a_third_party_launcher_plugs_in_through_the_hook(tmp_path, tiny_suite_file):
     """A launcher shipped by another package (here: a pool of worker commands, as a Ray
     launcher would ship them) needs only the hook and the public contract."""
+
     class PoolParams(Params):
         jobs: int = 2
 

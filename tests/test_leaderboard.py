@@ -72,7 +72,8 @@ def test_leaderboard_shows_the_comparison_and_says_when_seeds_are_too_few():
     assert board.set_index("variant").loc["ref", "verdict"] == "reference"
     text = leaderboard_markdown(board, "t", info, "acc")
     assert "+0.100 [+0.100, +0.100] inconclusive" in text
-    assert "the exact Wilcoxon test needs at least 6 seeds for 1 comparisons" in text
+    assert "With 3 paired seeds no verdict can be reached" in text
+    assert "the exact Wilcoxon test needs at least 6 paired seeds for 1 comparison" in text
 
 
 def test_a_flagged_metric_below_one_marks_the_variant():

@@ -139,3 +139,32 @@ def test_laplacian_with_norm_pix_mse_is_refused(registry):
         resolve_suite(data, registry)
     data["variants"][1]["loss"] = [{"name": "mse", "norm_pix": True}, {"name": "uniformity"}]
     resolve_suite(data, registry)  # a regularizer does not read predictions: fine
+
+
+def test_only_batch_statistic_losses_say_they_depend_on_the_batch(registry):
+    """uniformity averages over pairs of the batch it sees; the others average per image."""
+    depends = {
+        name: info.cls.depends_on_batch for name, info in registry.components["loss"].items()
+    }
+    assert depends == {"mse": False, "l1": False, "laplacian": False, "uniformity": True}
+
+
+def test_uniformity_of_a_batch_is_not_the_mean_over_its_micro_batches(registry):
+    """Why its key holds the micro-batch: accumulating halves changes the objective."""
+    loss = make_component(registry, "loss", "uniformity")
+    latent = torch.randn(8, 3, 16, generator=torch.Generator().manual_seed(0))
+    imgs = torch.zeros(8, 3, 8, 8)
+
+    def uniformity(rows: slice) -> float:
+        part = LossInputs(
+            imgs=imgs[rows],
+            pred=patchify(imgs[rows], 4),
+            mask=torch.zeros(rows.stop - rows.start, 4),
+            latent=latent[rows],
+            patch_size=4,
+        )
+        return loss(part).item()
+
+    whole = uniformity(slice(0, 8))
+    halves = (uniformity(slice(0, 4)) + uniformity(slice(4, 8))) / 2
+    assert abs(whole - halves) > 0.01

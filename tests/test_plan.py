@@ -1,6 +1,6 @@
 """The plan (mae_bench/plan.py): cells and their keys. A key covers what determines a
-result (settings, seed, the versions of the plugins providing the components), resolved
-defaults included, and nothing else."""
+result (settings, seed, the identity of each component, the micro-batch a batch-statistic
+loss sees), resolved defaults included, and nothing else."""
 
 from mae_bench.plan import suite_cells
 from mae_bench.suite import resolve_suite
@@ -36,23 +36,46 @@ def test_baseline_cells_skip_pretraining_in_their_key(registry):
     assert [c.variant.name for c in same_encoder][-1] == "random-init"
 
 
-def test_plugin_versions_are_part_of_the_keys_and_the_provenance(registry, tiny_run):
-    data = tiny_suite_data()
-    cells = suite_cells(resolve_suite(data, registry))
-    vit = registry.components["encoder"]["vit"].plugin
-    probe = registry.components["evaluator"]["linear_probe"].plugin
-    assert cells[1].config["plugins"] == {"mae-bench": vit.version}
-    original = vit.version
-    builtins = [p for p in registry.plugins if p.distribution == vit.distribution]
-    try:
-        for plugin in builtins:  # the distribution providing `vit` was upgraded
-            plugin.version = original + ".post1"
-        upgraded = suite_cells(resolve_suite(data, registry))
-    finally:
-        for plugin in builtins:
-            plugin.version = original
-    assert upgraded[1].cell_id != cells[1].cell_id
-    assert all(e.config["plugins"] == {probe.distribution: probe.version}
-               for e in cells[1].evaluations)  # fmt: skip
+def test_components_are_part_of_the_keys_and_plugin_versions_the_provenance(registry, tiny_run):
+    """Each component enters the key on its own (tests/test_keys.py: edited, untouched,
+    released); the run records the distributions' versions as provenance."""
+    cells = suite_cells(resolve_suite(tiny_suite_data(), registry))
+    components = cells[1].config["components"]
+    assert set(components) == {"dataset", "encoder", "masking", "loss"}
+    assert len(components["loss"]) == 3 and "plugins" not in cells[1].config
+    assert all(set(e.config["components"]) == {"evaluator"} for e in cells[1].evaluations)
     record = cell_record(tiny_run.cells()["vit-seed0"])
-    assert record["provenance"]["plugins"] == {"mae-bench": original}
+    assert record["config_hash"] == cells[1].config_hash  # the runner plans the same keys
+    vit = registry.components["encoder"]["vit"].plugin
+    assert record["provenance"]["plugins"] == {"mae-bench": vit.version}
+
+
+def _keys(registry, world_size: int | None = None, **pretrain) -> dict[str, str]:
+    """Cell id per variant of the tiny suite (``vit`` has a uniformity term, ``mlp`` mse)."""
+    data = tiny_suite_data()
+    data["pretrain"].update(pretrain)
+    cells = suite_cells(resolve_suite(data, registry), world_size=world_size)
+    return {c.variant.name: c.cell_id for c in cells}
+
+
+def test_batch_statistic_loss_keys_hold_the_micro_batch_the_loss_sees(registry):
+    """uniformity's objective changes with accum_iter and the processes splitting a step's
+    batch: its cell key covers the micro-batch; an mse-only variant's key does not move."""
+    single = _keys(registry, batch_size=32, accum_iter=1)
+    accumulated = _keys(registry, batch_size=32, accum_iter=4)
+    two_processes = _keys(registry, world_size=2, batch_size=32, accum_iter=1)
+    assert accumulated["vit"] != single["vit"] and two_processes["vit"] != single["vit"]
+    assert accumulated["mlp"] == single["mlp"] == two_processes["mlp"]
+    # the same micro-batch of 16 images, by accumulation or by processes: the same objective
+    assert _keys(registry, batch_size=32, accum_iter=2)["vit"] == two_processes["vit"]
+    cells = suite_cells(resolve_suite(tiny_suite_data(), registry))
+    assert cells[1].config["pretrain"]["loss_batch"] == 32
+    assert "loss_batch" not in cells[0].config["pretrain"]
+
+
+def test_the_world_size_comes_from_the_environment_by_default(registry, monkeypatch):
+    """torchrun's WORLD_SIZE: every rank of a data-parallel run plans the same keys."""
+    two_processes = _keys(registry, world_size=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert _keys(registry) == two_processes

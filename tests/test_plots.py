@@ -2,12 +2,15 @@
 skips what a damaged cell cannot give, and draws a third-party evaluator's own figure."""
 
 import pandas as pd
+import pytest
 import yaml
 from PIL import Image
 
 from mae_bench import EvalResult, Evaluator, Metric, hookimpl
 from mae_bench.contract import TablePlot
+from mae_bench.plots import plot_leaderboard, plot_loss_curves
 from mae_bench.report import render_report
+from mae_bench.results import CellStore, read_suite_record, recorded_cells
 from mae_bench.runner import run_suite
 from mae_bench.suite import load_suite
 from tests.conftest import invoke, registry_with
@@ -106,3 +109,51 @@ def test_a_third_party_evaluator_draws_its_own_plot(tiny_run_copy):
     assert all(sorted(t["seed"].unique()) == [0, 1] for t in seen["tables"].values())
     assert seen["variants"] == [[0, 1], [0, 1]]  # a panel in each variant's section
     assert 'alt="feature_norms"' in page.read_text()
+
+
+def _drawn(monkeypatch) -> list:
+    """The figures plots.py saves from now on (still open, for inspection)."""
+    import mae_bench.plots
+
+    figures = []
+    monkeypatch.setattr(mae_bench.plots, "save_figure", lambda fig, path: figures.append(fig))
+    return figures
+
+
+def test_intervals_drawn_stay_inside_the_metrics_range(monkeypatch, tmp_path):
+    """An accuracy of 0.95 ± 0.17 (three seeds) is drawn up to 1, not to 1.12."""
+    figures = _drawn(monkeypatch)
+    board = pd.DataFrame({"variant": ["a", "b"], "acc": [0.95, 0.04], "acc_ci95": [0.17, 0.1]})
+    plot_leaderboard(board, "acc", tmp_path, bounds=(0, 1))
+    (segments,) = [c.get_segments() for c in figures[0].axes[0].collections if c.get_segments()]
+    ends = sorted(x for segment in segments for x, _ in segment)
+    assert ends == pytest.approx([0.0, 0.14, 0.78, 1.0])
+    plot_leaderboard(board, "acc", tmp_path)  # no declared range: drawn as computed
+    (segments,) = [c.get_segments() for c in figures[1].axes[0].collections if c.get_segments()]
+    assert max(x for segment in segments for x, _ in segment) == pytest.approx(1.12)
+
+
+def test_the_loss_plot_draws_each_term_not_their_sum(tiny_run, monkeypatch, tmp_path):
+    """mlp minimises mse, vit mse + 0.1 laplacian + 0.01 uniformity: their weighted sums are
+    different objectives. One panel per term, each variant that has it, unweighted."""
+    figures = _drawn(monkeypatch)
+    root = tiny_run.root
+    records = list(
+        CellStore(root).finished(recorded_cells(read_suite_record(root)), repair=False).values()
+    )
+    plot_loss_curves(records, CellStore(root), tmp_path)
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes] == ["mse", "laplacian", "uniformity"]
+    assert sorted(
+        line.get_label() for line in axes[0].get_lines() if line.get_label()[0] != "_"
+    ) == ["mlp", "vit"]
+    assert [line.get_label() for line in axes[1].get_lines() if line.get_label()[0] != "_"] == [
+        "vit"
+    ]
+    history = (
+        pd.concat(pd.read_csv(path) for path in sorted(root.glob("cells/vit-*/history.csv")))
+        .groupby("epoch")["uniformity"]
+        .mean()
+    )
+    (line,) = [line for line in axes[2].get_lines() if line.get_label() == "vit"]
+    assert list(line.get_ydata()) == pytest.approx(history.tolist())  # mean over seeds, unweighted

@@ -206,10 +206,62 @@ def test_params_must_subclass_mae_bench_params(registry):
 
 def test_plugins_command_lists_each_components_parameters():
     out = invoke("plugins").stdout
-    assert "schedule: 'linear' | 'cosine' = 'linear'" in out and "k: int = 20" in out
+    assert "schedule: 'linear' | 'cosine' = 'linear'" in out and "k: int > 0 = 20" in out
     data = json.loads(invoke("plugins", "--json").stdout)
     params = {k: v for p in data for k, v in p["params"].items()}
     assert params["masking:curriculum"]["start"] == {
-        "type": "float", "default": 0.5, "description": None
+        "type": "float in (0, 1)", "default": 0.5, "required": False, "description": None
     }  # fmt: skip
     assert params["evaluator:knn"]["k"]["default"] == 20
+
+
+def test_parameter_types_read_as_a_person_writes_them():
+    """Not pydantic's reprs (``Optional[Annotated[int, Gt(gt=0)]]``): unions with ``|``,
+    literals quoted, constraints as bounds, a required parameter said so."""
+    out = invoke("plugins").stdout
+    assert "Optional" not in out and "Annotated" not in out and "FieldInfo" not in out
+    for line in (
+        "steps: int > 0 | None = None",  # finetune: Annotated inside Optional
+        "layer_decay: float in (0, 1] = 1.0",  # Annotated[float, Field(gt=0, le=1)]
+        "pool: 'cls' | 'mean' = 'mean'",
+        "cluster: 'slurm' | 'local' | 'debug' | None = None",  # Literal inside Optional
+        "fold: int in [0, 9] | None = None",  # stl10
+        "workers: int > 0 = 2  (worker processes)",  # PositiveInt, with its description
+        "root: str (required)",  # imagefolder
+        "sbatch: dict[str, Any] = {}",
+    ):
+        assert line in out, line
+
+
+def test_component_descriptions_are_whole_paragraphs(registry):
+    """The first paragraph of the docstring, not its first line cut mid-sentence."""
+    inline = registry.components["launcher"]["inline"]
+    first_paragraph = inline.cls.__doc__.split("\n\n")[0]
+    assert "\n" in first_paragraph.strip()  # it spans lines: the old cut lost the rest
+    assert inline.description == " ".join(first_paragraph.split())
+    assert inline.description.endswith(".")
+    out = invoke("plugins").stdout
+    block = out.split("launcher  inline")[1].split("launcher  local")[0]
+    assert " ".join(block.split()) == inline.description  # wrapped, nothing lost
+    for kind in registry.components.values():
+        for component in kind.values():
+            assert component.description.rstrip(")").endswith((".", "!", "?")), component.name
+
+
+def test_nested_settings_are_described_as_plain_data():
+    """A parameter whose default is itself a settings model: plain data, as a suite writes
+    it, so ``plugins --json`` can print it."""
+    from pydantic import BaseModel
+
+    from mae_bench import Params
+    from mae_bench.plugins import describe_params
+
+    class Crop(BaseModel):
+        scale: tuple[float, float] = (0.2, 1.0)
+
+    class WithCrop(Params):
+        crop: Crop = Crop()
+
+    described = describe_params(WithCrop)["crop"]
+    assert described["default"] == {"scale": [0.2, 1.0]} and described["type"] == "Crop"
+    json.dumps(described)

@@ -2,6 +2,7 @@
 pixels, whatever space the loss predicts in, on fixed or the variant's own masks."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -30,9 +31,7 @@ def test_norm_pix_psnr_of_a_zero_predictor_is_the_visible_mean_guess(registry):
     data = suite.build_dataset().load()
     feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=CPU)
     model = small_vit(registry)
-    model.forward_decoder = lambda latent, ids_restore: torch.zeros(
-        len(latent), 16, 48
-    )
+    model.forward_decoder = lambda latent, ids_restore: torch.zeros(len(latent), 16, 48)
     cfg = ReconstructionParams(num_images=32)
     images = data.test_images[:32]
     norm = reconstruction_quality(
@@ -64,7 +63,8 @@ def test_reconstruction_can_use_each_variants_own_masks(tmp_path):
         stored = [json.loads(p.read_text()) for p in cell.glob("evals/recon*/result.json")]
         (evaluation,) = [e for e in stored if e["config"]["evaluator"]["masks"] == masks]
         scores[masks] = evaluation["metrics"]["psnr_masked"]
-    assert "only run: reconstruction" in result.stderr
+        assert evaluation["sanity"]["masks"] == masks  # stored with the result
+    assert re.search(r"only runs?: reconstruction", result.stderr)  # one cell: "runs"
     assert scores["random"] != scores["variant"]  # 75% random masks vs the variant's own 50%
 
 
@@ -80,3 +80,50 @@ def test_norm_pix_variant_runs_and_reports(tmp_path):
     assert 5 < runs.loc["vit", "psnr_masked"] < 40
     assert invoke("report", str(tmp_path / "tiny")).exit_code == 0
     assert (tmp_path / "tiny" / "plots" / "reconstructions.png").is_file()
+
+
+def test_reconstruction_below_the_mean_image_is_warned_in_its_sanity(registry):
+    """A model whose masked patches are worse than the mean training image: its result says
+    so, with the sample it was measured on."""
+    from types import SimpleNamespace
+
+    from mae_bench_plugins.reconstruction import ReconstructionEvaluator
+
+    suite = resolve_suite(tiny_suite_data(), registry)
+    data = suite.build_dataset().load()
+    feeder = ImageFeeder.fit(data.pretrain, image_size=16, channels=3, device=CPU)
+    model = small_vit(registry)
+    model.forward_decoder = lambda latent, ids_restore: torch.full((len(latent), 16, 48), 5.0)
+    ctx = SimpleNamespace(
+        data=data, model=model, feeder=feeder, masking=None,
+        mean_image=feeder.mean_image(data.pretrain),
+        decoder_loss=make_component(registry, "loss", "mse"),
+    )  # fmt: skip
+    result = ReconstructionEvaluator(ReconstructionParams(num_images=24)).evaluate(ctx)
+    scores, sanity = result.metrics, result.sanity
+    assert scores["psnr_masked"] < scores["psnr_mean_image"]
+    assert sanity["n_images"] == 24 and sanity["masks"] == "random"
+    (warning,) = sanity["warnings"]
+    assert warning.startswith(
+        f"psnr_masked {scores['psnr_masked']:.2f} dB is below psnr_mean_image"
+    )
+
+
+def test_reconstruction_above_its_floor_warns_of_nothing():
+    from mae_bench_plugins.reconstruction import reconstruction_sanity
+
+    above = {"psnr_masked": 21.0, "psnr_full": 25.0, "hf_error": 0.1, "psnr_mean_image": 18.0}
+    assert reconstruction_sanity(above, 512, "random")["warnings"] == []
+    below = reconstruction_sanity({**above, "psnr_masked": 17.5}, 512, "random")
+    assert below["warnings"] == [
+        "psnr_masked 17.50 dB is below psnr_mean_image 18.00 dB: predicting the mean training "
+        "image reconstructs the masked patches better than this model"
+    ]
+
+
+def test_reconstruction_metrics_declare_what_is_compared(registry):
+    from mae_bench_plugins.reconstruction import ReconstructionEvaluator
+
+    metrics = ReconstructionEvaluator(ReconstructionParams()).metrics()
+    assert metrics["psnr_mean_image"].compare is False  # a floor, not a result
+    assert metrics["psnr_masked"].compare and metrics["hf_error"].bounds == (0, None)

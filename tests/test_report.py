@@ -1,6 +1,7 @@
 """The results page (mae_bench/report.py): self-contained, escaped, one row per variant and
 the seeds per variant, and working in a real browser."""
 
+import json
 import re
 import shutil
 from html.parser import HTMLParser
@@ -74,6 +75,10 @@ def test_the_page_works_in_a_real_browser(tiny_run_copy, tmp_path):
     run = tiny_run_copy  # seeds 0 and 1; adding the baselines runs their cells alone
     result = invoke("run", str(run.suite), "--out", str(run.out), "--set", "eval.baselines=true")
     assert result.exit_code == 0, result.output
+    for cell in run.root.glob("cells/vit-seed*/pretrain.json"):  # as if it had seen the test set
+        record = json.loads(cell.read_text())
+        record["data"]["pretrain_sees_test"] = True
+        cell.write_text(json.dumps(record))
     assert invoke("report", str(run.root)).exit_code == 0
     page_file = run.root / "report.html"
     with playwright.sync_playwright() as p:
@@ -85,22 +90,42 @@ def test_the_page_works_in_a_real_browser(tiny_run_copy, tmp_path):
         page.goto(page_file.as_uri())
         page.wait_for_load_state("load")
         assert errors == []
+        # the embedded data is JSON the browser parses, one row per variant
+        data = page.evaluate("JSON.parse(document.getElementById('data').textContent)")
+        assert sorted(row["variant"] for row in data) == [
+            "mlp", "random-init-mlp", "random-init-vit", "vit"
+        ]  # fmt: skip
         widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.naturalWidth)")
         assert widths and all(w > 0 for w in widths)  # every image decoded
-        rows = page.locator("#leaderboard tbody tr")
-        names = rows.locator("td:nth-child(2)").all_inner_texts()
-        assert sorted(names) == ["mlp", "random-init-mlp", "random-init-vit", "vit"]
+
+        def names():
+            return page.eval_on_selector_all(
+                "#leaderboard tbody td.variant", "cells => cells.map(c => c.dataset.v)"
+            )
+
+        assert sorted(names()) == ["mlp", "random-init-mlp", "random-init-vit", "vit"]
         # clicking a header re-sorts the rows (ascending, then descending)
         header = page.locator("#leaderboard th", has_text="variant")
         header.click()
-        assert rows.locator("td:nth-child(2)").all_inner_texts() == sorted(names)
+        assert names() == sorted(names())
         header.click()
-        assert rows.locator("td:nth-child(2)").all_inner_texts() == sorted(names, reverse=True)
+        assert names() == sorted(names(), reverse=True)
+        # the caveats show without "all columns": the † beside vit and what it means
+        leak = page.locator('#leaderboard td.variant[data-v="vit"] .mark', has_text="†")
+        assert leak.is_visible() and page.locator("#marks", has_text="†: pretrained").is_visible()
         # the toggle shows every column; expanding a variant shows its seeds
         hidden = page.locator("th.all-only").first
         assert not hidden.is_visible()
         page.locator("#toggle").click()
         assert hidden.is_visible()
+        # the widest table scrolls inside its box, the variant column stays in view
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        box = page.locator("#leaderboard").locator("xpath=..")
+        assert box.evaluate("b => b.scrollWidth > b.clientWidth")  # all columns: wider
+        box.evaluate("b => { b.scrollLeft = b.scrollWidth }")
+        left = box.evaluate("b => b.getBoundingClientRect().left")
+        cell = page.locator('#leaderboard td.variant[data-v="vit"]')
+        assert abs(cell.evaluate("c => c.getBoundingClientRect().left") - left) < 2
         seeds = page.locator('details[data-variant="vit"] tr.seed')
         assert not seeds.first.is_visible()
         page.locator('details[data-variant="vit"] summary').click()

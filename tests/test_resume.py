@@ -51,7 +51,8 @@ def test_kill_9_resumes_from_checkpoint_with_identical_metrics(slow_run, tmp_pat
     assert status.exit_code == 0 and "will resume from its checkpoint" in status.stdout
     again = invoke("run", str(slow_run.suite), "--out", str(out), "--device", "cpu")
     assert again.exit_code == 0, again.output
-    assert f"from epoch {saved}" in again.stderr and "resumed vit-seed0-" in again.stderr
+    assert "resumed vit-seed0-" in again.stderr
+    assert f"from its checkpoint saved after epoch {saved}" in again.stderr  # as it was saved
     assert results_of(root) == results_of(slow_run.root)  # exactly, on CPU
     assert not list((root / "checkpoints").glob("*.pt"))  # removed once the cell is stored
 
@@ -162,3 +163,36 @@ def test_a_stop_signal_in_a_hung_step_raises_after_the_grace_period(tmp_path, mo
     assert torch.load(checkpoint.path, weights_only=True)["x"] == 1
     time.sleep(1.2)  # both grace periods pass: nothing is raised, nothing exits
     assert resume.requested() == (None, False)
+
+
+def test_the_resume_message_names_the_epoch_the_save_message_named(tmp_path, monkeypatch):
+    """A stop mid-epoch says "checkpoint saved in epoch 2"; the run that resumes it says it
+    resumed from that same checkpoint, not "from epoch 1" (the epochs it had completed)."""
+    suite = slow_suite(tmp_path, epochs=2, checkpoint_every=0)
+    out = tmp_path / "out"
+    calls = {"n": 0}
+    real = resume.requested
+
+    def stop_at_step_20():  # 16 steps per epoch: the 4th step of epoch 2
+        calls["n"] += 1
+        return (signal.SIGTERM, False) if calls["n"] == 20 else real()
+
+    monkeypatch.setattr(resume, "requested", stop_at_step_20)
+    stopped = invoke("run", str(suite), "--out", str(out), "--device", "cpu")
+    assert stopped.exit_code == 143 and "checkpoint saved in epoch 2" in stopped.stderr
+    monkeypatch.setattr(resume, "requested", real)
+    again = invoke("run", str(suite), "--out", str(out), "--device", "cpu")
+    assert again.exit_code == 0, again.output
+    (line,) = [x for x in again.stderr.splitlines() if x.startswith("resumed ")]
+    assert line.startswith("resumed vit-seed0-")
+    assert line.endswith("from its checkpoint saved in epoch 2"), line
+
+
+def test_a_checkpoint_remembers_when_it_was_saved(tmp_path):
+    checkpoint = Checkpoint(tmp_path / "c.pt", "k", every=1)
+    resume.epoch_boundary(checkpoint, 3, lambda: {"x": 1}, last=False, asked=(None, False))
+    again = Checkpoint(tmp_path / "c.pt", "k")
+    assert again.load()["x"] == 1 and again.saved_at == "after epoch 3"
+    torch.save({"x": 1, "key": "k"}, tmp_path / "old.pt")  # written before it was recorded
+    old = Checkpoint(tmp_path / "old.pt", "k")
+    assert old.load() is not None and old.saved_at is None

@@ -20,8 +20,7 @@ from tests.conftest import MAE_BENCH, cell_record, invoke, tiny_suite_data, writ
 
 def _snapshot(root):
     return {
-        str(p.relative_to(root)): p.stat().st_mtime_ns
-        for p in (root / "cells").rglob("*.json")
+        str(p.relative_to(root)): p.stat().st_mtime_ns for p in (root / "cells").rglob("*.json")
     }
 
 
@@ -66,7 +65,8 @@ def test_a_deleted_evaluation_is_recomputed_identically_from_stored_weights(tiny
     first = json.loads((knn / "result.json").read_text())["metrics"]
     shutil.rmtree(knn)
     result = invoke("run", str(run.suite), "--out", str(run.out))
-    assert result.exit_code == 0 and "only run: knn" in result.stderr
+    assert result.exit_code == 0, result.output
+    assert "1 cell reuses its stored pretraining and only runs: knn" in result.stderr
     assert json.loads((knn / "result.json").read_text())["metrics"] == first
 
 
@@ -176,8 +176,8 @@ def test_sigterm_keeps_finished_cells_and_says_how_to_resume(tmp_path):
     cells = tmp_path / "out" / "tiny" / "cells"
     deadline = time.time() + 120
     while time.time() < deadline and not any(
-        p.name.startswith("mlp-") and not p.name.startswith(".") for p in
-        (cells.iterdir() if cells.is_dir() else [])
+        p.name.startswith("mlp-") and not p.name.startswith(".")
+        for p in (cells.iterdir() if cells.is_dir() else [])
     ):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)

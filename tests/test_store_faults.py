@@ -106,7 +106,7 @@ def test_deleted_or_truncated_weights_are_not_done_and_one_run_repretrains(tiny_
     result = _run_again(run)
     (warning,) = _warnings(result)
     assert f"damaged result {weights}" in warning and "moved to" in warning
-    assert "1 cells reuse" not in result.stderr  # re-pretrained, not only re-evaluated
+    assert "1 cell reuses" not in result.stderr  # re-pretrained, not only re-evaluated
     assert "FAILED" not in result.stderr
     from mae_bench.results import check_safetensors
 
@@ -149,6 +149,7 @@ def test_an_unreadable_lease_is_stale_and_taken_over(tiny_run_copy, lease):
 
     result = _run_again(run)
     assert "running in other processes" not in result.stderr
+    assert "running in another process" not in result.stderr
     (warning,) = _warnings(result)
     assert f"lease {path} cannot be read" in warning and "taken over" in warning
     assert not path.exists()  # released once the cell was stored

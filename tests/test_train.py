@@ -58,6 +58,7 @@ def test_accumulated_micro_batches_and_blr_match_one_batch(tmp_path, registry):
         raw["pretrain"].pop("lr")
         raw["pretrain"]["blr"] = 8e-3  # lr = 8e-3 * 32 / 256 = 1e-3
         raw["dataset"]["n_pretrain"] = 256  # 8 steps an epoch are enough to compare
+        raw["variants"][0]["loss"] = {"name": "mse"}  # no statistic of the batch
         suite = resolve_suite(raw, registry)
         assert suite.config.pretrain.lr == pytest.approx(1e-3)
         _, _, result = pretrain_variant(suite, mse_only(suite.variants[0]))
@@ -66,7 +67,8 @@ def test_accumulated_micro_batches_and_blr_match_one_batch(tmp_path, registry):
     ones, fours = histories
     for a, b in zip(ones, fours, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
-    # accum_iter changes how a cell runs, not what it computes: the same cell
+    # for a loss that is no batch statistic, accum_iter changes how a cell runs, not what it
+    # computes: the same cell (a batch statistic's key holds its micro-batch: tests/test_plan.py)
     assert cell_ids[0] == cell_ids[1] and cell_ids[0].startswith("vit-seed0-")
 
 
