@@ -8,6 +8,7 @@ import io
 import math
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +317,48 @@ def _missing(value: Any) -> bool:
 SPEED_MARK = "§"  # beside timing columns measured in more than one run or host
 
 
+LEAK_MARK = "†"
+LEAK_NOTE = "pretrained on the test images too (`pretrain_sees_test`): optimistic"
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A caveat the leaderboards (Markdown and the page) put beside variant names: its
+    symbol, what it means (Markdown: code in backticks), and for each board row whether it
+    applies."""
+
+    symbol: str
+    note: str
+    rows: tuple[bool, ...]
+
+    @property
+    def text(self) -> str:
+        """The note as plain text."""
+        return self.note.replace("`", "")
+
+    def variants(self, board: pd.DataFrame) -> list[str]:
+        """The board's variants it applies to."""
+        return [str(v) for v, hit in zip(board["variant"], self.rows, strict=True) if hit]
+
+
+def board_marks(board: pd.DataFrame, info: Info) -> list[Mark]:
+    """The caveats on a board's variants, numbered as both leaderboards show them: ``†``
+    pretrained on the test images, then ``‡``, ``‡‡``, ... for each flag metric
+    (``Metric.flag``) below 1 on some variant (fine-tuning not converged, never learned)."""
+    marks = []
+    if "pretrain_sees_test" in board:
+        leaked = tuple(not pd.isna(v) and bool(v) for v in board["pretrain_sees_test"])
+        if any(leaked):
+            marks.append(Mark(LEAK_MARK, LEAK_NOTE, leaked))
+    for metric, described in info.items():
+        if described.get("flag") and metric in board:
+            below = tuple(bool(v < 1) for v in board[metric])
+            if any(below):
+                symbol = "‡" * (sum(m.symbol.startswith("‡") for m in marks) + 1)
+                marks.append(Mark(symbol, f"{described['flag']} (`{metric}` < 1)", below))
+    return marks
+
+
 def leaderboard_markdown(
     board: pd.DataFrame, title: str = "", info: Info | None = None, primary: str | None = None
 ) -> str:
@@ -336,21 +379,12 @@ def leaderboard_markdown(
                 table["variant"], board["overlaps_leader"], board["rank"], strict=True
             )
         ]
-    leaked = board.get("pretrain_sees_test", pd.Series(False, index=board.index)).astype(bool)
-    table["variant"] = [
-        f"{name} †" if leak else name for name, leak in zip(table["variant"], leaked, strict=True)
-    ]
-    flags = []  # 0/1 metrics whose evaluator asks to mark the variants below 1
-    for metric, described in info.items():
-        if described.get("flag") and metric in board:
-            below = board[metric] < 1
-            if below.any():
-                mark = "‡" * (len(flags) + 1)
-                flags.append(f"{mark}: {described['flag']} (`{metric}` < 1).")
-                table["variant"] = [
-                    f"{name} {mark}" if hit else name
-                    for name, hit in zip(table["variant"], below, strict=True)
-                ]
+    marks = board_marks(board, info)
+    for mark in marks:
+        table["variant"] = [
+            f"{name} {mark.symbol}" if hit else name
+            for name, hit in zip(table["variant"], mark.rows, strict=True)
+        ]
     runs = _timing_runs(board)
     partial = False  # a shown value over fewer seeds than its variant has
     for metric in shown:
@@ -392,9 +426,7 @@ def leaderboard_markdown(
             "(k/n): only k of the variant's n seeds have a value for this metric (the others "
             "are missing or NaN); its mean, std and interval are over those k.\n"
         )
-    if leaked.any():
-        note += "†: pretrained on the test images too (`pretrain_sees_test`): optimistic.\n"
-    note += "".join(f"{flag}\n" for flag in flags)
+    note += "".join(f"{mark.symbol}: {mark.note}.\n" for mark in marks)
     if len(runs) > 1 and any(m in TIMING_METRICS for m in shown):
         note += (
             f"{SPEED_MARK}: timings measured in {len(runs)} different runs or hosts (`timed_in` "

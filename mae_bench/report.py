@@ -23,7 +23,10 @@ import yaml
 from mae_bench.files import atomic_write
 from mae_bench.leaderboard import (
     ID_COLUMNS,
+    SPEED_MARK,
     Info,
+    Mark,
+    board_marks,
     format_metric,
     higher_is_better,
     metric_fmt,
@@ -103,11 +106,8 @@ def _png(data: bytes, alt: str) -> str:
     return f'<img alt="{escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
-LEAK_MARK = "†"
-LEAK_NOTE = "pretrained on the test images too (pretrain_sees_test): optimistic"
 OVERLAP_MARK = "≈"
 OVERLAP_NOTE = "its 95% interval on the ranking metric overlaps the leader's"
-SPEED_MARK = "§"
 
 COMPARISON_HELP = {
     "verdict": (
@@ -134,40 +134,6 @@ SANITY_ORDER = ("n_train", "n_val", "n_test", "num_classes", "chance", "resoluti
 """Sanity facts shown first, in this order (then any other an evaluator stores)."""
 
 
-@dataclass(frozen=True)
-class Mark:
-    """A caveat the leaderboards put beside variant names: its symbol, what it means, and
-    for each board row whether it applies."""
-
-    symbol: str
-    note: str
-    rows: tuple[bool, ...]
-
-    def variants(self, board: pd.DataFrame) -> list[str]:
-        """The board's variants it applies to."""
-        return [str(v) for v, hit in zip(board["variant"], self.rows, strict=True) if hit]
-
-
-def board_marks(board: pd.DataFrame, info: Info) -> list[Mark]:
-    """The caveats the Markdown leaderboard marks variants with, numbered as it numbers them:
-    ``†`` pretrained on the test images, then ``‡``, ``‡‡``, ... for each flag metric
-    (``Metric.flag``) below 1 on some variant (fine-tuning not converged, never learned)."""
-    marks = []
-    if "pretrain_sees_test" in board:
-        leaked = tuple(not _missing(v) and bool(v) for v in board["pretrain_sees_test"])
-        if any(leaked):
-            marks.append(Mark(LEAK_MARK, LEAK_NOTE, leaked))
-    flags = 0
-    for metric, described in info.items():
-        if described.get("flag") and metric in board:
-            below = tuple(bool(v < 1) for v in board[metric])
-            if any(below):
-                flags += 1
-                note = f"{described['flag']} ({metric} < 1)"
-                marks.append(Mark("‡" * flags, note, below))
-    return marks
-
-
 def _missing(value: Any) -> bool:
     """None, NaN or pandas' NA: no value."""
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
@@ -185,7 +151,7 @@ def _named(board: pd.DataFrame, marks: list[Mark], index: int, html: bool = Fals
         return name
     if html:
         spans = "".join(
-            f'<span class="mark" title="{escape(m.note)}">{escape(m.symbol)}</span>' for m in mine
+            f'<span class="mark" title="{escape(m.text)}">{escape(m.symbol)}</span>' for m in mine
         )
         return f"{name} {spans}"
     return f"{name} {' '.join(m.symbol for m in mine)}"
@@ -240,7 +206,7 @@ def summary_paragraph(
         )
     for mark in marks:
         variants = ", ".join(escape(v) for v in mark.variants(board))
-        parts.append(f"{escape(mark.symbol)}: {escape(mark.note)}: {variants}.")
+        parts.append(f"{escape(mark.symbol)}: {escape(mark.text)}: {variants}.")
     short = []  # fewer seeds than planned, or than the variant has, behind its figures
     for index, name in enumerate(board["variant"].astype(str)):
         cells = board["seeds"].iloc[index] if "seeds" in board else None
@@ -388,7 +354,7 @@ def _speed_note(board: pd.DataFrame) -> str:
 def _marks_note(board: pd.DataFrame, info: Info) -> str:
     """What each mark beside a variant name means (always shown, as in the Markdown)."""
     lines = [f"{OVERLAP_MARK}: {OVERLAP_NOTE}"] if any(_overlap_rows(board)) else []
-    lines += [f"{m.symbol}: {m.note}" for m in board_marks(board, info)]
+    lines += [f"{m.symbol}: {m.text}" for m in board_marks(board, info)]
     if len(_timing_runs(board)) > 1 and any(m in board for m in TIMING_METRICS):
         lines.append(f"{SPEED_MARK}: {_speed_note(board)}")
     if any(_partial(board, m).any() for m in info if m in board):
