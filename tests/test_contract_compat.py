@@ -42,7 +42,7 @@ class BlockParams(Params):
 class BlockMasking(MaskingStrategy):
     """Hides a random square block of patches first, then random patches up to ``ratio``."""
 
-    name = "block"
+    name = "square"
     Params = BlockParams
 
     def ratio_at(self, progress):
@@ -82,7 +82,7 @@ def test_a_masking_plugin_of_the_previous_contract_trains_with_one_warning(
     data["pretrain"] = {"epochs": 1, "batch_size": 32, "lr": 1.0e-3}
     data["eval"] = {"reconstruction": {"num_images": 8}, "linear_probe": {"epochs": 1}}
     data["variants"] = [
-        {**data["variants"][0], "name": "blocks", "masking": {"name": "block", "ratio": 0.5}}
+        {**data["variants"][0], "name": "blocks", "masking": {"name": "square", "ratio": 0.5}}
     ]
     suite = write_suite(tmp_path, data)
     validated = invoke("validate", str(suite))
@@ -91,7 +91,7 @@ def test_a_masking_plugin_of_the_previous_contract_trains_with_one_warning(
     assert result.exit_code == 0, result.output
     (cell,) = (tmp_path / "out" / "compat" / "cells").glob("blocks-seed0-*")
     record = cell_record(cell)
-    assert record["config"]["variant"]["masking"] == {"name": "block", "ratio": 0.5, "block": 2}
+    assert record["config"]["variant"]["masking"] == {"name": "square", "ratio": 0.5, "block": 2}
     assert "knn_acc" in record["metrics"]
     history = (cell / "history.csv").read_text().splitlines()
     columns = history[0].split(",")
@@ -101,7 +101,7 @@ def test_a_masking_plugin_of_the_previous_contract_trains_with_one_warning(
     ]
     assert len(warned) == 1, warned  # once per class and process, not per batch or command
     assert warned[0].startswith(
-        f"warning: masking 'block' ({__name__}.BlockMasking) {OLD_CONTRACT}"
+        f"warning: masking 'square' ({__name__}.BlockMasking) {OLD_CONTRACT}"
     )
     assert (
         "change it to __call__(self, batch_size, grid, *, progress, generator, device)"
