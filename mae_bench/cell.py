@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import math
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,17 +18,20 @@ from typing import Any
 
 import pandas as pd
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from mae_bench.contract import (
     EvalContext,
     ImageData,
     Loss,
+    Mask,
     MaskedAutoencoder,
     MaskingStrategy,
 )
 from mae_bench.data import ImageFeeder
 from mae_bench.device import device_name, peak_memory_mb, provenance, reset_peak_memory
 from mae_bench.distributed import SINGLE, Dist
+from mae_bench.errors import MaeBenchWarning
 from mae_bench.evaluate import FeatureCache
 from mae_bench.files import atomic_write
 from mae_bench.plan import Cell, Evaluation
@@ -39,8 +44,8 @@ from mae_bench.results import (
     write_json,
 )
 from mae_bench.resume import Checkpoint
-from mae_bench.suite import Suite
-from mae_bench.train import EpochCallback, PretrainResult, pretrain
+from mae_bench.suite import Suite, Variant
+from mae_bench.train import EpochCallback, PretrainResult, draw_mask, forward_loss, pretrain
 from mae_bench.weights import load_weights, rebuild_model, save_weights
 
 
@@ -76,6 +81,67 @@ def describe(
 def count_params(module: torch.nn.Module) -> float:
     """Trainable parameters, in millions."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad) / 1e6
+
+
+FLOP_COUNT_IMAGES = 2
+"""Images of the pretraining step whose FLOPs are counted (then divided per image)."""
+SCHEDULE_POINTS = 8
+"""Points of the masking schedule (midpoints of equal parts of training) counted and averaged."""
+
+
+def step_flops(
+    model: MaskedAutoencoder,
+    masking: MaskingStrategy,
+    losses: list[tuple[Loss, float]],
+    progress: float,
+) -> tuple[int, float]:
+    """FLOPs per image of one pretraining step of ``model`` (on the meta device) at training
+    ``progress``: the forward pass, the losses and the backward pass, as
+    :class:`~torch.utils.flop_counter.FlopCounterMode` counts them (matrix products,
+    convolutions, attention; the optimizer's element-wise update is not counted). Returns
+    the visible patches of the mask drawn (on the CPU, as training draws it) and the FLOPs."""
+    generator = torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    drawn = draw_mask(masking, FLOP_COUNT_IMAGES, model, progress, generator, device=cpu)
+    mask = Mask(*(t.to("meta") for t in (drawn.ids_keep, drawn.ids_restore, drawn.mask)))
+    size = model.image_size
+    images = torch.empty(FLOP_COUNT_IMAGES, model.in_chans, size, size, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = forward_loss(model, images, mask, losses)
+        loss.backward()
+    return mask.ids_keep.shape[1], counter.get_total_flops() / FLOP_COUNT_IMAGES
+
+
+def pretrain_flops_per_image(variant: Variant, image_size: int, channels: int) -> float:
+    """FLOPs per image of one pretraining step of ``variant``, averaged over its masking
+    schedule: counted (:func:`step_flops`) at the midpoints of ``SCHEDULE_POINTS`` equal
+    parts of training, once per number of visible patches (a fixed ratio is counted once).
+
+    The model is built on the meta device (no memory, no data) and the random streams the
+    cell draws from are left where they were. A variant whose plugins cannot run there is
+    warned about (naming it and the reason) and gets NaN: its cell runs uncounted."""
+    counted: dict[int, float] = {}
+    per_point = []
+    with torch.random.fork_rng(devices=[]):
+        try:
+            with torch.device("meta"):
+                model = variant.build_model(image_size, channels)
+            masking, losses = variant.build_masking(), variant.build_losses()
+            for point in range(SCHEDULE_POINTS):
+                progress = (point + 0.5) / SCHEDULE_POINTS
+                visible, flops = step_flops(model, masking, losses, progress)
+                per_point.append(counted.setdefault(visible, flops))
+        except Exception as exc:  # a plugin that cannot run on the meta device
+            message = str(exc).strip().splitlines()
+            reason = f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
+            warnings.warn(
+                f"variant {variant.name!r}: its pretraining FLOPs could not be counted on the "
+                f"meta device ({reason}); its pretrain_tflops is left empty",
+                MaeBenchWarning,
+                stacklevel=2,
+            )
+            return math.nan
+    return sum(per_point) / len(per_point)
 
 
 def _history_csv(history: list[dict[str, float]]) -> str:
@@ -119,6 +185,7 @@ def pretrain_cell(
     }
     trained = PretrainResult()
     if not baseline:
+        flops_per_image = pretrain_flops_per_image(cell.variant, feeder.image_size, feeder.channels)
         trained = pretrain(
             model,
             data.pretrain,
@@ -136,6 +203,8 @@ def pretrain_cell(
             pretrain_s=trained.seconds,
             imgs_per_s=trained.images_per_second,
             final_loss=trained.history[-1]["loss"],
+            flops_per_image=flops_per_image / 1e9,
+            pretrain_tflops=flops_per_image * trained.images_seen / 1e12,
         )
     metrics["peak_mem_mb"] = peak_memory_mb(feeder.device) if measures_memory else float("nan")
     record = {

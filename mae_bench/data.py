@@ -5,8 +5,8 @@ normalisation, crops)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,61 @@ class ConcatImages:
         return out
 
 
+# ------------------------------------------------------------ host to device, without blocking
+PackLayout = list[tuple[int, torch.dtype, torch.Size]]
+"""Where :func:`pack_bytes` put each tensor: (byte offset, dtype, shape)."""
+
+_ALIGN = 16  # bytes: every packed tensor starts where any dtype may be viewed
+
+
+def pack_bytes(tensors: Sequence[Tensor], *, pin: bool = False) -> tuple[Tensor, PackLayout]:
+    """Tensors of any dtypes and shapes (on the CPU) as one 1-D uint8 buffer, each at an
+    aligned offset, so one copy moves them all; ``pin``: the buffer in pinned memory."""
+    layout: PackLayout = []
+    size = 0
+    for t in tensors:
+        layout.append((size, t.dtype, t.shape))
+        size += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
+    buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+    for t, (offset, _, _) in zip(tensors, layout, strict=True):
+        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        buffer[offset : offset + raw.numel()].copy_(raw)
+    return buffer, layout
+
+
+def unpack_bytes(buffer: Tensor, layout: PackLayout) -> list[Tensor]:
+    """The tensors :func:`pack_bytes` packed into ``buffer`` (views of it, bit for bit)."""
+    out = []
+    for offset, dtype, shape in layout:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        out.append(buffer[offset : offset + nbytes].view(dtype).view(shape))
+    return out
+
+
+def to_device(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """``tensors`` on ``device`` with at most one copy from the host that does not block it:
+    those not there yet go in one buffer (pinned on CUDA), copied with ``non_blocking``; a
+    single one is copied as it is. Tensors already on ``device`` (and everything when it is
+    the CPU) are returned unchanged."""
+    device = torch.device(device)
+    moving = [i for i, t in enumerate(tensors) if t.device != device and device.type != "cpu"]
+    out = list(tensors)
+    if not moving:
+        return out
+    pin = device.type == "cuda"
+    if len(moving) == 1:
+        host = tensors[moving[0]]
+        if pin and host.device.type == "cpu" and not host.is_pinned():
+            host = host.pin_memory()
+        out[moving[0]] = host.to(device, non_blocking=True)
+        return out
+    buffer, layout = pack_bytes([tensors[i] for i in moving], pin=pin)
+    arrived = unpack_bytes(buffer.to(device, non_blocking=True), layout)
+    for i, t in zip(moving, arrived, strict=True):
+        out[i] = t
+    return out
+
+
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -78,6 +133,9 @@ class ImageFeeder:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     device: torch.device
+    _constants: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )  # the mean, std and luma weights per device and dtype, made once
 
     @classmethod
     def fit(
@@ -118,14 +176,25 @@ class ImageFeeder:
         per_image = 8 * max(self.channels, images.shape[1]) * side * side
         return max(1, min(1024, budget // per_image))
 
+    def _constants_for(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The (1, C, 1, 1) mean and std and the (1, 3, 1, 1) luma weights on ``x``'s device
+        in its dtype, made (one copy) the first time they are asked for there."""
+        key = (x.device, x.dtype)
+        if key not in self._constants:
+            with torch.inference_mode(False):  # usable by autograd whatever the caller's mode
+                host = [torch.tensor(v, dtype=x.dtype) for v in (self.mean, self.std, _LUMA)]
+                mean, std, luma = to_device(host, x.device)
+            self._constants[key] = tuple(t.view(1, -1, 1, 1) for t in (mean, std, luma))
+        return self._constants[key]
+
     def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        mean, std, _ = self._constants_for(x)
         return mean, std
 
     def pixels(self, batch: Tensor) -> Tensor:
         """uint8 batch -> float [0, 1] at ``image_size`` with ``channels``, on the device."""
-        x = self._convert_channels(batch.to(self.device, non_blocking=True).float().div_(255.0))
+        (on_device,) = to_device([batch], self.device)
+        x = self._convert_channels(on_device.float().div_(255.0))
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = self._resize(x)
         return x.contiguous()
@@ -163,7 +232,8 @@ class ImageFeeder:
         bilinear filter: linear when enlarging, an antialiasing triangle when shrinking) and
         flip are one linear map per axis, applied to the whole batch as two matrix products.
         Random numbers come from ``generator`` on the CPU, so runs are reproducible; they are
-        drawn for the whole batch, then only ``rows`` of it are made.
+        drawn for the whole batch, then only ``rows`` of it are made: the rows' crops go to the
+        device with the images (one copy) and their resize weights are made there.
         """
         b, _, h, w = batch.shape
         x0, y0 = torch.zeros(b), torch.zeros(b)
@@ -174,12 +244,13 @@ class ImageFeeder:
         if rows is not None:
             batch, x0, y0, cw, ch, flip = (t[rows] for t in (batch, x0, y0, cw, ch, flip))
             b = len(batch)
-        x = batch.to(self.device, non_blocking=True).float().div_(255.0)
-        x = self._convert_channels(x)
-        row_weights = resample_weights(y0, ch, h, self.image_size)
+        crops = torch.stack([x0, y0, cw, ch, flip.float()])  # (5, B)
+        batch, crops = to_device([batch, crops], self.device)
+        x0, y0, cw, ch, flip = crops[0], crops[1], crops[2], crops[3], crops[4] > 0.5
+        x = self._convert_channels(batch.float().div_(255.0))
+        rows_w = resample_weights(y0, ch, h, self.image_size)
         cols = resample_weights(x0, cw, w, self.image_size)
-        cols[flip] = cols[flip].flip(1)
-        rows_w, cols = row_weights.to(x.device), cols.to(x.device)
+        cols = torch.where(flip[:, None, None], cols.flip(1), cols)  # no sync on the device
         c, s = x.shape[1], self.image_size
         x = torch.bmm(x.reshape(b, c * h, w), cols.transpose(1, 2)).view(b, c, h, s)
         x = torch.einsum("boh,bchp->bcop", rows_w, x)
@@ -189,7 +260,8 @@ class ImageFeeder:
         if x.shape[1] == 1 and self.channels == 3:
             return x.expand(-1, 3, -1, -1)
         if x.shape[1] == 3 and self.channels == 1:
-            return (x * x.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+            _, _, luma = self._constants_for(x)
+            return (x * luma).sum(dim=1, keepdim=True)
         return x
 
     def _resize(self, x: Tensor) -> Tensor:
@@ -250,12 +322,13 @@ def resample_weights(start: Tensor, length: Tensor, in_size: int, out_size: int)
     """(B, out, in) weights taking the span [start, start + length) of each row to ``out_size``.
 
     Triangle (bilinear) filter, widened to the input footprint when shrinking, as PIL does;
-    each output pixel's weights sum to 1.
+    each output pixel's weights sum to 1. Made on ``start``'s device.
     """
+    device = start.device
     scale = length / out_size
-    centers = start[:, None] + (torch.arange(out_size) + 0.5) * scale[:, None] - 0.5
+    centers = start[:, None] + (torch.arange(out_size, device=device) + 0.5) * scale[:, None] - 0.5
     support = scale.clamp(min=1.0)[:, None, None]
-    distance = (torch.arange(in_size)[None, None, :] - centers[:, :, None]).abs()
+    distance = (torch.arange(in_size, device=device)[None, None, :] - centers[:, :, None]).abs()
     weights = (1.0 - distance / support).clamp_min(0.0)
     return weights / weights.sum(dim=-1, keepdim=True)
 

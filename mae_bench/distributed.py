@@ -101,7 +101,12 @@ def env_world() -> Dist:
 def cell_device(device: torch.device, world: Dist) -> torch.device:
     """The device of this rank: ``cuda:LOCAL_RANK`` on CUDA with several processes."""
     if world.active and device.type == "cuda":
-        if device.index not in (None, 0) or world.local_rank >= torch.cuda.device_count():
+        if device.index not in (None, 0):
+            raise UserError(
+                f"--device {device}: each of the {world.world_size} processes takes "
+                "cuda:LOCAL_RANK; use --device cuda (or auto)"
+            )
+        if world.local_rank >= torch.cuda.device_count():
             raise UserError(
                 f"{world.world_size} processes on CUDA: each takes cuda:LOCAL_RANK; local rank "
                 f"{world.local_rank} has no device ({torch.cuda.device_count()} visible)"

@@ -11,7 +11,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mae_bench.contract import ImageData, Loss, Mask, MaskedAutoencoder, Pool
+from mae_bench.contract import (
+    ImageData,
+    Loss,
+    Mask,
+    MaskedAutoencoder,
+    MaskingStrategy,
+    Pool,
+)
 from mae_bench.data import ImageFeeder, index_batches
 from mae_bench.device import autocast
 from mae_bench.layers import (
@@ -19,6 +26,7 @@ from mae_bench.layers import (
     random_mask,
     unpatchify,
 )
+from mae_bench.train import draw_mask
 
 
 @torch.no_grad()
@@ -71,6 +79,26 @@ def fixed_masks(n: int, num_patches: int, ratio: float, seed: int) -> Mask:
     """The evaluation masks: the same for every variant with the same patch grid."""
     generator = torch.Generator().manual_seed(seed)
     return Mask(*random_mask(n, num_patches, ratio, generator=generator))
+
+
+def evaluation_masks(
+    model: MaskedAutoencoder,
+    n: int,
+    *,
+    ratio: float,
+    seed: int,
+    masking: MaskingStrategy | None = None,
+    progress: float = 1.0,
+) -> Mask:
+    """The masks of ``n`` evaluation images of ``model``'s patch grid, on the CPU, drawn from
+    ``seed``: :func:`fixed_masks` at ``ratio`` when ``masking`` is None (the same for every
+    variant), else the variant's own ``masking`` at ``progress`` (1: the end of its
+    schedule), checked as in pretraining. The reconstruction metrics and pictures both take
+    their masks from here, so a picture shows the masks its metrics were measured on."""
+    if masking is None:
+        return fixed_masks(n, model.num_patches, ratio, seed)
+    generator = torch.Generator().manual_seed(seed)
+    return draw_mask(masking, n, model, progress, generator, device=torch.device("cpu"))
 
 
 def _psnr(mse: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ row-major order over the grid.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -109,9 +110,21 @@ def sincos_pos_embed(dim: int, grid_size: int) -> Tensor:
     return torch.cat([axis(cols), axis(rows)], dim=1).float()
 
 
+@functools.lru_cache(maxsize=32)
+def _laplacian_kernel(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The 3x3 4-neighbour Laplacian kernel, made on ``device`` once (filled there: no copy
+    from the host), usable by autograd whatever the caller's inference mode."""
+    with torch.inference_mode(False):
+        kernel = torch.zeros(3, 3, device=device, dtype=dtype)
+        kernel[1, :] = 1.0
+        kernel[:, 1] = 1.0
+        kernel[1, 1] = -4.0
+    return kernel
+
+
 def laplacian(imgs: Tensor) -> Tensor:
     """Per-channel 3x3 Laplacian (4-neighbour) high-pass filter with replicate padding."""
-    kernel = imgs.new_tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+    kernel = _laplacian_kernel(imgs.device, imgs.dtype)
     c = imgs.shape[1]
     weight = kernel.expand(c, 1, 3, 3)
     return F.conv2d(F.pad(imgs, (1, 1, 1, 1), mode="replicate"), weight, groups=c)

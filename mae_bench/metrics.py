@@ -213,10 +213,28 @@ CORE_METRICS = {
     "params_m": Metric(
         "encoder parameters (millions)", False, "{:.3f}", True, compare=False, bounds=(0, None)
     ),
+    "pretrain_tflops": Metric(
+        "pretraining compute (TFLOPs): FLOPs per image of a training step (flops_per_image) "
+        "times the images pretraining saw; a cost, not a result",
+        False,
+        "{:.3g}",
+        headline=True,
+        compare=False,
+        bounds=(0, None),
+    ),
     "params_total_m": Metric(
         "encoder + decoder parameters (millions)",
         False,
         "{:.3f}",
+        compare=False,
+        bounds=(0, None),
+    ),
+    "flops_per_image": Metric(
+        "GFLOPs per image of one pretraining step (forward, losses and backward, as torch's "
+        "FlopCounterMode counts them: matrix products, convolutions, attention), averaged "
+        "over the masking schedule",
+        False,
+        "{:.3g}",
         compare=False,
         bounds=(0, None),
     ),
@@ -231,5 +249,6 @@ CORE_METRICS = {
         bounds=(0, None),
     ),
 }
-"""Metrics the runner itself measures on every cell (evaluators add their own). Timings and
-sizes are not compared: they describe the run and the model, not how good it is."""
+"""Metrics the runner itself measures on every cell (evaluators add their own). Timings,
+sizes and compute are not compared: they describe the run and the model, not how good it is.
+A cell without pretraining (a baseline) has no timings and no compute."""

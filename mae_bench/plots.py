@@ -1,11 +1,12 @@
 """Every figure of a suite's results, drawn from stored results (no retraining).
 
 PNG files under ``<out>/<suite>/plots/``: pretraining loss curves, the leaderboard bar chart
-with 95% intervals, reconstruction grids (same images, same masks for every variant), a
-t-SNE of frozen features (the best variant vs a random init), and each enabled evaluator's
-own figures (``Evaluator.plots()``: :class:`~mae_bench.contract.TablePlot`, drawn from its
-tables; the built-ins give ROC curves, precision/recall/F1 vs the threshold and fine-tuning
-curves). Also the small per-variant figure of ``report.html``.
+with 95% intervals, each headline metric against pretraining compute, reconstruction grids
+(same images, same masks for every variant), a t-SNE of frozen features (the best variant vs
+a random init), and each enabled evaluator's own figures (``Evaluator.plots()``:
+:class:`~mae_bench.contract.TablePlot`, drawn from its tables; the built-ins give ROC curves,
+precision/recall/F1 vs the threshold and fine-tuning curves).
+Also the small per-variant figure of ``report.html``.
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ import torch
 from mae_bench.contract import ImageData, Mask, MaskedAutoencoder, TablePlot
 from mae_bench.data import ImageFeeder
 from mae_bench.errors import MaeBenchWarning, UserError
-from mae_bench.evaluate import evaluation_sample, extract_features, fixed_masks, reconstruct
+from mae_bench.evaluate import (
+    evaluation_masks,
+    evaluation_sample,
+    extract_features,
+    reconstruct,
+)
 from mae_bench.files import atomic_write
 from mae_bench.layers import patch_mask_to_pixels
 from mae_bench.leaderboard import metric_info, read_table, row_name
+from mae_bench.metrics import CORE_METRICS
 from mae_bench.plan import baseline_variants
 from mae_bench.results import HISTORY_FILE, PLOTS_DIR, CellStore
 from mae_bench.suite import Suite
@@ -156,6 +163,64 @@ def plot_leaderboard(
     ax.errorbar(mean, np.arange(len(board)), xerr=xerr, fmt="none", color="black")
     ax.set(title=f"{metric} (mean, 95% CI over seeds)", xlabel=metric, ylabel="")
     return save_figure(fig, out / f"leaderboard_{metric}.png")
+
+
+COMPUTE_METRIC = "pretrain_tflops"
+"""The x axis of :func:`plot_compute`: each variant's pretraining compute."""
+
+
+def compute_panels(board: pd.DataFrame, info: dict[str, Any], primary: str) -> list[str]:
+    """The metrics :func:`plot_compute` draws against compute: the primary metric, then each
+    evaluator's headline metric, those with a value for a variant that pretrained."""
+    if COMPUTE_METRIC not in board:
+        return []
+    pretrained = board[board[COMPUTE_METRIC].gt(0)]  # NaN (no pretraining) is not
+    candidates = [primary, *(m for m, d in info.items() if d.get("headline"))]
+    return [
+        m
+        for m in dict.fromkeys(candidates)
+        if m not in CORE_METRICS and m in pretrained and pretrained[m].notna().any()
+    ]
+
+
+def plot_compute(board: pd.DataFrame, info: dict[str, Any], primary: str, out: Path) -> Path | None:
+    """Each headline metric (mean, 95% interval inside its range) against pretraining
+    compute (log scale), one labelled point per pretrained variant: a variant that wins
+    only by spending more compute stands to the right. None without compute to plot."""
+    metrics = compute_panels(board, info, primary)
+    if not metrics:
+        return None
+    rows = board[board[COMPUTE_METRIC].gt(0)]
+    colors = dict(zip(rows["variant"], sns.color_palette(n_colors=len(rows)), strict=True))
+    columns = min(3, len(metrics))
+    panel_rows = -(-len(metrics) // columns)
+    fig, grid = plt.subplots(
+        panel_rows, columns, figsize=(4.4 * columns, 3.6 * panel_rows), squeeze=False
+    )
+    axes = list(grid.flat)
+    for unused in axes[len(metrics) :]:
+        fig.delaxes(unused)
+    for ax, metric in zip(axes, metrics, strict=False):
+        low, high = info.get(metric, {}).get("bounds") or (None, None)
+        for _, row in rows[rows[metric].notna()].iterrows():
+            x, y = row[COMPUTE_METRIC], row[metric]
+            half = row.get(f"{metric}_ci95", np.nan)
+            half = 0.0 if pd.isna(half) else half
+            lower = max(y - half, low) if low is not None else y - half
+            upper = min(y + half, high) if high is not None else y + half
+            ax.errorbar(
+                [x], [y], yerr=[[y - lower], [upper - y]], fmt="o", capsize=3,
+                color=colors[row["variant"]], label=row["variant"],
+            )  # fmt: skip
+            ax.annotate(
+                row["variant"], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7
+            )
+        better = "higher" if info.get(metric, {}).get("higher_is_better", True) else "lower"
+        ax.set(xscale="log", title=f"{metric} ({better} is better)", xlabel="pretraining TFLOPs")
+        ax.set_ylabel(metric)
+    fig.suptitle("Headline metrics against pretraining compute (mean, 95% CI)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out / "compute.png")
 
 
 # ---------------------------------------------------------------- evaluators' own plots
@@ -346,14 +411,18 @@ def load_stored_models(root: Path, records: list[dict[str, Any]], suite: Suite) 
 
 @torch.no_grad()
 def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 10) -> Path | None:
-    """Original / masked / each variant's reconstruction, same images and masks for all.
+    """Original / masked / each variant's reconstruction, the same images for all.
 
     The images are a fixed-seed stratified sample of the test set (one of every class where
-    ``n_images`` allows); predictions are mapped to pixels by the variant's own loss
+    ``n_images`` allows), masked as the reconstruction evaluator masks them
+    (:func:`~mae_bench.evaluate.evaluation_masks`): the same fixed random masks for every
+    variant, or with ``eval.reconstruction.masks: variant`` each variant's own (a masked row
+    per variant). Predictions are mapped to pixels by the variant's own loss
     (``Loss.to_input_space``: ``norm_pix`` predictions are de-normalised from visible
     patches only)."""
     recon = stored.suite.eval_config.get("reconstruction", {})  # its masks, if it ran
     ratio, seed = recon.get("mask_ratio", 0.75), recon.get("mask_seed", 0)
+    own_masks = recon.get("masks") == "variant"
     sample = evaluation_sample(stored.data.test_labels, n_images, seed)
     images = stored.data.test_images[sample]
     variants = {v.name: v for v in stored.suite.variants}
@@ -362,12 +431,16 @@ def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 10) ->
         if record.get("baseline"):
             continue
         x = feeder(images)
-        mask: Mask = fixed_masks(len(x), model.num_patches, ratio, seed)
+        masking = variants[name].build_masking() if own_masks else None
+        mask: Mask = evaluation_masks(model, len(x), ratio=ratio, seed=seed, masking=masking)
         pred = reconstruct(model, x, mask, variants[name].decoder_loss())
         pixel_mask = patch_mask_to_pixels(mask.mask, model.patch_size)
         truth = feeder.to_pixels(x)
         if not rows:
-            rows += [("original", truth), ("masked", truth * (1 - pixel_mask) + 0.5 * pixel_mask)]
+            rows.append(("original", truth))
+        if own_masks or len(rows) == 1:
+            masked = truth * (1 - pixel_mask) + 0.5 * pixel_mask
+            rows.append((f"{name}: masked" if own_masks else "masked", masked))
         recon = feeder.to_pixels(pred) * pixel_mask + truth * (1 - pixel_mask)
         rows.append((name, recon))
     if not rows:
@@ -383,7 +456,8 @@ def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 10) ->
             ax.set_xticks([])
             ax.set_yticks([])
         axes[i][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle("Reconstructions (visible patches from the input)", fontsize=9)
+    masks = "each variant's own masks" if own_masks else "the same masks for every variant"
+    fig.suptitle(f"Reconstructions (visible patches from the input; {masks})", fontsize=9)
     return save_figure(fig, out / "reconstructions.png")
 
 
@@ -442,9 +516,12 @@ def draw_plots(
     out = root / PLOTS_DIR
     losses = plot_loss_curves(records, store, out)
     paths = [losses] if losses else []
+    info = metric_info(records)
     if primary in board:
-        low, high = metric_info(records).get(primary, {}).get("bounds") or (None, None)
+        low, high = info.get(primary, {}).get("bounds") or (None, None)
         paths.append(plot_leaderboard(board, primary, out, (low, high)))
+    compute = plot_compute(board, info, primary, out)
+    paths += [compute] if compute else []
     plots = evaluator_plots(suite) if plots is None else plots
     paths += draw_table_plots(records, store, plots, out)
     stored = load_stored_models(root, records, suite)

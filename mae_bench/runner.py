@@ -22,7 +22,7 @@ from rich.console import Console
 from mae_bench.cell import CellFailure
 from mae_bench.contract import Component
 from mae_bench.device import resolve_device
-from mae_bench.distributed import cell_device, env_world
+from mae_bench.distributed import Dist, cell_device, env_world
 from mae_bench.distributed import start as start_world
 from mae_bench.errors import ConfigError, MaeBenchWarning, UserError
 from mae_bench.leaderboard import plural
@@ -151,15 +151,18 @@ def run_suite(
     stale temporary folders are removed, and the output is probed for writing and free space.
     The cells run as jobs of ``launcher`` (default: ``inline``, in this process, as one rank
     of a ``torchrun`` world if started so), whose workers use ``--device device``.
+    ``device`` is the ``--device`` option, or this process's device as :func:`local_device`
+    resolved it (used as it is: a rank's ``cuda:LOCAL_RANK`` is never resolved again).
     Cells another process holds are left to it; whichever process ends last writes the
     complete leaderboard.
     """
     console = console or Console(stderr=True)
     launcher = launcher or resolve_launcher(load_registry(), "inline", {})
-    device_option = str(device)
+    world = env_world()
+    resolved = device if isinstance(device, torch.device) else None
+    device_option = str(device) if resolved is None else _device_option(resolved, world)
     root = out_dir / suite.name
     cells = suite_cells(suite, None if launcher.in_process else launcher.processes_per_cell)
-    world = env_world()
     summary = RunSummary(root=root)
     pending: list[Cell] = []
     if world.is_main:
@@ -189,9 +192,9 @@ def run_suite(
             fresh = [c for c in pending if plan[c.cell_id][0] is None]
             store.check_writable(sum(_result_bytes(c, suite) for c in fresh) + (1 << 20))
         if launcher.in_process:
-            torch_device = local_device(device_option)
+            torch_device = resolved if resolved is not None else local_device(device_option)
             start_world(world, torch_device)
-            local = InProcess(suite, console, summary)
+            local = InProcess(suite, console, summary, device=torch_device)
             if world.is_main and pending:  # a missing dataset fails here, before any write
                 local.context = WorkerContext.load(suite, root, torch_device, world, console)
     if world.is_main and pending:
@@ -232,6 +235,13 @@ def _removed_on_failure(*folders: Path) -> Iterator[None]:
 def local_device(device_option: str) -> torch.device:
     """This process's device for ``device_option`` (``cuda:LOCAL_RANK`` under torchrun)."""
     return cell_device(resolve_device(device_option), env_world())
+
+
+def _device_option(device: torch.device, world: Dist) -> str:
+    """The ``--device`` option that gives every rank of ``world`` the device that
+    :func:`local_device` resolved to ``device`` on this one: ``cuda`` under torchrun (each
+    rank takes ``cuda:LOCAL_RANK``), the device itself in one process."""
+    return "cuda" if world.active and device.type == "cuda" else str(device)
 
 
 def _collect(root: Path, cells: list[Cell], summary: RunSummary) -> None:

@@ -23,7 +23,7 @@ from mae_bench.contract import (
     MaskingStrategy,
     call_masking,
 )
-from mae_bench.data import ImageFeeder, index_batches
+from mae_bench.data import ImageFeeder, index_batches, to_device
 from mae_bench.device import autocast, optimizer_options
 from mae_bench.distributed import SINGLE, Dist
 from mae_bench.resume import Checkpoint, rng_state, set_rng_state
@@ -168,24 +168,28 @@ def draw_mask(
     device: torch.device | None = None,
 ) -> Mask:
     """A masking strategy's masks for a batch, on ``device`` (default: the model's), checked:
-    shapes always, values (which need a device sync) when ``full_check``; a bad mask is a
-    ``ValueError`` naming the strategy."""
-    device = device or next(model.parameters()).device
-    mask = call_masking(
-        masking, batch_size, model.grid, progress=progress, generator=generator, device=device
+    shapes always, values when ``full_check``; a bad mask is a ``ValueError`` naming the
+    strategy. The strategy draws them on the CPU (from the CPU ``generator``, and checked
+    there: no device sync); they reach another device in one copy that does not block."""
+    device = torch.device(device or next(model.parameters()).device)
+    cpu = torch.device("cpu")
+    drawn = call_masking(
+        masking, batch_size, model.grid, progress=progress, generator=generator, device=cpu
     )
     try:
-        if not isinstance(mask, Mask):
-            raise ValueError(f"returned a {type(mask).__name__}, not a mae_bench.Mask")
+        if not isinstance(drawn, Mask):
+            raise ValueError(f"returned a {type(drawn).__name__}, not a mae_bench.Mask")
         # values are checked where they exist (the meta device, used to plan memory, has none)
-        mask.validate(batch_size, model.num_patches, full=full_check and not mask.mask.is_meta)
+        parts = (drawn.ids_keep, drawn.ids_restore, drawn.mask)
+        has_values = not any(getattr(t, "is_meta", False) for t in parts)
+        drawn.validate(batch_size, model.num_patches, full=full_check and has_values)
     except ValueError as exc:
         cls = type(masking)
         raise ValueError(
             f"masking {masking.name!r} ({cls.__module__}.{cls.__name__}) returned an invalid "
             f"mask for {batch_size} images of a {model.grid[0]}x{model.grid[1]} patch grid: {exc}"
         ) from None
-    return mask
+    return Mask(*to_device([drawn.ids_keep, drawn.ids_restore, drawn.mask], device))
 
 
 def pretrain(

@@ -74,6 +74,7 @@ class InProcess:
     console: Console
     summary: RunSummary
     context: WorkerContext | None = None
+    device: torch.device | None = None  # this process's device, resolved once by the runner
 
 
 def run_cells(
@@ -108,7 +109,10 @@ def run_cells(
         raise UserError(f"{root}: no cell {', '.join(unknown)} in suite {suite.name!r}")
     chosen = [known[i] for i in cell_ids] if cell_ids else cells
     world = env_world()
-    device = cell_device(resolve_device(device_option), world)
+    if local is not None and local.device is not None:
+        device = local.device
+    else:
+        device = cell_device(resolve_device(device_option), world)
     summary = summary if summary is not None else RunSummary(root=root)
     stop, outside = stop_signal if stop_signal else (None, None)
     signals = (

@@ -7,6 +7,7 @@ restarted freely: a cell is never computed twice, and a killed one resumes from 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mae_bench import Launcher, LaunchRequest, Params, UserError, hookimpl
+from mae_bench.device import resolve_device
 from mae_bench.files import WriteError, open_inside
 
 POLL_S = 2.0
@@ -88,6 +90,9 @@ class LocalLauncher(Launcher):
     def launch(self, request: LaunchRequest, console: Any) -> None:
         p: LocalParams = self.params
         slices = device_slices(request.device, p.workers, p.procs_per_cell)
+        if slices is not None and request.device.startswith("cuda:"):
+            # the worker sees only its slice: the pinned GPU is its cuda (cuda:0)
+            request = dataclasses.replace(request, device="cuda")
         threads = p.threads or max(1, (os.cpu_count() or 1) // (p.workers * p.procs_per_cell))
         logs = request.root / "logs"
         try:
@@ -148,6 +153,8 @@ def _open_log(root: Path, log: Path) -> BinaryIO:
 
 def device_slices(device: str, workers: int, procs_per_cell: int) -> list[str] | None:
     """``CUDA_VISIBLE_DEVICES`` for each worker (``procs_per_cell`` GPUs each); None on CPU.
+    ``cuda:N`` pins one worker of one process to the visible GPU N (the worker then sees it
+    as ``cuda``, its only GPU).
 
     UserError if the visible GPUs cannot give every worker its own."""
     if device == "cpu" or device == "mps" or not torch.cuda.is_available():
@@ -161,6 +168,16 @@ def device_slices(device: str, workers: int, procs_per_cell: int) -> list[str] |
         else [str(i) for i in range(torch.cuda.device_count())]
     )
     needed = workers * procs_per_cell
+    pinned = resolve_device(device).index
+    if pinned is not None:
+        if needed > 1:
+            raise UserError(
+                f"--device {device} names one GPU; the local launcher gives each of its "
+                f"{workers} workers x {procs_per_cell} processes its own: use --device cuda"
+            )
+        if pinned >= len(ids):
+            raise UserError(f"--device {device}: {len(ids)} GPUs are visible")
+        return [ids[pinned]]
     if needed > len(ids):
         raise UserError(
             f"--workers {workers} x procs_per_cell {procs_per_cell} need {needed} GPUs; "
@@ -176,7 +193,11 @@ class SubmititParams(Params):
     folder: str | None = Field(None, description="submitit's logs (default <results>/submitit)")
     partition: str | None = Field(None, description="SLURM partition")
     timeout_min: PositiveInt = Field(24 * 60, description="time limit per task, minutes")
-    gpus_per_task: NonNegativeInt = Field(0, description="GPUs per task")
+    gpus_per_task: NonNegativeInt | None = Field(
+        None,
+        description="GPUs per task (default: 1, or 0 with --device cpu or mps; 0 with "
+        "--device auto runs on CPU nodes, with --device cuda is refused)",
+    )
     tasks_per_node: PositiveInt = Field(1, description="data-parallel processes per cell")
     cpus_per_task: PositiveInt | None = Field(None, description="CPU cores per task")
     mem_gb: PositiveInt | None = Field(None, description="memory per node, GiB")
@@ -233,18 +254,34 @@ class SubmititLauncher(Launcher):
                 "the submitit launcher needs submitit: pip install 'mae-bench[slurm]'"
             ) from None
 
-    def executor(self, folder: Path) -> Any:
-        """The configured submitit executor."""
+    def gpus_per_task(self, device: str) -> int:
+        """The GPUs each task requests for workers using ``--device device``: the
+        ``gpus_per_task`` option, by default 1 (none for ``cpu`` and ``mps``). UserError for
+        ``cuda`` devices on tasks given none."""
+        p: SubmititParams = self.params
+        if p.gpus_per_task is None:
+            return 0 if device in ("cpu", "mps") else 1
+        if p.gpus_per_task == 0 and device.startswith("cuda"):
+            raise UserError(
+                f"--device {device}: the submitit launcher's gpus_per_task=0 gives its tasks "
+                "no GPU; leave gpus_per_task out (1 per task) or use --device cpu"
+            )
+        return p.gpus_per_task
+
+    def executor(self, folder: Path, device: str = "auto") -> Any:
+        """The configured submitit executor, its tasks' GPUs chosen for ``--device device``
+        (:meth:`gpus_per_task`)."""
         import submitit
 
         p: SubmititParams = self.params
+        gpus = self.gpus_per_task(device)
         executor = submitit.AutoExecutor(
             folder=folder, cluster=p.cluster, slurm_max_num_timeout=p.max_requeues
         )
         options: dict[str, Any] = {
             "timeout_min": p.timeout_min,
             "tasks_per_node": p.tasks_per_node,
-            "gpus_per_node": p.gpus_per_task * p.tasks_per_node,
+            "gpus_per_node": gpus * p.tasks_per_node,
             "slurm_array_parallelism": p.array_parallelism,
             "slurm_additional_parameters": dict(p.sbatch),
             "slurm_setup": list(p.setup),
@@ -269,7 +306,7 @@ class SubmititLauncher(Launcher):
     def launch(self, request: LaunchRequest, console: Any) -> None:
         p: SubmititParams = self.params
         folder = Path(p.folder) if p.folder else request.root / "submitit"
-        executor = self.executor(folder / "%j")
+        executor = self.executor(folder / "%j", request.device)
         if executor.cluster == "debug":  # in this process, one after another
             for cell_id in request.cell_ids:
                 executor.submit(CellTask(), request, cell_id).result()

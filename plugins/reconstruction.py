@@ -1,11 +1,14 @@
 """Reconstruction quality of a pretrained cell: PSNR and high-frequency error on held-out
-images, with a fixed-seed stratified sample and fixed-seed masks shared by every variant."""
+images, with a fixed-seed stratified sample and fixed-seed masks shared by every variant (or
+each variant's own); and a picture of each variant's own masks on a few images."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import pandas as pd
 import torch
+import torch.nn.functional as F
 from pydantic import Field, PositiveInt
 from torch import Tensor
 
@@ -15,13 +18,15 @@ from mae_bench import (
     Evaluator,
     Loss,
     MaskedAutoencoder,
+    MaskingStrategy,
     Metric,
     Params,
+    TablePlot,
     hookimpl,
 )
-from mae_bench.contract import Mask, Seed, call_masking
+from mae_bench.contract import Feeder, Mask, Seed
 from mae_bench.data import ImageFeeder, index_batches
-from mae_bench.evaluate import evaluation_sample, fixed_masks, reconstruct
+from mae_bench.evaluate import evaluation_masks, evaluation_sample, fixed_masks, reconstruct
 from mae_bench.layers import masked_laplacian_error, patch_mask_to_pixels
 
 
@@ -105,6 +110,121 @@ def reconstruction_sanity(scores: dict[str, float], n_images: int, masks: str) -
     return {"n_images": n_images, "masks": masks, "warnings": warnings}
 
 
+MASK_PICTURE_IMAGES = 4
+"""Images in each variant's picture of its masks."""
+MASK_PICTURE_SIDE = 64
+"""The pictures' images are stored at most this many pixels a side (averaged down)."""
+
+
+def mask_picture_tables(
+    model: MaskedAutoencoder,
+    labels: Tensor,
+    images: Any,
+    feeder: Feeder,
+    masking: MaskingStrategy,
+    seed: int,
+) -> dict[str, pd.DataFrame]:
+    """What the picture of a variant's masks is drawn from: ``masks`` (per ``image``,
+    ``progress``, ``ratio`` and row-major ``patch`` with its ``row`` and ``col``: ``masked``,
+    1 = hidden) with ``masking`` drawn from ``seed`` at the end of pretraining (progress 1)
+    and, for a schedule such as a curriculum, its start (progress 0); and ``mask_images``
+    (per ``image``, pixel ``y`` and ``x``: channels ``c0``... in [0, 1]), the first
+    :data:`MASK_PICTURE_IMAGES` of the fixed-seed stratified sample, as the model sees them."""
+    sample = evaluation_sample(labels, MASK_PICTURE_IMAGES, seed)
+    rows, cols = model.grid
+    progresses = [0.0, 1.0] if masking.ratio_at(0.0) != masking.ratio_at(1.0) else [1.0]
+    frames = []
+    for progress in progresses:
+        masks = evaluation_masks(
+            model,
+            len(sample),
+            ratio=masking.ratio_at(progress),
+            seed=seed,
+            masking=masking,
+            progress=progress,
+        )
+        hidden = masks.mask.cpu().reshape(-1).to(torch.int64)
+        patch = torch.arange(rows * cols).repeat(len(sample))
+        frames.append(
+            pd.DataFrame(
+                {"image": torch.arange(len(sample)).repeat_interleave(rows * cols),
+                 "progress": progress, "ratio": masking.ratio_at(progress),
+                 "patch": patch, "row": patch // cols, "col": patch % cols, "masked": hidden}
+            )
+        )  # fmt: skip
+    pixels = feeder.to_pixels(feeder(images[sample])).float().cpu()
+    height, width = pixels.shape[-2:]
+    side = (min(height, MASK_PICTURE_SIDE), min(width, MASK_PICTURE_SIDE))
+    pixels = F.adaptive_avg_pool2d(pixels, side).clamp(0, 1)
+    n, channels, height, width = pixels.shape
+    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    image = pd.DataFrame(
+        {"image": torch.arange(n).repeat_interleave(height * width),
+         "y": y.reshape(-1).repeat(n), "x": x.reshape(-1).repeat(n)}
+    )  # fmt: skip
+    for c in range(channels):
+        image[f"c{c}"] = pixels[:, c].reshape(-1).numpy().round(3)
+    return {"masks": pd.concat(frames, ignore_index=True), "mask_images": image}
+
+
+class VariantMasks(TablePlot):
+    """Each variant's own masks on the same few test images, masked patches greyed out: a
+    row per variant at the end of pretraining, and at its start for a schedule."""
+
+    name = "variant_masks"
+    table = "masks"
+    also = ("mask_images",)
+    title = "Each variant's masks (grey: masked patches)"
+
+    def figure(self, tables: dict[str, pd.DataFrame], **also: dict[str, pd.DataFrame]) -> Any:
+        import matplotlib.pyplot as plt
+
+        pictures = also["mask_images"]
+        rows = [
+            (variant, progress, masks[masks["progress"] == progress])
+            for variant, masks in tables.items()
+            if variant in pictures
+            for progress in sorted(set(masks["progress"]), reverse=True)
+        ]
+        if not rows:
+            return None
+        n_images = max(int(masks["image"].max()) + 1 for _, _, masks in rows)
+        fig, axes = plt.subplots(
+            len(rows), n_images, figsize=(1.3 * n_images + 1.5, 1.35 * len(rows) + 0.4),
+            squeeze=False,
+        )  # fmt: skip
+        for axes_row, (variant, progress, masks) in zip(axes, rows, strict=True):
+            images = pictures[variant]
+            for image, ax in enumerate(axes_row):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                self._draw_one(ax, images[images["image"] == image],
+                               masks[masks["image"] == image])  # fmt: skip
+            label = f"{variant}\n{float(masks['ratio'].iloc[0]):.0%} masked"
+            if tables[variant]["progress"].nunique() > 1:  # a schedule: say which end
+                label += " (start)" if progress == 0 else " (end)"
+            axes_row[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        fig.suptitle(self.title, fontsize=9)
+        return fig
+
+    @staticmethod
+    def _draw_one(ax: Any, image: pd.DataFrame, masks: pd.DataFrame) -> None:
+        """One image, its masked patches greyed out (drawn in patch coordinates)."""
+        if image.empty or masks.empty:
+            ax.set_axis_off()
+            return
+        height, width = int(image["y"].max()) + 1, int(image["x"].max()) + 1
+        channels = sorted(c for c in image.columns if c.startswith("c") and c[1:].isdigit())
+        pixels = image.sort_values(["y", "x"])[channels].to_numpy().reshape(height, width, -1)
+        rows, cols = int(masks["row"].max()) + 1, int(masks["col"].max()) + 1
+        grid = masks.sort_values(["row", "col"])["masked"].to_numpy().reshape(rows, cols)
+        extent = (0, cols, rows, 0)
+        shown = pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3]
+        ax.imshow(shown, cmap="gray", vmin=0, vmax=1, extent=extent, interpolation="nearest")
+        overlay = [[(0.55, 0.55, 0.55, 0.9 if m else 0.0) for m in line] for line in grid]
+        ax.imshow(overlay, extent=extent, interpolation="nearest")
+
+
 class ReconstructionEvaluator(Evaluator):
     """PSNR over masked patches and full images, and the masked high-frequency error."""
 
@@ -136,23 +256,24 @@ class ReconstructionEvaluator(Evaluator):
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         p = self.params
         sample = evaluation_sample(ctx.data.test_labels, p.num_images, p.mask_seed)
-        masks = None
-        if p.masks == "variant" and ctx.masking is not None:
-            generator = torch.Generator().manual_seed(p.mask_seed)
-            masks = call_masking(
-                ctx.masking,
-                len(sample),
-                ctx.model.grid,
-                progress=1.0,
-                generator=generator,
-                device=None,
-            )
-            masks.validate(len(sample), ctx.model.num_patches)
+        own = ctx.masking if p.masks == "variant" else None
+        masks = evaluation_masks(
+            ctx.model, len(sample), ratio=p.mask_ratio, seed=p.mask_seed, masking=own
+        )
         scores = reconstruction_quality(
             ctx.model, ctx.data.test_images[sample], ctx.feeder, p,
             decoder_loss=ctx.decoder_loss, mean_image=ctx.mean_image, masks=masks,
         )  # fmt: skip
-        return EvalResult(scores, sanity=reconstruction_sanity(scores, len(sample), p.masks))
+        tables = {}
+        if ctx.masking is not None:
+            tables = mask_picture_tables(ctx.model, ctx.data.test_labels, ctx.data.test_images,
+                                         ctx.feeder, ctx.masking, p.mask_seed)  # fmt: skip
+        return EvalResult(
+            scores, tables, sanity=reconstruction_sanity(scores, len(sample), p.masks)
+        )
+
+    def plots(self) -> list[TablePlot]:
+        return [VariantMasks()]
 
 
 @hookimpl

@@ -61,6 +61,13 @@ class TimmMAE(MaskedAutoencoder):
             pos[0, : pos.shape[1] - patches.shape[0]] = 0
             vit.pos_embed.requires_grad_(False)
         vit.head = nn.Identity()
+        # timm's pooling head (fc_norm with global_pool avg, attn_pool with map) is never
+        # applied by forward_encoder: frozen, it keeps its initial weights (exported as timm
+        # expects) and gets no gradient data-parallel training would wait for
+        for name in ("fc_norm", "attn_pool"):
+            unused = getattr(vit, name, None)
+            if unused is not None:
+                unused.requires_grad_(False)
         self.encoder = vit
         self.decoder = MAEDecoder(
             num_patches=self.num_patches,

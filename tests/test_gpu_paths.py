@@ -19,7 +19,7 @@ from rich.console import Console
 
 from mae_bench import LaunchRequest, UserError, runner, worker
 from mae_bench.contract import Mask
-from mae_bench.distributed import Dist
+from mae_bench.distributed import Dist, cell_device
 from mae_bench.layers import random_mask
 from mae_bench.runner import local_device, resolve_launcher, run_suite
 from mae_bench.suite import load_suite
@@ -71,8 +71,10 @@ def test_torchrun_run_command_gives_each_rank_its_own_gpu(
     """``torchrun --nproc-per-node 2 mae-bench run SUITE`` on a two-GPU node: rank r joins
     the group and trains on cuda:r (the command's own functions, up to the training loop)."""
     suite_file = write_suite(tmp_path)
-    ids = _cell_ids(suite_file, registry)
-    monkeypatch.setattr(Dist, "broadcast", lambda self, obj: ids if isinstance(obj, tuple) else obj)
+    ids: list[str] = []  # what rank 0 hands every rank: the cells as planned for 2 processes
+    monkeypatch.setattr(
+        Dist, "broadcast", lambda self, obj: tuple(ids) if isinstance(obj, tuple) else obj
+    )
     trained_on: list[torch.device] = []
 
     def reach_work(suite, root, device, *args, **kwargs):
@@ -88,6 +90,7 @@ def test_torchrun_run_command_gives_each_rank_its_own_gpu(
     monkeypatch.setattr(worker.WorkerContext, "load", classmethod(reach_load))
     for rank in (0, 1):
         started = two_gpu_node(rank)
+        ids[:] = _cell_ids(suite_file, registry)
         trained_on.clear()
         result = invoke(
             "run", str(suite_file), "--out", str(tmp_path / f"out{rank}"), "--device", option
@@ -238,3 +241,9 @@ def test_timm_avg_pool_encoder_trains_data_parallel(tmp_path):
     store = tmp_path / "store"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_timm_avg_steps, args=(2, str(store), 3), nprocs=2, join=True)
+
+
+def test_a_gpu_index_under_torchrun_is_refused_naming_the_option(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match=r"--device cuda:1: each of the 2 processes.*--device cuda"):
+        cell_device(torch.device("cuda", 1), Dist(0, 2, 0))

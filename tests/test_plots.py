@@ -8,7 +8,7 @@ from PIL import Image
 
 from mae_bench import EvalResult, Evaluator, Metric, hookimpl
 from mae_bench.contract import TablePlot
-from mae_bench.plots import plot_leaderboard, plot_loss_curves
+from mae_bench.plots import plot_compute, plot_leaderboard, plot_loss_curves
 from mae_bench.report import render_report
 from mae_bench.results import CellStore, read_suite_record, recorded_cells
 from mae_bench.runner import run_suite
@@ -25,16 +25,20 @@ def test_report_regenerates_tables_and_plots(tiny_run_copy):
     assert set(plots) == {
         "loss_curves.png",
         "leaderboard_lp_acc.png",
+        "compute.png",
         "reconstructions.png",
         "tsne.png",
         "roc.png",
         "thresholds.png",
+        "variant_masks.png",
     }
     assert all(size > 5_000 for size in plots.values())
     assert (root / "leaderboard.csv").is_file()
     with Image.open(root / "plots" / "reconstructions.png") as img:
         assert img.size[0] > 300 and img.size[1] > 200
     assert invoke("report", str(root.parent / "nope")).exit_code == 2
+    page = (root / "report.html").read_text()
+    assert 'alt="compute"' in page  # the page shows every plot draw_plots returns
 
 
 def test_report_skips_truncated_weights_and_missing_history(tiny_run_copy):
@@ -157,3 +161,39 @@ def test_the_loss_plot_draws_each_term_not_their_sum(tiny_run, monkeypatch, tmp_
     )
     (line,) = [line for line in axes[2].get_lines() if line.get_label() == "vit"]
     assert list(line.get_ydata()) == pytest.approx(history.tolist())  # mean over seeds, unweighted
+
+
+def test_headline_metrics_are_drawn_against_pretraining_compute(monkeypatch, tmp_path):
+    """One panel per headline metric (the primary first; the runner's own costs are not
+    results), x = pretrain_tflops on a log scale, one labelled point per pretrained variant
+    with its interval inside the metric's range; a no-pretraining row has no compute."""
+    figures = _drawn(monkeypatch)
+    board = pd.DataFrame(
+        {
+            "variant": ["mae", "simmim", "random-init"],
+            "pretrain_tflops": [0.5, 1.6, float("nan")],
+            "acc": [0.95, 0.9, 0.3],
+            "acc_ci95": [0.17, 0.02, 0.01],
+            "psnr": [11.0, 12.0, float("nan")],
+            "pretrain_s": [3.0, 9.0, float("nan")],
+        }
+    )
+    info = {
+        "acc": {"headline": True, "bounds": [0, 1]},
+        "psnr": {"headline": True, "higher_is_better": True, "bounds": [None, None]},
+        "not_shown": {"headline": False},
+        "pretrain_s": {"headline": True},
+    }
+    plot_compute(board, info, "psnr", tmp_path)
+    (figure,) = figures
+    axes = figure.axes
+    assert [ax.get_title() for ax in axes] == ["psnr (higher is better)", "acc (higher is better)"]
+    acc = axes[1]
+    assert acc.get_xscale() == "log" and "TFLOPs" in acc.get_xlabel()
+    assert [text.get_text() for text in acc.texts] == ["mae", "simmim"]
+    points = [line.get_xydata().tolist() for line in acc.get_lines() if line.get_marker() == "o"]
+    assert points == [[[0.5, 0.95]], [[1.6, 0.9]]]
+    tops = [max(y for _, y in seg) for c in acc.collections for seg in c.get_segments()]
+    assert max(tops) == pytest.approx(1.0)  # 0.95 + 0.17 drawn up to 1
+    assert plot_compute(board.drop(columns="pretrain_tflops"), info, "psnr", tmp_path) is None
+    assert len(figures) == 1  # nothing drawn without compute

@@ -14,7 +14,7 @@ from tests.conftest import ROOT, invoke
 
 def test_builtins_registered_through_entry_points(registry):
     assert registry.names("encoder") == ["mlp", "timm", "vit"]
-    assert registry.names("masking") == ["curriculum", "random"]
+    assert registry.names("masking") == ["block", "curriculum", "grid", "random"]
     assert registry.names("loss") == ["l1", "laplacian", "mse", "uniformity"]
     assert {"digits", "synthetic"} <= set(registry.names("dataset"))
     for kind in KINDS:
@@ -181,8 +181,8 @@ def test_plugin_problems_are_warned_in_validate_and_run_and_hint_unknown_names(
     assert "warning: plugin dup-plugin (dup_plugin): loss 'mse' is already registered" in (
         result.stderr
     )
-    missing = invoke("validate", str(suite), "--set", "variants.0.masking=block")
-    assert missing.exit_code == 2 and "unknown masking 'block'" in missing.stderr
+    missing = invoke("validate", str(suite), "--set", "variants.0.masking=blocky")
+    assert missing.exit_code == 2 and "unknown masking 'blocky'" in missing.stderr
     assert "plugins with errors, one may provide it: broken-plugin, dup-plugin" in missing.stderr
 
 

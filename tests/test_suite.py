@@ -37,7 +37,7 @@ def test_unknown_plugin_lists_known(registry):
     data["variants"][1]["masking"] = {"name": "blocky"}
     message = error_for(registry, data)
     assert "variants[1].masking.name: unknown masking 'blocky'" in message
-    assert "curriculum, random" in message
+    assert "block, curriculum, grid, random" in message
 
 
 @pytest.mark.parametrize("ratio", [0, 1, 1.5, -0.1])
