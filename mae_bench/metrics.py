@@ -217,7 +217,7 @@ CORE_METRICS = {
         "pretraining compute (TFLOPs): FLOPs per image of a training step (flops_per_image) "
         "times the images pretraining saw; a cost, not a result",
         False,
-        "{:.3g}",
+        "{:,.3f}",
         headline=True,
         compare=False,
         bounds=(0, None),
@@ -234,7 +234,7 @@ CORE_METRICS = {
         "FlopCounterMode counts them: matrix products, convolutions, attention), averaged "
         "over the masking schedule",
         False,
-        "{:.3g}",
+        "{:.4f}",
         compare=False,
         bounds=(0, None),
     ),

@@ -89,6 +89,20 @@ def _panel_titles(objectives: list[str]) -> dict[str, str]:
     return {o: o if names.count(n) > 1 else n for o, n in zip(objectives, names, strict=True)}
 
 
+def _panels(count: int, size: tuple[float, float], columns: int = 3) -> tuple[Any, list[Any]]:
+    """A figure of ``count`` panels of ``size`` inches, up to ``columns`` a row; the unused
+    cells of the last row removed."""
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    fig, grid = plt.subplots(
+        rows, columns, figsize=(size[0] * columns, size[1] * rows), squeeze=False
+    )
+    axes = list(grid.flat)
+    for unused in axes[count:]:
+        fig.delaxes(unused)
+    return fig, axes[:count]
+
+
 def plot_loss_curves(records: list[dict[str, Any]], store: CellStore, out: Path) -> Path | None:
     """Pretraining loss per epoch: one panel per loss term (unweighted; variants with
     different objectives share only the terms they have in common, never a summed total),
@@ -118,14 +132,7 @@ def plot_loss_curves(records: list[dict[str, Any]], store: CellStore, out: Path)
     titles = _panel_titles(objectives)
     variants = list(dict.fromkeys(data["variant"]))
     colors = dict(zip(variants, sns.color_palette(n_colors=len(variants)), strict=True))
-    columns = min(3, len(objectives))
-    rows_of_panels = -(-len(objectives) // columns)
-    fig, grid = plt.subplots(
-        rows_of_panels, columns, figsize=(4.2 * columns, 3.4 * rows_of_panels), squeeze=False
-    )
-    axes = list(grid.flat)
-    for unused in axes[len(objectives) :]:
-        fig.delaxes(unused)
+    fig, axes = _panels(len(objectives), (4.2, 3.4))
     for ax, objective in zip(axes, objectives, strict=False):
         term = data[data["term"] == objective]
         for variant, rows in term.groupby("variant", sort=False):
@@ -137,8 +144,8 @@ def plot_loss_curves(records: list[dict[str, Any]], store: CellStore, out: Path)
             )
         ax.set(title=titles[objective], xlabel="epoch")
         ax.legend(fontsize=7)
-    for row in grid:
-        row[0].set_ylabel("loss term (unweighted)")
+    for ax in axes[:: min(3, len(objectives))]:  # the first panel of each row
+        ax.set_ylabel("loss term (unweighted)")
     fig.suptitle("Pretraining loss, term by term (each panel one objective)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out / "loss_curves.png")
@@ -192,14 +199,7 @@ def plot_compute(board: pd.DataFrame, info: dict[str, Any], primary: str, out: P
         return None
     rows = board[board[COMPUTE_METRIC].gt(0)]
     colors = dict(zip(rows["variant"], sns.color_palette(n_colors=len(rows)), strict=True))
-    columns = min(3, len(metrics))
-    panel_rows = -(-len(metrics) // columns)
-    fig, grid = plt.subplots(
-        panel_rows, columns, figsize=(4.4 * columns, 3.6 * panel_rows), squeeze=False
-    )
-    axes = list(grid.flat)
-    for unused in axes[len(metrics) :]:
-        fig.delaxes(unused)
+    fig, axes = _panels(len(metrics), (4.4, 3.6))
     for ax, metric in zip(axes, metrics, strict=False):
         low, high = info.get(metric, {}).get("bounds") or (None, None)
         for _, row in rows[rows[metric].notna()].iterrows():
