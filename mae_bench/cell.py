@@ -24,14 +24,13 @@ from mae_bench.contract import (
     EvalContext,
     ImageData,
     Loss,
-    Mask,
     MaskedAutoencoder,
     MaskingStrategy,
 )
 from mae_bench.data import ImageFeeder
 from mae_bench.device import device_name, peak_memory_mb, provenance, reset_peak_memory
 from mae_bench.distributed import SINGLE, Dist
-from mae_bench.errors import MaeBenchWarning
+from mae_bench.errors import MaeBenchWarning, exception_line
 from mae_bench.evaluate import FeatureCache
 from mae_bench.files import atomic_write
 from mae_bench.plan import Cell, Evaluation
@@ -45,7 +44,7 @@ from mae_bench.results import (
 )
 from mae_bench.resume import Checkpoint
 from mae_bench.suite import Suite, Variant
-from mae_bench.train import EpochCallback, PretrainResult, draw_mask, forward_loss, pretrain
+from mae_bench.train import EpochCallback, PretrainResult, forward_loss, meta_masks, pretrain
 from mae_bench.weights import load_weights, rebuild_model, save_weights
 
 
@@ -100,10 +99,7 @@ def step_flops(
     :class:`~torch.utils.flop_counter.FlopCounterMode` counts them (matrix products,
     convolutions, attention; the optimizer's element-wise update is not counted). Returns
     the visible patches of the mask drawn (on the CPU, as training draws it) and the FLOPs."""
-    generator = torch.Generator().manual_seed(0)
-    cpu = torch.device("cpu")
-    drawn = draw_mask(masking, FLOP_COUNT_IMAGES, model, progress, generator, device=cpu)
-    mask = Mask(*(t.to("meta") for t in (drawn.ids_keep, drawn.ids_restore, drawn.mask)))
+    mask = meta_masks(masking, model, FLOP_COUNT_IMAGES, progress)
     size = model.image_size
     images = torch.empty(FLOP_COUNT_IMAGES, model.in_chans, size, size, device="meta")
     with FlopCounterMode(display=False) as counter:
@@ -132,11 +128,9 @@ def pretrain_flops_per_image(variant: Variant, image_size: int, channels: int) -
                 visible, flops = step_flops(model, masking, losses, progress)
                 per_point.append(counted.setdefault(visible, flops))
         except Exception as exc:  # a plugin that cannot run on the meta device
-            message = str(exc).strip().splitlines()
-            reason = f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
             warnings.warn(
                 f"variant {variant.name!r}: its pretraining FLOPs could not be counted on the "
-                f"meta device ({reason}); its pretrain_tflops is left empty",
+                f"meta device ({exception_line(exc)}); its pretrain_tflops is left empty",
                 MaeBenchWarning,
                 stacklevel=2,
             )

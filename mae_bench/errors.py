@@ -21,3 +21,9 @@ class ConfigError(UserError):
 class MaeBenchWarning(UserWarning):
     """Something the user should know that does not stop the run (a damaged file skipped or
     rebuilt, a leaky split); the CLI prints it as one ``warning: ...`` line."""
+
+
+def exception_line(exc: BaseException) -> str:
+    """One line naming an exception: its type and the first line of its message."""
+    message = str(exc).strip()
+    return f"{type(exc).__name__}: {message.splitlines()[0]}" if message else type(exc).__name__

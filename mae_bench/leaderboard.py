@@ -34,7 +34,7 @@ from mae_bench.results import (
     CellStore,
     evaluations,
 )
-from mae_bench.stats import compare, seeds_needed
+from mae_bench.stats import compare, seeds_needed, t_halfwidth
 
 ID_COLUMNS = ["variant", "encoder", "masking", "loss"]
 Info = dict[str, dict[str, Any]]  # metric -> Metric.as_dict(), as stored with each result
@@ -155,7 +155,7 @@ def summary_columns(records: list[dict[str, Any]]) -> dict[str, str]:
         for _, evaluation in evaluations(r):
             for name, described in evaluation["info"].items():
                 key = described.get("summary")
-                if key and not _missing(evaluation["metrics"].get(name)):
+                if key and not missing(evaluation["metrics"].get(name)):
                     ranked.setdefault(key, set()).add((evaluation["summary_priority"], name))
     return {key: min(pairs)[1] for key, pairs in ranked.items()}
 
@@ -203,19 +203,10 @@ def _metric_columns(runs: pd.DataFrame, info: Info | None = None) -> list[str]:
     return known + [m for m in numeric if m not in known]
 
 
-def ci95_halfwidth(std: pd.Series, n: pd.Series) -> pd.Series:
-    """Half-width of the 95% Student-t confidence interval of a mean of ``n`` values (NaN
-    for fewer than two)."""
-    from scipy.stats import t
-
-    dof = (n - 1).where(n > 1)
-    return t.ppf(0.975, dof) * std / n.pow(0.5)
-
-
 def _tie_key(value: float) -> float:
     """A mean as ranks compare it: to 12 significant digits, so that equal values summed in
     another seed order (a last-bit difference) tie."""
-    return value if _missing(value) else float(f"{value:.12g}")
+    return value if missing(value) else float(f"{value:.12g}")
 
 
 def _timed_in(runs: pd.DataFrame) -> pd.Series:
@@ -257,7 +248,7 @@ def leaderboard_table(
     means = grouped[metrics].mean()
     stds = grouped[metrics].std(ddof=1)  # spreads after the means: the CSV reads left to right
     counts = grouped[metrics].count()
-    cis = pd.DataFrame({m: ci95_halfwidth(stds[m], counts[m]) for m in metrics}, index=stds.index)
+    cis = pd.DataFrame({m: t_halfwidth(stds[m], counts[m]) for m in metrics}, index=stds.index)
     timed = _timed_in(runs).rename("timed_in")
     parts = [board, means, stds.add_suffix("_std"), cis.add_suffix("_ci95")]
     parts += [counts.add_suffix("_seeds"), timed.reindex(board.index)]
@@ -302,16 +293,17 @@ def metric_fmt(info: Info | None, metric: str | None, default: str = DEFAULT_FMT
 def format_metric(fmt: str, mean: Any, std: Any = None) -> str:
     """A metric's value, or ``mean ± std``, in its display format ``fmt`` (e.g. ``{:.3f}``):
     "—" when the mean is missing (None or NaN), the mean alone when the std is."""
-    if _missing(mean):
+    if missing(mean):
         return "—"
     text = fmt.format(mean)
-    if not _missing(std):
+    if not missing(std):
         text += " ± " + fmt.format(std)
     return text
 
 
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+def missing(value: Any) -> bool:
+    """None, NaN or pandas' NA: no value."""
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 SPEED_MARK = "§"  # beside timing columns measured in more than one run or host

@@ -21,14 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mae_bench.contract import Mask, MaskedAutoencoder, MaskingStrategy
-from mae_bench.errors import MaeBenchWarning, UserError
+from mae_bench.errors import MaeBenchWarning, UserError, exception_line
 from mae_bench.resume import STOPS
 from mae_bench.suite import Suite, Variant
-from mae_bench.train import draw_mask, forward_loss
-
-MASKS_DRAWN = 2
-"""Images whose masks the estimate draws on the CPU; the micro-batch's are shapes alike."""
+from mae_bench.train import forward_loss, meta_masks
 
 
 @dataclass(frozen=True)
@@ -57,23 +53,6 @@ def micro_batch(suite: Suite, processes: int = 1) -> int:
     return max(1, cfg.batch_size // (processes * cfg.accum_iter))
 
 
-def _micro_batch_masks(
-    masking: MaskingStrategy, model: MaskedAutoencoder, images: int, progress: float
-) -> Mask:
-    """Masks for ``images`` images on the meta device: drawn and checked for at most
-    ``MASKS_DRAWN`` images on the CPU (as training draws them), the rest shapes alike."""
-    drawn = draw_mask(
-        masking, min(images, MASKS_DRAWN), model, progress, torch.Generator().manual_seed(0),
-        device=torch.device("cpu"),
-    )  # fmt: skip
-    return Mask(
-        *(
-            torch.empty((images, *t.shape[1:]), dtype=t.dtype, device="meta")
-            for t in (drawn.ids_keep, drawn.ids_restore, drawn.mask)
-        )
-    )
-
-
 def pretrain_step_bytes(variant: Variant, suite: Suite, processes: int = 1) -> int:
     """Bytes one process needs for a pretraining step of ``variant`` (weights x 4 for
     gradients and AdamW, its micro-batch, and the activations kept for backward), at the
@@ -87,7 +66,7 @@ def pretrain_step_bytes(variant: Variant, suite: Suite, processes: int = 1) -> i
     weights = sum(_bytes(p) for p in model.parameters() if p.requires_grad)
     peak = 0
     for progress in (0.0, 1.0):  # a curriculum's lowest ratio keeps the most tokens
-        mask = _micro_batch_masks(masking, model, len(x), progress)
+        mask = meta_masks(masking, model, len(x), progress)
         saved = 0
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -99,12 +78,6 @@ def pretrain_step_bytes(variant: Variant, suite: Suite, processes: int = 1) -> i
             forward_loss(model, x, mask, losses)
         peak = max(peak, saved)
     return 4 * weights + 3 * _bytes(x) + peak
-
-
-def _reason(exc: BaseException) -> str:
-    """One line: the exception's type and the first line of its message."""
-    message = str(exc).strip()
-    return f"{type(exc).__name__}: {message.splitlines()[0]}" if message else type(exc).__name__
 
 
 def memory_budget(device: torch.device) -> tuple[int, str]:
@@ -136,7 +109,7 @@ def memory_check(suite: Suite, device: torch.device, processes: int = 1) -> Memo
         except STOPS:  # a real Ctrl-C or SIGTERM stops the suite
             raise
         except BaseException as exc:  # a plugin's failure (even SystemExit): its cells fail
-            unchecked[variant.name] = _reason(exc)
+            unchecked[variant.name] = exception_line(exc)
             notes.append(
                 f"{where}: its pretraining step's memory could not be estimated "
                 f"({unchecked[variant.name]}); it is not refused: its cells run, and fail "

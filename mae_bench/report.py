@@ -31,6 +31,7 @@ from mae_bench.leaderboard import (
     higher_is_better,
     metric_fmt,
     metric_info,
+    missing,
     plural,
     read_table,
     threshold_display,
@@ -134,11 +135,6 @@ SANITY_ORDER = ("n_train", "n_val", "n_test", "num_classes", "chance", "resoluti
 """Sanity facts shown first, in this order (then any other an evaluator stores)."""
 
 
-def _missing(value: Any) -> bool:
-    """None, NaN or pandas' NA: no value."""
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
-
-
 def _row_marks(marks: list[Mark], index: int) -> list[Mark]:
     return [m for m in marks if m.rows[index]]
 
@@ -210,7 +206,7 @@ def summary_paragraph(
     short = []  # fewer seeds than planned, or than the variant has, behind its figures
     for index, name in enumerate(board["variant"].astype(str)):
         cells = board["seeds"].iloc[index] if "seeds" in board else None
-        if planned_seeds and not _missing(cells) and int(cells) < planned_seeds:
+        if planned_seeds and not missing(cells) and int(cells) < planned_seeds:
             short.append(f"{escape(name)} has {int(cells)} of the {planned_seeds} planned seeds")
         if _partial(board, primary).iloc[index]:
             have = int(board[f"{primary}_seeds"].iloc[index])
@@ -284,7 +280,7 @@ def _leaderboard_html(board: pd.DataFrame, primary: str, info: Info) -> str:
     for index, (_, row) in enumerate(board.iterrows()):
         cells = ""
         for c in ids:
-            value = "" if _missing(row[c]) else str(row[c])
+            value = "" if missing(row[c]) else str(row[c])
             if c == "variant":
                 shown = _named(board, marks, index, html=True)
                 if overlaps[index]:
@@ -324,7 +320,7 @@ def _overlap_rows(board: pd.DataFrame) -> list[bool]:
     if "overlaps_leader" not in board or "rank" not in board:
         return [False] * len(board)
     return [
-        overlap is True and not _missing(rank) and rank > 1
+        overlap is True and not missing(rank) and rank > 1
         for overlap, rank in zip(board["overlaps_leader"], board["rank"], strict=True)
     ]
 
@@ -371,11 +367,11 @@ def _comparison_cells(row: pd.Series, extra: list[str], info: Info, primary: str
     for c in extra:
         value = row[c]
         shown = value if isinstance(value, str) else format_metric(fmt, value)
-        if c == "delta" and not _missing(value):
+        if c == "delta" and not missing(value):
             signed = fmt.replace("{:", "{:+")
             shown = signed.format(value)
             low, high = row.get("delta_ci95_low"), row.get("delta_ci95_high")
-            if not _missing(low) and not _missing(high):
+            if not missing(low) and not missing(high):
                 shown += f" [{signed.format(low)}, {signed.format(high)}]"
         cls = f' class="verdict-{escape(str(value))}"' if c == "verdict" else ""
         v = "" if not isinstance(value, str) and pd.isna(value) else escape(str(value))
@@ -448,12 +444,12 @@ def sanity_section(found: dict[str, EvaluatorSanity]) -> str:
     for name, sanity in found.items():
         line = _facts_line(sanity.facts) if sanity.facts else ""
         if sanity.without:
-            missing = "no sanity facts stored" + (
+            absent = "no sanity facts stored" + (
                 ""
                 if len(sanity.without) == sanity.cells
                 else f" for {escape(_cells_text(sanity.without, sanity.cells))}"
             )
-            line = f"{line} ({missing})" if line else missing
+            line = f"{line} ({absent})" if line else absent
         rows.append(
             f'<tr data-evaluator="{escape(name)}"><td class="id"><b>{escape(name)}</b></td>'
             f"<td>{line}</td></tr>"

@@ -15,6 +15,7 @@ With few seeds the Wilcoxon test cannot reach 0.05 at all (3 seeds: p >= 0.25);
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,17 +44,25 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
+def t_halfwidth(std: Any, n: Any, confidence: float = 1 - ALPHA) -> Any:
+    """Half-width of the Student-t interval of a mean of ``n`` values of sample standard
+    deviation ``std`` (numbers, arrays or pandas Series alike; NaN for fewer than 2)."""
+    from scipy.stats import t  # slow to import: only where it computes
+
+    n = np.asarray(n, dtype=float)
+    dof = np.where(n > 1, n - 1, np.nan)
+    quantile = t.ppf(0.5 + confidence / 2, dof)
+    return (quantile if quantile.ndim else float(quantile)) * std / np.sqrt(n)
+
+
 def mean_interval(values: np.ndarray, confidence: float = 1 - ALPHA) -> tuple[float, float]:
     """Student-t interval of the mean of ``values`` (NaN bounds with fewer than 2 values; the
     mean itself when they are all equal)."""
-    from scipy.stats import t  # slow to import: only where it computes
-
     values = np.asarray(values, dtype=float)
-    n = len(values)
-    if n < 2:
+    if len(values) < 2:
         return float("nan"), float("nan")
     mean = float(np.mean(values))
-    half = float(t.ppf(0.5 + confidence / 2, n - 1) * np.std(values, ddof=1) / np.sqrt(n))
+    half = float(t_halfwidth(float(np.std(values, ddof=1)), len(values), confidence))
     return mean - half, mean + half
 
 

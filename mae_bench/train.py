@@ -157,6 +157,28 @@ def train_step(
     return loss_sum / len(parts), {k: v / len(parts) for k, v in term_sums.items()}
 
 
+MASKS_DRAWN = 2
+"""Images whose masks :func:`meta_masks` really draws; the others only take their shape."""
+
+
+def meta_masks(
+    masking: MaskingStrategy, model: MaskedAutoencoder, images: int, progress: float
+) -> Mask:
+    """Masks for ``images`` images on the meta device (to plan memory or count FLOPs): drawn
+    and checked for at most ``MASKS_DRAWN`` images on the CPU (as training draws them), the
+    rest shapes alike; nothing allocated grows with ``images``."""
+    drawn = draw_mask(
+        masking, min(images, MASKS_DRAWN), model, progress, torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    return Mask(
+        *(
+            torch.empty((images, *t.shape[1:]), dtype=t.dtype, device="meta")
+            for t in (drawn.ids_keep, drawn.ids_restore, drawn.mask)
+        )
+    )
+
+
 def draw_mask(
     masking: MaskingStrategy,
     batch_size: int,

@@ -81,6 +81,29 @@ def seed_runs(values: dict[str, list[float]]) -> pd.DataFrame:
     )
 
 
+def fake_local_workers(monkeypatch) -> list[tuple[list[str], dict[str, str]]]:
+    """The local launcher's worker processes, recorded (command, environment) instead of
+    started; a launch then finds no results folder to read (``finished`` is 0)."""
+    from mae_bench_plugins import launchers
+
+    from mae_bench import LaunchRequest
+
+    started: list[tuple[list[str], dict[str, str]]] = []
+
+    class FakeProcess:
+        returncode = 0
+
+        def __init__(self, command, env, **kwargs):
+            started.append((command, env))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(launchers.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(LaunchRequest, "finished", lambda self: 0)
+    return started
+
+
 def registry_with(package: object, name: str):
     """The installed plugins plus ``package`` (a namespace of hook implementations),
     registered as the distribution ``mae-bench-<name>``, as a pip-installed plugin would be."""

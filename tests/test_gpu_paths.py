@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
-from mae_bench_plugins import launchers
 from mae_bench_plugins.launchers import LocalLauncher, LocalParams, device_slices
 from rich.console import Console
 
@@ -23,7 +22,7 @@ from mae_bench.distributed import Dist, cell_device
 from mae_bench.layers import random_mask
 from mae_bench.runner import local_device, resolve_launcher, run_suite
 from mae_bench.suite import load_suite
-from tests.conftest import invoke, write_suite
+from tests.conftest import fake_local_workers, invoke, write_suite
 
 
 class _ReachedWork(Exception):
@@ -115,19 +114,7 @@ def test_run_suite_takes_a_rank_device_resolved_once(tmp_path, monkeypatch, regi
 
 def _fake_workers(monkeypatch) -> list[tuple[list[str], dict[str, str]]]:
     """The local launcher's worker processes, recorded instead of started."""
-    started: list[tuple[list[str], dict[str, str]]] = []
-
-    class FakeProcess:
-        returncode = 0
-
-        def __init__(self, command, env, **kwargs):
-            started.append((command, env))
-
-        def poll(self):
-            return 0
-
-    monkeypatch.setattr(launchers.subprocess, "Popen", FakeProcess)
-    monkeypatch.setattr(LaunchRequest, "finished", lambda self: 0)
+    started = fake_local_workers(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)

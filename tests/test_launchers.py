@@ -11,7 +11,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from mae_bench_plugins import launchers
 from mae_bench_plugins.launchers import CellTask, LocalLauncher, LocalParams, device_slices
 from rich.console import Console
 
@@ -19,7 +18,14 @@ from mae_bench import Launcher, LaunchRequest, Params, UserError, hookimpl
 from mae_bench.plan import suite_cells
 from mae_bench.runner import resolve_launcher, run_suite
 from mae_bench.suite import load_suite
-from tests.conftest import ROOT, invoke, registry_with, results_of, wait_for_epoch
+from tests.conftest import (
+    ROOT,
+    fake_local_workers,
+    invoke,
+    registry_with,
+    results_of,
+    wait_for_epoch,
+)
 
 
 def test_launcher_options_are_validated(tmp_path, tiny_suite_file):
@@ -120,19 +126,7 @@ def test_submitit_preempted_task_is_requeued_and_resumes_exactly(tmp_path, regis
 
 
 def test_local_launcher_gives_workers_gpu_slices_and_torchrun(tmp_path, monkeypatch):
-    started = []
-
-    class FakeProcess:
-        returncode = 0
-
-        def __init__(self, command, env, **kwargs):
-            started.append((command, env))
-
-        def poll(self):
-            return 0
-
-    monkeypatch.setattr(launchers.subprocess, "Popen", FakeProcess)
-    monkeypatch.setattr(LaunchRequest, "finished", lambda self: 0)  # no results folder here
+    started = fake_local_workers(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     request = LaunchRequest(tmp_path, ("a-seed0-1", "b-seed0-2"), "auto")
