@@ -143,7 +143,7 @@ def run(
 
     Under torchrun every process runs this same command: the cells train data-parallel."""
     from mae_bench.distributed import env_world
-    from mae_bench.memory import memory_check
+    from mae_bench.memory import check_memory
     from mae_bench.plugins import load_registry
     from mae_bench.runner import local_device, run_suite
     from mae_bench.suite import load_suite
@@ -157,12 +157,7 @@ def run(
             _print_warning(warning)
     # before anything is loaded or written; a variant whose plugins fail here runs (and
     # its cells fail with the reason)
-    check = memory_check(suite, local_device(device), world.world_size)
-    if world.is_main:
-        for note in check.notes:
-            _print_warning(note)
-    if check.problem:
-        raise UserError(check.problem)
+    check_memory(suite, local_device(device), world.world_size, warn=world.is_main)
     with _stopping(Path(out_dir) / suite.name):
         summary = run_suite(suite, Path(out_dir), device, replace=replace, launcher=chosen)
     if not world.is_main:

@@ -136,11 +136,15 @@ def memory_problem(suite: Suite, device: torch.device, processes: int = 1) -> st
     return check.problem
 
 
-def check_memory(suite: Suite, device: torch.device, processes: int = 1) -> MemoryCheck:
+def check_memory(
+    suite: Suite, device: torch.device, processes: int = 1, *, warn: bool = True
+) -> MemoryCheck:
     """Refuse, with the figures, a suite whose pretraining step cannot fit on ``device``;
-    warn about each variant that could not be estimated. Returns what was found."""
+    warn (``warn``: e.g. on the main rank only) about each variant that could not be
+    estimated. Returns what was found."""
     check = memory_check(suite, device, processes)
-    check.warn()
+    if warn:
+        check.warn()
     if check.problem:
         raise UserError(check.problem)
     return check
