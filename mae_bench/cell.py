@@ -214,6 +214,7 @@ def pretrain_cell(
             else describe(model, masking, losses)
         ),
         "baseline": baseline,
+        **({"sweep": cell.variant.sweep_record} if cell.variant.family else {}),
         "metrics": metrics,
         "data": {
             "mean": feeder.mean,

@@ -65,6 +65,16 @@ set_option = click.option(
     help="Override a suite field, e.g. --set pretrain.epochs=1 (repeatable).",
 )
 
+sweep_option = click.option(
+    "--sweep",
+    "-m",
+    "sweeps",
+    multiple=True,
+    metavar="PATH=A,B,C",
+    help="Sweep a field of every variant, e.g. --sweep masking.ratio=0.5,0.75,0.9, or of one: "
+    "--sweep variants.vit-mae.encoder.decoder_depth=1,2,4 (repeatable: a product).",
+)
+
 
 @click.group()
 @click.version_option(__version__, prog_name="mae-bench")
@@ -126,6 +136,7 @@ def cli() -> None:
     help="A YAML file of launcher options (e.g. examples/slurm.yaml); --launcher-opt wins.",
 )
 @set_option
+@sweep_option
 @_user_errors
 def run(
     suite_file: str,
@@ -138,6 +149,7 @@ def run(
     launcher_opts: tuple[str, ...],
     launcher_config: str | None,
     overrides: tuple[str, ...],
+    sweeps: tuple[str, ...],
 ) -> None:
     """Run a suite: pretrain and evaluate every (variant, seed) cell not yet finished.
 
@@ -149,7 +161,7 @@ def run(
     from mae_bench.suite import load_suite
 
     registry = load_registry()
-    suite = load_suite(suite_file, registry, overrides, loggers)
+    suite = load_suite(suite_file, registry, overrides, loggers, sweeps)
     chosen = _build_launcher(registry, launcher, workers, launcher_opts, launcher_config)
     world = env_world()
     if world.is_main:
@@ -283,8 +295,11 @@ def status(results_dir: str, as_json: bool) -> None:
 @click.argument("suite_file", metavar="SUITE")
 @click.option("--show", is_flag=True, help="Print the resolved suite with every default.")
 @set_option
+@sweep_option
 @_user_errors
-def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
+def validate(
+    suite_file: str, show: bool, overrides: tuple[str, ...], sweeps: tuple[str, ...]
+) -> None:
     """Check a suite file against the schema and the plugins, without running it."""
     from mae_bench.device import resolve_device
     from mae_bench.leaderboard import plural
@@ -294,7 +309,7 @@ def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
     from mae_bench.suite import load_suite
 
     registry = load_registry()
-    suite = load_suite(suite_file, registry, overrides)
+    suite = load_suite(suite_file, registry, overrides, sweeps=sweeps)
     for warning in (*registry.problems(), *suite.warnings):
         _print_warning(warning)
     check = memory_check(suite, resolve_device("auto"))
@@ -305,9 +320,15 @@ def validate(suite_file: str, show: bool, overrides: tuple[str, ...]) -> None:
     cells = suite_cells(suite)
     baselines = len(baseline_variants(suite))
     extra = f" + {plural(baselines, 'baseline')}" if baselines else ""
+    adaptive = suite.adaptive
+    seeds = (
+        f"{adaptive.min}-{adaptive.max} seeds (until conclusive) = {plural(len(cells), 'cell')}"
+        " to begin with"
+        if adaptive
+        else f"{plural(len(suite.initial_seeds), 'seed')} = {plural(len(cells), 'cell')}"
+    )
     click.echo(
-        f"ok: suite {suite.name!r}: ({plural(len(suite.variants), 'variant')}{extra}) x "
-        f"{plural(len(suite.config.seeds), 'seed')} = {plural(len(cells), 'cell')}"
+        f"ok: suite {suite.name!r}: ({plural(len(suite.variants), 'variant')}{extra}) x {seeds}"
     )
     if show:
         click.echo(yaml.safe_dump(suite.resolved, sort_keys=False))
@@ -383,13 +404,15 @@ def leaderboard(results_dir: str) -> None:
     from mae_bench.leaderboard import rebuild_leaderboard
     from mae_bench.metrics import DEFAULT_PRIMARY_METRIC
     from mae_bench.results import read_suite_record, recorded_cells
+    from mae_bench.suite import adaptive_rule
 
     root = Path(results_dir)
     record = read_suite_record(root)
     ids = recorded_cells(record)
     primary = record["resolved"].get("primary_metric", DEFAULT_PRIMARY_METRIC)
     reference = record["resolved"].get("reference")
-    _, markdown, done = rebuild_leaderboard(root, ids, record["name"], primary, reference)
+    rule = adaptive_rule(record["resolved"])
+    _, markdown, done = rebuild_leaderboard(root, ids, record["name"], primary, reference, rule)
     click.echo(markdown)
     click.echo(f"{done} of {len(ids)} cells finished; written under {root}", err=True)
 

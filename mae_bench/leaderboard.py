@@ -6,12 +6,14 @@ import contextlib
 import csv
 import io
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from filelock import FileLock
 
@@ -34,9 +36,16 @@ from mae_bench.results import (
     CellStore,
     evaluations,
 )
-from mae_bench.stats import compare, seeds_needed, t_halfwidth
+from mae_bench.stats import (
+    SequentialRule,
+    compare,
+    seeds_needed,
+    sequential_compare,
+    t_halfwidth,
+)
 
 ID_COLUMNS = ["variant", "encoder", "masking", "loss"]
+SWEEP_FAMILY = "sweep_family"  # a sweep point's column: the swept variant's name in the suite
 Info = dict[str, dict[str, Any]]  # metric -> Metric.as_dict(), as stored with each result
 DEFAULT_FMT = "{:.4g}"  # the display format of a metric whose evaluator declares none
 
@@ -160,6 +169,30 @@ def summary_columns(records: list[dict[str, Any]]) -> dict[str, str]:
     return {key: min(pairs)[1] for key, pairs in ranked.items()}
 
 
+def sweep_paths(records: Iterable[dict[str, Any]]) -> list[str]:
+    """Every path a sweep point among ``records`` sweeps, in the order first met."""
+    paths: dict[str, None] = {}
+    for r in records:
+        paths.update(dict.fromkeys((r.get("sweep") or {}).get("values", {})))
+    return list(paths)
+
+
+def sweep_columns(frame: pd.DataFrame) -> list[str]:
+    """The swept-path columns of a runs or leaderboard table (``frame.attrs["sweep_paths"]``;
+    for a table read back from CSV, its columns with a ``.``: no metric has one)."""
+    paths = frame.attrs.get("sweep_paths")
+    if paths is None:
+        paths = [c for c in frame.columns if "." in str(c)]
+    return [c for c in paths if c in frame.columns]
+
+
+def _sweep_cells(record: dict[str, Any], paths: list[str]) -> dict[str, Any]:
+    """A cell's ``sweep_family`` and the value of each swept path (None where it has none)."""
+    sweep = record.get("sweep") or {}
+    values = sweep.get("values", {})
+    return {SWEEP_FAMILY: sweep.get("family"), **{p: values.get(p) for p in paths}}
+
+
 def _run_of(record: dict[str, Any]) -> str:
     """The run that timed a cell (``provenance.run_id``); a cell stored without one counts
     as a run of its own (its timings are not known to be comparable with any other's)."""
@@ -170,12 +203,14 @@ def runs_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """One row per finished cell (two for a baseline cell): components, metrics, the run
     that timed it, config hash."""
     records = list(records)
+    paths = sweep_paths(records)
     rows = []
     for r in records:
         row = {
             "variant": r["variant"],
             "seed": r["seed"],
             **r["components"],
+            **(_sweep_cells(r, paths) if paths else {}),
             "pretrain_sees_test": bool(r.get("data", {}).get("pretrain_sees_test", False)),
             **{k: (float("nan") if v is None else v) for k, v in r["metrics"].items()},
             "run_id": _run_of(r),
@@ -186,18 +221,21 @@ def runs_table(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     runs = pd.DataFrame(rows)
     if runs.empty:
         return runs
+    swept = [SWEEP_FAMILY, *paths] if paths else []
+    for column in swept:  # as written: an int stays an int beside a variant without it
+        runs[column] = pd.Series([row.get(column) for row in rows], dtype=object)
+    runs.attrs["sweep_paths"] = paths
     for key, source in summary_columns(records).items():
         runs[key] = runs[source] if source in runs else float("nan")
-    head = ["variant", "seed", *ID_COLUMNS[1:], "pretrain_sees_test"]
+    head = ["variant", "seed", *ID_COLUMNS[1:], *swept, "pretrain_sees_test"]
     tail = ["run_id", "config_hash", "cell_id"]
     return runs[[*head, *_metric_columns(runs, metric_info(records)), *tail]]
 
 
 def _metric_columns(runs: pd.DataFrame, info: Info | None = None) -> list[str]:
+    not_metrics = {"seed", "pretrain_sees_test", SWEEP_FAMILY, *sweep_columns(runs)}
     numeric = [
-        c
-        for c in runs.columns
-        if c not in ("seed", "pretrain_sees_test") and pd.api.types.is_numeric_dtype(runs[c])
+        c for c in runs.columns if c not in not_metrics and pd.api.types.is_numeric_dtype(runs[c])
     ]
     known = [m for m in (info or {}) if m in numeric]
     return known + [m for m in numeric if m not in known]
@@ -226,6 +264,7 @@ def leaderboard_table(
     primary: str = DEFAULT_PRIMARY_METRIC,
     info: Info | None = None,
     reference: str | None = None,
+    rule: SequentialRule | None = None,
 ) -> pd.DataFrame:
     """Per variant: mean, std (ddof=1), 95% CI and number of seeds with a value
     (``<metric>_seeds``: a NaN seed is not a seed of that metric) of every metric, ranked by
@@ -237,13 +276,17 @@ def leaderboard_table(
     leader's, NaN with a single seed. With a ``reference`` variant and a compared
     ``primary``, the paired comparison of each variant with it on the primary metric
     (:mod:`mae_bench.stats`): ``pairs``, ``delta``, ``delta_ci95_low``/``high``,
-    ``prob_improve``, ``p_value`` (Holm-corrected) and ``verdict``.
+    ``prob_improve``, ``p_value`` (Holm-corrected) and ``verdict``. With adaptive seeds'
+    ``rule``, the verdict is that rule's (:class:`~mae_bench.stats.SequentialRule`) and
+    ``stopped`` says why each variant has the seeds it has.
     """
     if runs.empty:
         return pd.DataFrame(columns=[*ID_COLUMNS, "seeds"])
     metrics = _metric_columns(runs, info)
+    swept = sweep_columns(runs)
     grouped = runs.groupby("variant", sort=False)
-    board = grouped[[c for c in (*ID_COLUMNS[1:], "pretrain_sees_test") if c in runs]].first()
+    ids = (*ID_COLUMNS[1:], *([SWEEP_FAMILY, *swept] if swept else []), "pretrain_sees_test")
+    board = grouped[[c for c in ids if c in runs]].first()
     board["seeds"] = grouped["seed"].count()
     means = grouped[metrics].mean()
     stds = grouped[metrics].std(ddof=1)  # spreads after the means: the CSV reads left to right
@@ -267,21 +310,38 @@ def leaderboard_table(
         board["overlaps_leader"] = overlaps
         compared = (info or {}).get(primary, {}).get("compare", True)
         if reference is not None and compared:
-            board = _with_comparison(board, runs, primary, reference, info)
-    return board.reset_index(drop=True)
+            board = _with_comparison(board, runs, primary, reference, info, rule)
+    board = board.reset_index(drop=True)
+    board.attrs["sweep_paths"] = swept
+    return board
 
 
 def _with_comparison(
-    board: pd.DataFrame, runs: pd.DataFrame, primary: str, reference: str, info: Info | None
+    board: pd.DataFrame,
+    runs: pd.DataFrame,
+    primary: str,
+    reference: str,
+    info: Info | None,
+    rule: SequentialRule | None = None,
 ) -> pd.DataFrame:
     direction = {primary: higher_is_better(primary, info)}
     found = compare(runs, [primary], reference, direction).set_index("variant")
     columns = [
         "pairs", "delta", "delta_ci95_low", "delta_ci95_high", "prob_improve", "p_holm", "verdict"
     ]  # fmt: skip
+    if rule is not None:
+        looks = sequential_compare(runs, primary, reference, direction[primary], rule)
+        looks = looks.set_index("variant")
+        found["verdict"] = looks["verdict"].reindex(found.index)
+        found["stopped"] = looks["reason"].reindex(found.index)
+        columns.append("stopped")
     joined = board.join(found[columns].rename(columns={"p_holm": "p_value"}), on="variant")
     joined.loc[joined["variant"] == reference, "verdict"] = "reference"
     joined["verdict"] = joined["verdict"].fillna("not compared")
+    if rule is not None:
+        joined.loc[joined["variant"] == reference, "stopped"] = (
+            "the reference: as many seeds as the longest variant"
+        )
     return joined
 
 
@@ -361,7 +421,10 @@ def leaderboard_markdown(
     hosts."""
     info = info or {}
     shown = [m for m, d in info.items() if d.get("headline") and m in board.columns]
-    table = board[[c for c in ("rank", *ID_COLUMNS, "seeds") if c in board.columns]].copy()
+    swept = sweep_columns(board)
+    table = board[[c for c in ("rank", *ID_COLUMNS, *swept, "seeds") if c in board.columns]].copy()
+    for column in swept:
+        table[column] = sweep_texts(table[column])
     if "rank" in board:
         table["rank"] = ["" if pd.isna(rank) else str(rank) for rank in board["rank"]]
     if "overlaps_leader" in board:
@@ -407,6 +470,8 @@ def leaderboard_markdown(
         table["vs reference"] = [
             _delta_cell(row, fmt.replace("{:", "{:+")) for _, row in board.iterrows()
         ]
+    if "stopped" in board:
+        table["stopped"] = ["" if missing(v) else str(v) for v in board["stopped"]]
     body = table.to_markdown(index=False, disable_numparse=True)
     heading = f"## {title}\n\n" if title else ""
     note = (
@@ -430,6 +495,33 @@ def leaderboard_markdown(
     return f"{heading}{body}\n{note}"
 
 
+def numeric_values(values: pd.Series) -> bool:
+    """Whether every value of a swept path is a number (a bool or a string is not)."""
+    present = values.dropna()
+    return len(present) > 0 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool | np.bool_) for v in present
+    )
+
+
+def sweep_texts(values: pd.Series) -> pd.Series:
+    """A swept path's values as written (``0.5``, not ``0.500000``; a string as it is; ""
+    where missing); a column of whole numbers stored as floats (a CSV's integers beside
+    NaN) as integers."""
+    present = values.dropna()
+    whole = numeric_values(values) and all(float(v).is_integer() for v in present)
+
+    def text(value: Any) -> str:
+        if missing(value):
+            return ""
+        if whole:
+            return str(int(value))
+        if isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_):
+            return str(value.item() if isinstance(value, np.generic) else value)
+        return str(value)
+
+    return values.map(text)
+
+
 def _timing_runs(board: pd.DataFrame) -> set[str]:
     """Every run that measured a timing on the board (from its ``timed_in`` column)."""
     if "timed_in" not in board:
@@ -449,8 +541,18 @@ def _comparison_note(board: pd.DataFrame) -> str:
     """How the verdicts were reached, and whether the paired seeds could reach one at all."""
     reference = board.loc[board["verdict"] == "reference", "variant"]
     compared = board[~board["verdict"].isin(["reference", "not compared"])]
+    named = f"`{reference.iloc[0] if len(reference) else '?'}`"
+    if "stopped" in board:  # adaptive seeds: the sequential rule's verdicts
+        return (
+            f"vs reference: mean paired difference to {named} over seeds [95% Student-t "
+            "interval]. Seeds until the answer is clear: each variant ran seeds until its "
+            "paired t-test against the reference crossed a group-sequential (O'Brien-Fleming) "
+            "threshold (`better`/`worse`) or it reached the maximum (`inconclusive`); with a "
+            "look after every seed, each variant's chance of a false `better`/`worse` stays at "
+            "or below 5%. `stopped` says why each has the seeds it has.\n"
+        )
     text = (
-        f"vs reference: mean paired difference to `{reference.iloc[0] if len(reference) else '?'}`"
+        f"vs reference: mean paired difference to {named}"
         " over seeds [95% Student-t interval]; `better`/`worse` only when the interval excludes "
         "0 and the Wilcoxon signed-rank p, Holm-corrected over the variants, is below 0.05.\n"
     )
@@ -514,6 +616,7 @@ def write_leaderboard(
     title: str,
     primary: str = DEFAULT_PRIMARY_METRIC,
     reference: str | None = None,
+    rule: SequentialRule | None = None,
 ) -> tuple[pd.DataFrame, str]:
     """Write runs.csv, leaderboard.csv/.md, comparisons.csv (every variant against the
     ``reference``, default :func:`default_reference`, on every metric) and thresholds/ under
@@ -521,11 +624,17 @@ def write_leaderboard(
     runs = runs_table(records)
     info = metric_info(records)
     reference = reference or default_reference(records)
-    board = leaderboard_table(runs, primary, info, reference)
+    board = leaderboard_table(runs, primary, info, reference, rule)
     if reference is not None and not runs.empty:
         metrics = [m for m in compared_metrics(info) if m in runs]
         directions = {m: higher_is_better(m, info) for m in metrics}
         comparisons = compare(runs, metrics, reference, directions)
+        if rule is not None and "verdict" in board:  # the primary's verdict is the rule's
+            verdicts = board.set_index("variant")["verdict"]
+            on_primary = comparisons["metric"] == primary
+            comparisons.loc[on_primary, "verdict"] = comparisons.loc[on_primary, "variant"].map(
+                verdicts
+            )
         atomic_write(root / COMPARISONS_FILE, comparisons.to_csv(index=False))
     tables = {}
     store = CellStore(root)
@@ -564,13 +673,14 @@ def rebuild_leaderboard(
     title: str,
     primary: str,
     reference: str | None,
+    rule: SequentialRule | None = None,
 ) -> tuple[pd.DataFrame, str, int]:
     """Write the leaderboard from every finished one of ``cells`` (``(cell_id, eval_ids)``)
     under a lock: of processes sharing the folder, the one that ends last writes one that
     holds every cell. Returns the table, its Markdown and the number of finished cells."""
     with leaderboard_lock(root):
         records = list(CellStore(root).finished(cells, repair=False).values())
-        table, markdown = write_leaderboard(root, records, title, primary, reference)
+        table, markdown = write_leaderboard(root, records, title, primary, reference, rule)
     return table, markdown, len(records)
 
 

@@ -17,7 +17,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from mae_bench.distributed import env_world
+from mae_bench.leaderboard import (
+    default_reference,
+    higher_is_better,
+    metric_info,
+    runs_table,
+    scratch_name,
+)
 from mae_bench.results import CellStore
+from mae_bench.stats import sequential_compare
 from mae_bench.suite import Resolved, Suite, Variant
 
 RESULT_FORMAT = 4  # 2: fixed metrics; 3: evaluator plugins; 4: the official mask count, macro
@@ -96,13 +104,20 @@ def baseline_variants(suite: Suite) -> list[Variant]:
     for v in suite.variants:
         by_encoder.setdefault(json.dumps(v.encoder.config, sort_keys=True), v)
     single = len(by_encoder) == 1
+    families = [v.family for v in by_encoder.values()]
+
+    def label(v: Variant) -> str:  # a sweep whose points share one encoder: by its name
+        return v.family if v.family and families.count(v.family) == 1 else v.name
+
     return [
         replace(
             v,
-            name="random-init" if single else f"random-init-{v.name}",
+            name="random-init" if single else f"random-init-{label(v)}",
             baseline=True,
             init_from=None,
             init_digest=None,
+            family=None,
+            sweep=(),
         )
         for v in by_encoder.values()
     ]
@@ -125,17 +140,20 @@ def pretrain_key(suite: Suite, variant: Variant, world_size: int) -> dict[str, A
     return settings
 
 
-def suite_cells(suite: Suite, world_size: int | None = None) -> list[Cell]:
+def suite_cells(
+    suite: Suite, world_size: int | None = None, seeds: dict[str, list[int]] | None = None
+) -> list[Cell]:
     """Every (variant, seed) cell of ``suite``, variant by variant, baselines last.
 
     ``world_size``: the data-parallel processes each cell runs on (default: this process's
     world, from torchrun's ``WORLD_SIZE``); it enters only the keys of variants with a loss
-    that is a statistic of the batch."""
+    that is a statistic of the batch. ``seeds``: a variant's seeds where they differ from
+    the suite's (:attr:`Suite.initial_seeds`): those adaptive seeds have added."""
     world_size = env_world().world_size if world_size is None else world_size
     cells = []
     thresholds = suite.config.eval.thresholds.model_dump(mode="json")
     for variant in [*suite.variants, *baseline_variants(suite)]:
-        for seed in suite.config.seeds:
+        for seed in (seeds or {}).get(variant.name, suite.initial_seeds):
             config = {
                 "format": RESULT_FORMAT,
                 "dataset": suite.dataset_config,
@@ -190,3 +208,54 @@ def remaining(store: CellStore, cells: list[Cell]) -> dict[str, CellPlan | None]
         missing = [e for e in cell.evaluations if not store.is_done(cell.cell_id, e.eval_id)]
         plan[cell.cell_id] = (store.read(cell.cell_id), missing)  # damage was set aside above
     return plan
+
+
+def recorded_seeds(record: dict[str, Any]) -> dict[str, list[int]]:
+    """Each variant's seeds as a results folder's ``suite.json`` lists its cells (what
+    adaptive seeds had added when it was written)."""
+    seeds: dict[str, list[int]] = {}
+    for cell in record.get("cells", []):
+        seeds.setdefault(cell["variant"], []).append(cell["seed"])
+    return seeds
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """Adaptive seeds after a look: the seeds each variant runs, and per leaderboard row why
+    it stopped (or that it goes on)."""
+
+    seeds: dict[str, list[int]]
+    reasons: dict[str, str]
+
+
+def grow_seeds(suite: Suite, cells: list[Cell], records: list[dict[str, Any]]) -> SeedPlan:
+    """The next look of adaptive seeds (``seeds: {min, max, until: conclusive}``): each
+    variant of ``cells`` whose comparison with the reference on the primary metric (over the
+    finished ``records`` of ``cells``) is still inconclusive gets its next seed, up to
+    ``max``; the reference runs as many seeds as the longest. A suite with a seed list, or
+    without a reference in ``records``, keeps its cells' seeds."""
+    seeds: dict[str, list[int]] = {}
+    for cell in cells:
+        seeds.setdefault(cell.variant.name, []).append(cell.seed)
+    adaptive = suite.adaptive
+    reference = suite.reference or default_reference(records)
+    runs = runs_table(records)
+    primary = suite.config.primary_metric
+    if adaptive is None or reference is None or runs.empty or primary not in runs:
+        return SeedPlan(seeds, {})
+    rows_of = {v: v for v in seeds}  # a leaderboard row -> the cells' variant
+    rows_of.update({scratch_name(r["variant"]): r["variant"] for r in records if r.get("baseline")})
+    better = higher_is_better(primary, metric_info(records))
+    looks = sequential_compare(runs, primary, reference, better, adaptive.rule)
+    grown = dict(seeds)
+    reasons = {}
+    for row in looks.itertuples():
+        variant = rows_of.get(row.variant, row.variant)
+        reasons[row.variant] = row.reason
+        have = len(seeds.get(variant, []))
+        if row.more and have < adaptive.max:
+            grown[variant] = adaptive.seeds(max(have + 1, len(grown.get(variant, []))))
+    longest = max(len(v) for v in grown.values())
+    grown[reference] = adaptive.seeds(max(longest, len(grown.get(reference, []))))
+    reasons[reference] = f"reference: runs as many seeds as the longest variant ({longest})"
+    return SeedPlan(grown, reasons)

@@ -12,7 +12,9 @@ Also the small per-variant figure of ``report.html``.
 from __future__ import annotations
 
 import io
+import re
 import warnings
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,16 @@ from mae_bench.evaluate import (
 )
 from mae_bench.files import atomic_write
 from mae_bench.layers import patch_mask_to_pixels
-from mae_bench.leaderboard import metric_info, read_table, row_name
+from mae_bench.leaderboard import (
+    SWEEP_FAMILY,
+    metric_info,
+    missing,
+    numeric_values,
+    read_table,
+    row_name,
+    sweep_columns,
+    sweep_texts,
+)
 from mae_bench.metrics import CORE_METRICS
 from mae_bench.plan import baseline_variants
 from mae_bench.results import HISTORY_FILE, PLOTS_DIR, CellStore
@@ -158,7 +169,9 @@ def plot_leaderboard(
     bounds: tuple[float | None, float | None] = (None, None),
 ) -> Path:
     """Bar chart of ``metric`` per variant with its 95% confidence interval, drawn inside
-    the metric's declared range ``bounds`` (an accuracy's interval stops at 1)."""
+    the metric's declared range ``bounds`` (an accuracy's interval stops at 1). In rank
+    order, except that a suite's sweeps read in order of their values (:func:`sweep_order`)."""
+    board = sweep_order(board)
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(board)))
     mean = board[metric]
     half = board.get(f"{metric}_ci95", pd.Series(np.nan, index=board.index)).fillna(0)
@@ -221,6 +234,227 @@ def plot_compute(board: pd.DataFrame, info: dict[str, Any], primary: str, out: P
     fig.suptitle("Headline metrics against pretraining compute (mean, 95% CI)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out / "compute.png")
+
+
+# ---------------------------------------------------------------- parameter sweeps
+def _hashable(board: pd.DataFrame, paths: list[str]) -> pd.DataFrame:
+    """``board`` with any swept value that cannot be grouped (a list or a mapping) as its
+    text, so that it can be sorted and grouped like a category."""
+    unhashable = [p for p in paths if any(not isinstance(v, Hashable) for v in board[p])]
+    if not unhashable:
+        return board
+    board = board.copy()
+    for path in unhashable:
+        board[path] = board[path].map(lambda v: v if isinstance(v, Hashable) else str(v))
+    return board
+
+
+def _sweep_keys(board: pd.DataFrame, paths: list[str]) -> pd.DataFrame:
+    """Per board row, a sortable key of each swept path: its value for a numeric path, its
+    rank of first appearance on the board otherwise; missing values last."""
+    keys = {}
+    for path in paths:
+        values = board[path]
+        if numeric_values(values):
+            keys[path] = pd.to_numeric(values, errors="coerce").astype(float).fillna(np.inf)
+        else:
+            seen = {v: i for i, v in reversed(list(enumerate(values.dropna())))}
+            keys[path] = values.map(lambda v, seen=seen: np.inf if missing(v) else seen[v])
+    return pd.DataFrame(keys, index=board.index, dtype=float)
+
+
+def _by_keys(keys: pd.DataFrame) -> pd.Index:
+    """The rows of ``keys`` sorted by its columns in turn, ties in their present order."""
+    ordered = keys.set_axis([f"k{i}" for i in range(keys.shape[1])], axis=1)
+    ordered["row"] = range(len(ordered))
+    return ordered.sort_values(list(ordered.columns)).index
+
+
+def _families(board: pd.DataFrame, paths: list[str]) -> pd.Series:
+    """Per row its sweep family: ``sweep_family`` (NaN for a row that is no sweep point);
+    without that column, "" for every row with a swept value."""
+    if SWEEP_FAMILY in board:
+        return board[SWEEP_FAMILY].where(board[SWEEP_FAMILY].map(lambda v: not missing(v)))
+    swept = board[paths].notna().any(axis=1)
+    return pd.Series("", index=board.index, dtype=object).where(swept)
+
+
+def sweep_order(board: pd.DataFrame) -> pd.DataFrame:
+    """``board`` with each sweep family's points together, in the order of their swept
+    values (numeric paths by value, others by first appearance; the suite's paths in turn),
+    the families and the other variants in the order of their first row (rank). A board
+    without sweeps is returned as it is."""
+    paths = sweep_columns(board)
+    if not paths or board.empty:
+        return board
+    original, board = board, _hashable(board, paths)
+    family = _families(board, paths)
+    group = [
+        ("family", f) if not missing(f) else ("variant", v)
+        for f, v in zip(family, board["variant"], strict=True)
+    ]
+    first = {g: i for i, g in reversed(list(enumerate(group)))}
+    keys = _sweep_keys(board, paths)
+    keys.insert(0, "group", [float(first[g]) for g in group])
+    return original.loc[_by_keys(keys)].reset_index(drop=True)
+
+
+@dataclass
+class SweepLine:
+    """One line of a sweep figure: a family's points along a path (with the values of the
+    family's other swept paths it holds fixed in ``label``)."""
+
+    label: str
+    rows: pd.DataFrame
+
+
+def _determined(rows: pd.DataFrame, path: str, other: str) -> bool:
+    """Whether ``other`` takes one value per value of ``path`` in ``rows`` (they move
+    together, as a ``zip`` group does)."""
+    return bool(rows.groupby(path, sort=False)[other].nunique(dropna=False).le(1).all())
+
+
+def sweep_lines(board: pd.DataFrame, path: str) -> list[SweepLine]:
+    """The lines of ``path``'s sweep figure: one per family that sweeps it (in the order of
+    its first row), or, where a family sweeps a product of paths, one per value of its
+    other paths (``vit-mae (encoder.decoder_depth=2)``, in the order of those values); each
+    line's rows in the order of ``path``'s values."""
+    paths = sweep_columns(board)
+    board = _hashable(board, paths)
+    family = _families(board, paths)
+    keys = _sweep_keys(board, paths)
+    points = board[board[path].notna() & family.notna()]
+    lines = []
+    for name, rows in points.groupby(family[points.index], sort=False):
+        others = [
+            p
+            for p in paths
+            if p != path and rows[p].notna().any() and not _determined(rows, path, p)
+        ]
+        texts = {p: sweep_texts(board[p]) for p in others}
+        ordered = rows.loc[_by_keys(keys.loc[rows.index, [*others, path]])]
+        for _, group in ordered.groupby(others or (lambda _: 0), sort=False, dropna=False):
+            fixed = ", ".join(f"{p}={texts[p][group.index[0]]}" for p in others)
+            lines.append(SweepLine(f"{name} ({fixed})" if others else str(name), group))
+    return lines
+
+
+def sweep_panels(board: pd.DataFrame, info: dict[str, Any], primary: str) -> list[str]:
+    """The metrics a sweep figure draws: the primary, then each headline metric (info order)
+    but the runner's timings and sizes (noise of the machine, not of the setting; the
+    pretraining compute stays), those with a value on the board."""
+    candidates = [
+        primary,
+        *(
+            m
+            for m, d in info.items()
+            if d.get("headline") and (m not in CORE_METRICS or m == COMPUTE_METRIC)
+        ),
+    ]
+    return [m for m in dict.fromkeys(candidates) if m in board and board[m].notna().any()]
+
+
+def _interval(
+    mean: pd.Series, half: pd.Series, bounds: tuple[float | None, float | None]
+) -> tuple[pd.Series, pd.Series]:
+    """``mean`` ± ``half``, inside ``bounds`` (NaN where ``half`` is)."""
+    low, high = bounds
+    lower, upper = mean - half, mean + half
+    return (
+        lower.clip(lower=low) if low is not None else lower,
+        upper.clip(upper=high) if high is not None else upper,
+    )
+
+
+def _numeric_axis(ax: Any, values: list[float]) -> None:
+    """A swept numeric path's x axis: ticks at its values (when few), written as in the
+    suite; log scale where they span two decades or more."""
+    if values[0] > 0 and values[-1] / values[0] >= 100:
+        ax.set_xscale("log")
+    if len(values) <= 12:
+        ax.set_xticks(values, list(sweep_texts(pd.Series(values))))
+        ax.minorticks_off()
+
+
+def sweep_figure(
+    board: pd.DataFrame, info: dict[str, Any], primary: str, path: str
+) -> plt.Figure | None:
+    """The figure of one swept ``path``: a panel per headline metric (:func:`sweep_panels`),
+    x = the swept value, y = the mean over seeds, one line per :func:`sweep_lines` (legend
+    with more than one). A numeric path: by value, markers at the points, the 95% interval
+    over seeds as a band (none with one seed); otherwise categories in order of first
+    appearance, points with error bars. Intervals inside the metric's ``bounds``. None when
+    there is nothing to draw."""
+    board = _hashable(board, [path])
+    lines = sweep_lines(board, path)
+    metrics = [
+        m
+        for m in sweep_panels(board, info, primary)
+        if any(line.rows[m].notna().any() for line in lines)
+    ]
+    if not metrics:
+        return None
+    points = pd.concat([line.rows for line in lines])
+    numeric = numeric_values(points[path])
+    in_board_order = board.loc[board.index.isin(points.index), path]
+    categories = [] if numeric else list(dict.fromkeys(in_board_order))
+    colors = sns.color_palette(n_colors=len(lines))
+    fig, axes = _panels(len(metrics), (4.6, 3.6))
+    for ax, metric in zip(axes, metrics, strict=False):
+        bounds = tuple(info.get(metric, {}).get("bounds") or (None, None))
+        for i, (line, color) in enumerate(zip(lines, colors, strict=True)):
+            rows = line.rows[line.rows[metric].notna()]
+            if rows.empty:
+                continue
+            mean = rows[metric].astype(float)
+            half = rows.get(f"{metric}_ci95", pd.Series(np.nan, index=rows.index)).astype(float)
+            if numeric:
+                x = rows[path].astype(float)
+                ax.plot(x, mean, marker="o", color=color, label=line.label)
+                if half.notna().any():
+                    lower, upper = _interval(mean, half, bounds)
+                    ax.fill_between(x, lower, upper, color=color, alpha=0.2, linewidth=0)
+            else:
+                dodge = (i - (len(lines) - 1) / 2) * min(0.1, 0.6 / len(lines))
+                x = rows[path].map(categories.index) + dodge
+                lower, upper = _interval(mean, half.fillna(0), bounds)
+                yerr = np.vstack([(mean - lower).to_numpy(), (upper - mean).to_numpy()])
+                yerr = yerr if half.notna().any() else None  # one seed each: no interval
+                ax.errorbar(x, mean, yerr=yerr, fmt="o", capsize=3, color=color, label=line.label)
+        if numeric:
+            _numeric_axis(ax, sorted(set(points[path].astype(float))))
+        else:
+            ax.set_xticks(range(len(categories)), list(sweep_texts(pd.Series(categories))))
+            ax.set_xlim(-0.5, len(categories) - 0.5)
+        better = "higher" if info.get(metric, {}).get("higher_is_better", True) else "lower"
+        ax.set(title=f"{metric} ({better} is better)", xlabel=path, ylabel=metric)
+        if len(ax.get_legend_handles_labels()[1]) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Sweep over {path} (mean, 95% CI over seeds)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _sweep_file(path: str, taken: set[str]) -> str:
+    """A file-safe, unique name for the figure of a swept path (``sweep_masking.ratio``)."""
+    stem = "sweep_" + re.sub(r"[^A-Za-z0-9._-]+", "_", path)
+    name, n = stem, 2
+    while name in taken:
+        name, n = f"{stem}_{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def plot_sweeps(board: pd.DataFrame, info: dict[str, Any], primary: str, out: Path) -> list[Path]:
+    """One figure per swept path of the suite's sweeps (:func:`sweep_figure`), as
+    ``out/sweep_<path>.png``; [] without sweeps."""
+    written: list[Path] = []
+    taken: set[str] = set()
+    for path in sweep_columns(board):
+        fig = sweep_figure(board, info, primary, path)
+        if fig is not None:
+            written.append(save_figure(fig, out / f"{_sweep_file(path, taken)}.png"))
+    return written
 
 
 # ---------------------------------------------------------------- evaluators' own plots
@@ -520,6 +754,7 @@ def draw_plots(
     if primary in board:
         low, high = info.get(primary, {}).get("bounds") or (None, None)
         paths.append(plot_leaderboard(board, primary, out, (low, high)))
+    paths += plot_sweeps(board, info, primary, out)
     compute = plot_compute(board, info, primary, out)
     paths += [compute] if compute else []
     plots = evaluator_plots(suite) if plots is None else plots

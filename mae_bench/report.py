@@ -34,6 +34,8 @@ from mae_bench.leaderboard import (
     missing,
     plural,
     read_table,
+    sweep_columns,
+    sweep_texts,
     threshold_display,
     write_leaderboard,
 )
@@ -43,7 +45,12 @@ from mae_bench.metrics import (
     TIMING_METRICS,
     binary_thresholds,
 )
-from mae_bench.plots import EvaluatorPlot, draw_plots, evaluator_plots, variant_curves
+from mae_bench.plots import (
+    EvaluatorPlot,
+    draw_plots,
+    evaluator_plots,
+    variant_curves,
+)
 from mae_bench.results import (
     FAILED_DIR,
     REPORT_FILE,
@@ -55,7 +62,7 @@ from mae_bench.results import (
     strict_json,
 )
 from mae_bench.stats import ALPHA, seeds_needed
-from mae_bench.suite import resolve_suite
+from mae_bench.suite import adaptive_rule, resolve_suite
 
 if TYPE_CHECKING:
     from mae_bench.plugins import Registry
@@ -130,6 +137,12 @@ COMPARISON_HELP = {
     ),
 }
 """How each comparison column was produced (its tooltip and glossary entry)."""
+
+SWEEP_HELP = (
+    "a setting the suite sweeps: this sweep point's value (empty for a variant that does not "
+    "sweep it)"
+)
+"""What a swept path's column holds (its tooltip and glossary entry)."""
 
 SANITY_ORDER = ("n_train", "n_val", "n_test", "num_classes", "chance", "resolution")
 """Sanity facts shown first, in this order (then any other an evaluator stores)."""
@@ -249,14 +262,19 @@ def _leaderboard_html(board: pd.DataFrame, primary: str, info: Info) -> str:
     if primary in metrics:  # the ranking metric first, right beside the variant
         metrics = [primary] + [m for m in metrics if m != primary]
     headline = {m for m in metrics if info[m].get("headline")} | {primary}
-    ids = [c for c in ("rank", *ID_COLUMNS, "seeds") if c in board.columns]
+    sweeps = sweep_columns(board)  # each sweep point's values, beside its name
+    swept = {c: sweep_texts(board[c]) for c in sweeps}
+    ids = [c for c in ("rank", *ID_COLUMNS) if c in board.columns] + sweeps
+    ids += ["seeds"] if "seeds" in board.columns else []
     extra = [c for c in ("verdict", "delta", "prob_improve", "p_value") if c in board.columns]
     marks = board_marks(board, info)
     overlaps = _overlap_rows(board)
     speed = len(_timing_runs(board)) > 1
     partial = {m: _partial(board, m) for m in metrics}
     head = "".join(
-        f'<th class="id{" variant" if c == "variant" else ""}" data-sort>{escape(c)}</th>'
+        f'<th class="sweep" title="{escape(SWEEP_HELP)}" data-sort>{escape(c)}</th>'
+        if c in swept
+        else f'<th class="id{" variant" if c == "variant" else ""}" data-sort>{escape(c)}</th>'
         for c in ids
     )
     for i, m in enumerate(metrics):
@@ -288,6 +306,9 @@ def _leaderboard_html(board: pd.DataFrame, primary: str, info: Info) -> str:
                         f' <span class="mark" title="{escape(OVERLAP_NOTE)}">{OVERLAP_MARK}</span>'
                     )
                 cells += f'<td class="id variant" data-v="{escape(value)}">{shown}</td>'
+            elif c in swept:
+                text = escape(swept[c].iloc[index])
+                cells += f'<td class="sweep" data-v="{text}">{text}</td>'
             else:
                 cells += f'<td class="id" data-v="{escape(value)}">{escape(value)}</td>'
         for i, m in enumerate(metrics):
@@ -498,6 +519,7 @@ def glossary_html(info: Info, board: pd.DataFrame, primary: str) -> str:
         for c in ("verdict", "delta", "prob_improve", "p_value")
         if c in board.columns
     ]
+    rows += [(c, SWEEP_HELP, "") for c in sweep_columns(board)]
     body = "".join(
         f'<tr><td class="id">{escape(m)}</td><td class="id">{escape(text)}</td>'
         f'<td class="id">{better}</td></tr>'
@@ -626,7 +648,8 @@ def render_report(root: Path, registry: Registry) -> tuple[list[Path], Path]:
     records = list(store.finished(recorded_cells(record), repair=False).values())
     primary = record["resolved"].get("primary_metric", DEFAULT_PRIMARY_METRIC)
     reference = record["resolved"].get("reference")
-    board, _ = write_leaderboard(root, records, record["name"], primary, reference)
+    rule = adaptive_rule(record["resolved"])
+    board, _ = write_leaderboard(root, records, record["name"], primary, reference, rule)
     if not records:
         return [], render_page(root, record, records, board, [])
     suite = resolve_suite(record["resolved"], registry, source=str(root / SUITE_FILE))

@@ -10,8 +10,10 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from dataclasses import replace as replace_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,8 +27,8 @@ from mae_bench.device import resolve_device
 from mae_bench.distributed import Dist, cell_device, env_world
 from mae_bench.distributed import start as start_world
 from mae_bench.errors import ConfigError, MaeBenchWarning, UserError
-from mae_bench.leaderboard import plural
-from mae_bench.plan import Cell, remaining, suite_cells, suite_record
+from mae_bench.leaderboard import default_reference, plural
+from mae_bench.plan import Cell, grow_seeds, remaining, suite_cells, suite_record
 from mae_bench.plugins import Registry, load_registry
 from mae_bench.results import (
     SUITE_FILE,
@@ -162,7 +164,8 @@ def run_suite(
     resolved = device if isinstance(device, torch.device) else None
     device_option = str(device) if resolved is None else _device_option(resolved, world)
     root = out_dir / suite.name
-    cells = suite_cells(suite, None if launcher.in_process else launcher.processes_per_cell)
+    world_size = None if launcher.in_process else launcher.processes_per_cell
+    cells = suite_cells(suite, world_size)
     summary = RunSummary(root=root)
     pending: list[Cell] = []
     if world.is_main:
@@ -202,20 +205,82 @@ def run_suite(
     ids = tuple(c.cell_id for c in pending)
     if launcher.in_process:  # every rank of a data-parallel launch runs the same request
         ids = world.broadcast(ids)
-    if ids:
-        if not launcher.in_process:
-            console.print(
-                f"launching {plural(len(ids), 'cell')} of suite {suite.name!r} with "
-                f"{launcher.summary()}",
-                highlight=False,
-            )
-        launcher.launch(LaunchRequest(root.resolve(), ids, device_option, local), console)
+    request = LaunchRequest(root.resolve(), (), device_option, local)
+    _launch(launcher, request, ids, suite, console)
+    if world.is_main and ids:
+        _collect(root, pending, summary)
+    while suite.adaptive is not None:  # seeds until the answer is clear: a look per round
+        grown = _next_look(root, suite, cells, summary, console) if world.is_main else None
+        if launcher.in_process:
+            grown = world.broadcast(grown)
+        if grown is None:
+            break
+        cells = suite_cells(suite, world_size, grown)
+        ids = ()
         if world.is_main:
+            store = CellStore(root)
+            plan = remaining(store, cells)
+            pending = [c for c in cells if plan[c.cell_id] is not None]
+            if pending:
+                store.check_writable(sum(_result_bytes(c, suite) for c in pending) + (1 << 20))
+            write_suite_record(root, suite_record(suite, cells))
+            ids = tuple(c.cell_id for c in pending)
+        if launcher.in_process:
+            ids = world.broadcast(ids)
+        _launch(launcher, request, ids, suite, console)
+        if world.is_main and ids:
             _collect(root, pending, summary)
     if world.is_main:
         write_suite_record(root, suite_record(suite, cells))
         summary.markdown = suite_leaderboard(root, suite, cells)
     return summary
+
+
+def _launch(
+    launcher: Launcher, request: LaunchRequest, ids: tuple[str, ...], suite: Suite, console: Console
+) -> None:
+    """Hand ``ids`` (if any) to ``launcher`` as ``request``'s cells."""
+    if not ids:
+        return
+    if not launcher.in_process:
+        console.print(
+            f"launching {plural(len(ids), 'cell')} of suite {suite.name!r} with "
+            f"{launcher.summary()}",
+            highlight=False,
+        )
+    launcher.launch(replace_dataclass(request, cell_ids=ids), console)
+
+
+def _next_look(
+    root: Path, suite: Suite, cells: list[Cell], summary: RunSummary, console: Console
+) -> dict[str, list[int]] | None:
+    """Adaptive seeds after every cell of ``cells`` has ended: each variant's seeds for the
+    next round, or None when no variant gets another (or a cell still runs elsewhere, whose
+    result the look needs: a later run goes on from there)."""
+    if summary.elsewhere:
+        console.print(
+            "adaptive seeds: some cells still run in another process; run again once they "
+            "end to add the seeds their verdicts need",
+            highlight=False,
+        )
+        return None
+    records = list(CellStore(root).finished([c.result_ids for c in cells], repair=False).values())
+    look = grow_seeds(suite, cells, records)
+    had = Counter(c.variant.name for c in cells)
+    more = [name for name, seeds in look.seeds.items() if len(seeds) > had[name]]
+    if not more:
+        return None
+    reference = suite.reference or default_reference(records)
+    console.print(
+        "adaptive seeds: another seed for "
+        + ", ".join(
+            f"{name} ({len(look.seeds[name])} seeds: "
+            f"{'the reference' if name == reference else 'still inconclusive'})"
+            for name in more
+        ),
+        highlight=False,
+    )
+    return look.seeds
 
 
 @contextlib.contextmanager
@@ -266,9 +331,11 @@ def _collect(root: Path, cells: list[Cell], summary: RunSummary) -> None:
 
 
 def _claim_folder(root: Path, suite: Suite, cells: list[Cell], replace: bool) -> None:
-    """Refuse to write into a results folder whose finished cells all belong to another
-    suite (another suite of the same name, or this one with every setting changed): the
-    leaderboard would silently lose them. ``replace`` moves such a folder aside."""
+    """Refuse to write into a results folder of another suite: one of another name, or from
+    another file with none of this suite's cells finished (the leaderboard would silently
+    lose them). The same file, edited in place or run with other ``--set`` or ``--sweep``, is
+    the same suite: its finished cells stay, and come back whenever their settings do.
+    ``replace`` moves another suite's folder aside."""
     if not (root / SUITE_FILE).exists():
         return
     aside = root.with_name(f"{root.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -285,7 +352,9 @@ def _claim_folder(root: Path, suite: Suite, cells: list[Cell], replace: bool) ->
     store = CellStore(root)
     finished = [c["cell_id"] for c in old["cells"] if store.path(c["cell_id"]).is_dir()]
     ours = {c.cell_id for c in cells}
-    if old["name"] == suite.name and (not finished or ours & set(finished)):
+    if old["name"] == suite.name and (
+        not finished or ours & set(finished) or _same_file(old.get("source"), suite.source)
+    ):
         return
     if replace:
         _move_aside(root, aside)
@@ -293,10 +362,20 @@ def _claim_folder(root: Path, suite: Suite, cells: list[Cell], replace: bool) ->
     raise UserError(
         f"--out: {root} holds the results of another suite ({old['name']!r} from "
         f"{old.get('source', '?')}: {plural(len(finished), 'finished cell')}, none of them "
-        "part of this suite, e.g. every setting changed); writing here would orphan them. Use "
-        "another "
+        "part of this suite); writing here would orphan them. Use another "
         f"--out, or --replace to move them aside to {aside.name}"
     )
+
+
+def _same_file(recorded: str | None, source: str) -> bool:
+    """Whether a results folder's suite came from the file ``source``: the same suite,
+    edited in place or run with other ``--set``/``--sweep`` (its other cells stay reusable)."""
+    if not recorded:
+        return False
+    try:
+        return Path(recorded).resolve() == Path(source).resolve()
+    except OSError:
+        return recorded == source
 
 
 def _move_aside(root: Path, aside: Path) -> None:

@@ -25,11 +25,13 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -51,9 +53,19 @@ from mae_bench.contract import (
 from mae_bench.errors import ConfigError, UserError
 from mae_bench.metrics import CORE_METRICS, DEFAULT_PRIMARY_METRIC
 from mae_bench.plugins import Registry
+from mae_bench.stats import SequentialRule
+from mae_bench.sweeps import (
+    MAX_NAME,
+    PathError,
+    expand,
+    get_path,
+    list_index,
+    set_path,
+    sweep_axes,
+)
 from mae_bench.weights import load_weights, weights_digest
 
-SafeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=80)]
+SafeName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=MAX_NAME)]
 
 
 class _Strict(BaseModel):
@@ -218,11 +230,54 @@ class VariantConfig(_Strict):
     encoder: EncoderRef
     masking: ComponentRef = ComponentRef(name="random")
     loss: list[LossRef] = Field(default_factory=lambda: [LossRef(name="mse")], min_length=1)
+    sweep: dict[str, Any] | None = Field(
+        default=None,
+        description="fields to sweep, e.g. {masking.ratio: [0.5, 0.75]}: one variant per "
+        "point of the product of the lists (`zip: {path: [...], path: [...]}` for lists "
+        "that move together), named from its values",
+    )
 
     @field_validator("loss", mode="before")
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, dict | str) else value
+
+    @field_validator("sweep")
+    @classmethod
+    def _valid_sweep(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            sweep_axes(value)  # raises ValueError naming the problem
+        return value
+
+
+class AdaptiveSeeds(_Strict):
+    """Seeds until the answer is clear: every variant runs ``min`` seeds; then, one seed at
+    a time, those whose paired comparison with the reference on the primary metric is still
+    inconclusive run another, up to ``max`` (a group-sequential test that keeps each
+    variant's error rate at 5%: :class:`mae_bench.stats.SequentialRule`). The reference runs
+    as many seeds as the longest of them. Seeds are ``first``, ``first + 1``, ..."""
+
+    min: int = Field(default=3, ge=2, description="seeds every variant runs")
+    max: int = Field(default=10, ge=2, description="seeds a variant runs at most")
+    until: Literal["conclusive"] = Field(
+        default="conclusive", description="stop a variant once its verdict is better or worse"
+    )
+    first: Seed = Field(default=0, description="the first seed")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AdaptiveSeeds:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be at least min ({self.min})")
+        return self
+
+    @property
+    def rule(self) -> SequentialRule:
+        """The stopping rule."""
+        return SequentialRule(min_seeds=self.min, max_seeds=self.max)
+
+    def seeds(self, count: int) -> list[int]:
+        """The first ``count`` seeds."""
+        return list(range(self.first, self.first + count))
 
 
 class SuiteConfig(_Strict):
@@ -234,7 +289,13 @@ class SuiteConfig(_Strict):
     pretrain: PretrainConfig
     variants: list[VariantConfig] = Field(min_length=1)
     eval: EvalConfig = EvalConfig()
-    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: Annotated[
+        Annotated[list[Seed], Tag("~list")] | Annotated[AdaptiveSeeds, Tag("~adaptive")],
+        Discriminator(lambda v: "~adaptive" if isinstance(v, dict | AdaptiveSeeds) else "~list"),
+    ] = Field(
+        default_factory=lambda: [0],
+        description="a list of seeds, or {min: 3, max: 10, until: conclusive} (AdaptiveSeeds)",
+    )
     primary_metric: str = DEFAULT_PRIMARY_METRIC
     loggers: list[ComponentRef] = Field(default_factory=list)
     reference: SafeName | None = Field(
@@ -253,8 +314,10 @@ class SuiteConfig(_Strict):
 
     @field_validator("seeds")
     @classmethod
-    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
-        if len(set(seeds)) != len(seeds):
+    def _unique_seeds(cls, seeds: list[int] | AdaptiveSeeds) -> list[int] | AdaptiveSeeds:
+        if isinstance(seeds, list) and not seeds:
+            raise ValueError("at least one seed")
+        if isinstance(seeds, list) and len(set(seeds)) != len(seeds):
             raise ValueError("seeds must be unique")
         return seeds
 
@@ -375,6 +438,15 @@ class Variant:
     baseline: bool = False  # no pretraining: the encoder stays at its random init
     init_from: str | None = None  # checkpoint the model starts from
     init_digest: str | None = None  # SHA-256 of that checkpoint's files
+    family: str | None = None  # a sweep's point: the swept variant's name in the suite
+    sweep: tuple[tuple[str, Any], ...] = ()  # a sweep's point: (path, value) per swept path
+
+    @property
+    def sweep_record(self) -> dict[str, Any] | None:
+        """A sweep point's family and values, as its cell records them (None otherwise)."""
+        if self.family is None:
+            return None
+        return {"family": self.family, "values": dict(self.sweep)}
 
     @property
     def config(self) -> dict[str, Any]:
@@ -447,6 +519,30 @@ class Suite:
     evaluators: tuple[Resolved, ...] = ()  # the enabled evaluators, in suite order
     loggers: tuple[Resolved, ...] = ()  # run observers (not part of any result's key)
     warnings: tuple[str, ...] = ()  # valid, but the user should know (e.g. test leakage)
+    families: tuple[tuple[str, str], ...] = ()  # swept variant -> its point at unswept values
+
+    @property
+    def adaptive(self) -> AdaptiveSeeds | None:
+        """The adaptive-seed setting (``seeds: {min, max, until}``), None for a seed list."""
+        seeds = self.config.seeds
+        return seeds if isinstance(seeds, AdaptiveSeeds) else None
+
+    @property
+    def initial_seeds(self) -> list[int]:
+        """The seeds every variant runs: the list, or an adaptive setting's first ``min``."""
+        adaptive = self.adaptive
+        return adaptive.seeds(adaptive.min) if adaptive else list(self.config.seeds)
+
+    @property
+    def reference(self) -> str | None:
+        """The variant every other is compared with: the suite's ``reference``, where a
+        swept variant's name means its point at the unswept values; without one, the first
+        variant's such point if it is swept, else None (the first pretrained variant with
+        results, see :func:`mae_bench.leaderboard.default_reference`)."""
+        families = dict(self.families)
+        if self.config.reference is not None:
+            return families.get(self.config.reference, self.config.reference)
+        return families.get(self.config.variants[0].name)
 
     @property
     def name(self) -> str:
@@ -462,6 +558,7 @@ class Suite:
         data["variants"] = [v.config for v in self.variants]
         data["eval"] = self.eval_config
         data["loggers"] = [logger.config for logger in self.loggers]
+        data["reference"] = self.reference
         return data
 
     def build_loggers(self) -> list[Logger]:
@@ -509,6 +606,13 @@ class Suite:
 
 
 T = TypeVar("T")
+
+
+def adaptive_rule(resolved: dict[str, Any]) -> SequentialRule | None:
+    """The stopping rule of a resolved suite's adaptive seeds (as ``suite.json`` records
+    it), None for a seed list."""
+    seeds = resolved.get("seeds")
+    return AdaptiveSeeds.model_validate(seeds).rule if isinstance(seeds, dict) else None
 
 
 def plugin_call(build: Callable[[], T], field: str, resolved: Resolved, source: str) -> T:
@@ -574,6 +678,8 @@ def _raised_in(exc: BaseException, function: Callable[..., Any]) -> bool:
 def _format_loc(loc: Sequence[str | int], prefix: str = "") -> str:
     path = prefix
     for part in loc:
+        if isinstance(part, str) and part.startswith("~"):  # a union's tag, not a field
+            continue
         if isinstance(part, int):
             path += f"[{part}]"
         else:
@@ -710,39 +816,23 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
         raise config_error(exc, "", source) from None
     ds = config.dataset
     dataset = _resolve(registry, "dataset", ds, "dataset", source)
-    variants = []
+    variants: list[Variant] = []
+    families: list[tuple[str, str]] = []
     for i, v in enumerate(config.variants):
-        path = f"variants[{i}]"
-        encoder = _resolve(registry, "encoder", v.encoder, f"{path}.encoder", source)
-        masking = _resolve(registry, "masking", v.masking, f"{path}.masking", source)
-        losses = tuple(
-            ResolvedLoss(_resolve(registry, "loss", t, f"{path}.loss[{j}]", source), t.weight)
-            for j, t in enumerate(v.loss)
+        if v.sweep is None:
+            variants.append(_resolve_variant(registry, v, ds, f"variants[{i}]", source))
+            continue
+        points, reference = _resolve_sweep(registry, v, ds, f"variants[{i}]", source)
+        variants += points
+        families.append((v.name, reference))
+    names = [v.name for v in variants]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ConfigError(
+            "variants",
+            f"duplicate variant names once sweeps are expanded: {', '.join(clashes)}",
+            source,
         )
-        variant = Variant(v.name, encoder, masking, losses)
-        # shapes only (no memory): a huge model is caught by the memory check
-        device = torch.device("cpu" if v.encoder.init_from else "meta")
-        build_model = partial(variant.build_model, ds.image_size, ds.channels)
-        model = plugin_call(partial(_on, device, build_model), f"{path}.encoder", encoder, source)
-        plugin_call(
-            partial(_check_masking, variant, model.grid), f"{path}.masking", masking, source
-        )
-        for j, term in enumerate(losses):
-            part = term.component
-            plugin_call(partial(part.cls, part.params), f"{path}.loss[{j}]", part, source)
-        try:
-            variant.decoder_loss()
-        except ValueError as exc:  # the terms disagree on what the model predicts
-            raise ConfigError(f"{path}.loss", str(exc), source) from None
-        if v.encoder.init_from:
-            checkpoint = Path(v.encoder.init_from)
-            try:
-                load_weights(model, checkpoint)  # fails here, before anything runs
-                digest = weights_digest(checkpoint)
-            except UserError as exc:
-                raise ConfigError(f"{path}.encoder.init_from", str(exc), source) from None
-            variant = replace(variant, init_from=v.encoder.init_from, init_digest=digest)
-        variants.append(variant)
     warnings = []
     if plugin_call(
         lambda: CheckedDataset(dataset, source).pretrain_sees_test, "dataset", dataset, source
@@ -760,12 +850,13 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
         evaluators=_resolve_evaluators(registry, config.eval, source),
         loggers=_resolve_loggers(registry, config.loggers, source),
         warnings=tuple(warnings),
+        families=tuple(families),
     )
-    if config.reference is not None and config.reference not in {v.name for v in variants}:
+    known_names = [*(v.name for v in variants), *(family for family, _ in families)]
+    if config.reference is not None and config.reference not in known_names:
         raise ConfigError(
             "reference",
-            f"no variant named {config.reference!r}; variants: "
-            f"{', '.join(v.name for v in variants)}",
+            f"no variant named {config.reference!r}; variants: {', '.join(known_names)}",
             source,
         )
     known = suite.metrics()
@@ -776,7 +867,112 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
             f"{', '.join(sorted(known))}",
             source,
         )
+    if suite.adaptive and not known[config.primary_metric].compare:
+        raise ConfigError(
+            "seeds.until",
+            f"adds seeds until the primary metric's comparison is conclusive, and "
+            f"{config.primary_metric!r} is not compared (a timing or a size): choose another "
+            "primary_metric",
+            source,
+        )
     return suite
+
+
+def _resolve_variant(
+    registry: Registry, v: VariantConfig, ds: DatasetRef, path: str, source: str
+) -> Variant:
+    """One variant checked against its plugins: components, the model's shapes on ``meta``
+    (no memory), its masking on that grid, its loss terms, and ``init_from``."""
+    encoder = _resolve(registry, "encoder", v.encoder, f"{path}.encoder", source)
+    masking = _resolve(registry, "masking", v.masking, f"{path}.masking", source)
+    losses = tuple(
+        ResolvedLoss(_resolve(registry, "loss", t, f"{path}.loss[{j}]", source), t.weight)
+        for j, t in enumerate(v.loss)
+    )
+    variant = Variant(v.name, encoder, masking, losses)
+    # shapes only (no memory): a huge model is caught by the memory check
+    device = torch.device("cpu" if v.encoder.init_from else "meta")
+    build_model = partial(variant.build_model, ds.image_size, ds.channels)
+    model = plugin_call(partial(_on, device, build_model), f"{path}.encoder", encoder, source)
+    plugin_call(partial(_check_masking, variant, model.grid), f"{path}.masking", masking, source)
+    for j, term in enumerate(losses):
+        part = term.component
+        plugin_call(partial(part.cls, part.params), f"{path}.loss[{j}]", part, source)
+    try:
+        variant.decoder_loss()
+    except ValueError as exc:  # the terms disagree on what the model predicts
+        raise ConfigError(f"{path}.loss", str(exc), source) from None
+    if v.encoder.init_from:
+        checkpoint = Path(v.encoder.init_from)
+        try:
+            load_weights(model, checkpoint)  # fails here, before anything runs
+            digest = weights_digest(checkpoint)
+        except UserError as exc:
+            raise ConfigError(f"{path}.encoder.init_from", str(exc), source) from None
+        variant = replace(variant, init_from=v.encoder.init_from, init_digest=digest)
+    return variant
+
+
+def _resolve_sweep(
+    registry: Registry, v: VariantConfig, ds: DatasetRef, path: str, source: str
+) -> tuple[list[Variant], str]:
+    """A swept variant's points, each resolved as a variant of its own, and the name of its
+    point at the unswept values (the first point if no point has them): what comparisons
+    default to. A swept path must name a field the unswept variant has (defaults count)."""
+    unswept = v.model_copy(update={"sweep": None})
+    base = _resolve_variant(registry, unswept, ds, path, source).config
+    points = expand(v.name, v.sweep or {})
+    for swept in points[0].values:
+        try:
+            get_path(base, swept)
+        except PathError as exc:
+            where = "" if exc.path == swept else f"{exc.path}: "
+            problem = f"{swept}: {where}{exc.problem} ({_fields(base, exc.path)})"
+            raise ConfigError(f"{path}.sweep", problem, source) from None
+    raw = v.model_dump(mode="json", exclude={"sweep"}, exclude_none=True)
+    variants, reference = [], None
+    for point in points:
+        if len(point.name) > MAX_NAME:
+            problem = (
+                f"the point name {point.name!r} is longer than {MAX_NAME} characters: "
+                "shorten the variant's name"
+            )
+            raise ConfigError(f"{path}.sweep", problem, source)
+        data = copy.deepcopy(raw)
+        data["name"] = point.name
+        for swept, value in point.values.items():
+            set_path(data, swept, value)
+        try:
+            _refuse_booleans(VariantConfig, data, path, source)
+            try:
+                config = VariantConfig.model_validate(data)
+            except ValidationError as exc:
+                raise config_error(exc, path, source) from None
+            variant = _resolve_variant(registry, config, ds, path, source)
+        except ConfigError as exc:
+            message = f"{exc.message} (at the sweep point {point.name})"
+            raise ConfigError(exc.field, message, source) from None
+        variant = replace(variant, family=v.name, sweep=tuple(point.values.items()))
+        resolved = variant.config
+        if reference is None and all(
+            json.dumps(get_path(resolved, p)) == json.dumps(get_path(base, p)) for p in point.values
+        ):
+            reference = point.name
+        variants.append(variant)
+    return variants, reference or points[0].name
+
+
+def _fields(config: dict[str, Any], path: str) -> str:
+    """What the part of a resolved variant above ``path``'s failing step holds."""
+    parent = path.rpartition(".")[0]
+    try:
+        node = get_path(config, parent) if parent else config
+    except PathError:
+        node = None
+    if isinstance(node, dict):
+        fields = ", ".join(k for k in node if k != "name") or "no fields"
+        return f"{parent or 'the variant'} has: {fields}"
+    return f"{parent} has no fields"
 
 
 def _resolve_loggers(
@@ -938,6 +1134,23 @@ def read_suite_file(path: str | Path, what: str = "suite") -> dict[str, Any]:
     return raw
 
 
+def _option_value(option: str, item: str, expected: str) -> tuple[str, Any]:
+    """``key`` and the YAML-parsed value of a ``key=value`` command-line ``option``."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"{option} {item!r}: expected {expected}")
+    if option == "--sweep":
+        text = f"[{text}]"  # a,b,c: a list
+    try:
+        return key, parse_yaml(text)
+    except YAMLTooLarge as exc:
+        raise UserError(f"{option} {key}: the value {exc}") from None
+    except SuiteYAMLError as exc:
+        raise UserError(f"{option} {key}: {exc}") from None
+    except yaml.YAMLError:
+        raise UserError(f"{option} {key}: cannot parse value {text!r}") from None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides (value parsed as YAML) to raw suite data.
 
@@ -946,48 +1159,37 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     """
     data = copy.deepcopy(raw)  # YAML may hold dates: the schema names such a field
     for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--set {item!r}: expected key.path=value")
+        key, value = _option_value("--set", item, "key.path=value")
         try:
-            value = parse_yaml(text)
-        except YAMLTooLarge as exc:
-            raise UserError(f"--set {key}: the value {exc}") from None
-        except SuiteYAMLError as exc:
-            raise UserError(f"--set {key}: {exc}") from None
-        except yaml.YAMLError:
-            raise UserError(f"--set {key}: cannot parse value {text!r}") from None
-        parts = key.split(".")
-        node: Any = data
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            here = ".".join(parts[: depth + 1])
-            if isinstance(node, dict):
-                if last:
-                    node[part] = value
-                else:
-                    node = node.setdefault(part, {})
-            elif isinstance(node, list):
-                index = _list_index(node, part, here)
-                if last:
-                    node[index] = value
-                else:
-                    node = node[index]
-            else:
-                raise UserError(f"--set {key}: {'.'.join(parts[:depth])} is not a mapping or list")
+            set_path(data, key, value)
+        except PathError as exc:
+            raise UserError(f"--set {exc}") from None
     return data
 
 
-def _list_index(items: list[Any], part: str, path: str) -> int:
-    if part.lstrip("-").isdigit():
-        index = int(part)
-        if not -len(items) <= index < len(items):
-            raise UserError(f"--set {path}: index out of range (list has {len(items)} items)")
-        return index
-    for i, item in enumerate(items):
-        if isinstance(item, dict) and item.get("name") == part:
-            return i
-    raise UserError(f"--set {path}: no item named {part!r}")
+def apply_sweeps(raw: dict[str, Any], sweeps: Sequence[str]) -> dict[str, Any]:
+    """Add ``path=a,b,c`` sweeps (as Hydra's ``-m key=a,b,c``; values parsed as YAML) to
+    every variant of raw suite data, or ``variants.NAME.path=a,b,c`` to one."""
+    data = copy.deepcopy(raw)
+    variants = data.get("variants")
+    if not isinstance(variants, list):
+        raise UserError("--sweep: the suite has no list of variants")
+    for item in sweeps:
+        key, values = _option_value("--sweep", item, "field.path=a,b,c")
+        targets = [v for v in variants if isinstance(v, dict)]
+        path = key
+        if key.startswith("variants."):
+            _, name, path = [*key.split(".", 2), "", ""][:3]
+            try:
+                targets = [variants[list_index(variants, name, f"variants.{name}")]]
+            except PathError as exc:
+                raise UserError(f"--sweep {exc}") from None
+        for variant in targets:
+            sweep = variant.setdefault("sweep", {})
+            if not isinstance(sweep, dict):
+                raise UserError(f"--sweep {key}: the variant's sweep is not a mapping")
+            sweep[path] = values
+    return data
 
 
 def load_suite(
@@ -995,9 +1197,10 @@ def load_suite(
     registry: Registry,
     overrides: Sequence[str] = (),
     loggers: Sequence[str] = (),
+    sweeps: Sequence[str] = (),
 ) -> Suite:
-    """Read, override and resolve a suite file; ``loggers`` are added to its own."""
-    raw = apply_overrides(read_suite_file(path), overrides)
+    """Read, override, sweep and resolve a suite file; ``loggers`` are added to its own."""
+    raw = apply_sweeps(apply_overrides(read_suite_file(path), overrides), sweeps)
     if loggers:
         listed = raw.get("loggers") or []
         raw["loggers"] = [*listed, *({"name": name} for name in loggers)]

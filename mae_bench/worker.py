@@ -39,7 +39,7 @@ from mae_bench.distributed import start as start_world
 from mae_bench.errors import MaeBenchWarning, UserError
 from mae_bench.leaderboard import format_metric, plural, rebuild_leaderboard
 from mae_bench.leases import Lease, Leases
-from mae_bench.plan import Cell, CellPlan, Evaluation, remaining, suite_cells
+from mae_bench.plan import Cell, CellPlan, Evaluation, recorded_seeds, remaining, suite_cells
 from mae_bench.plugins import load_registry
 from mae_bench.results import (
     CHECKPOINT_DIR,
@@ -102,7 +102,10 @@ def run_cells(
         record = read_suite_record(root)
         suite = resolve_suite(record["resolved"], load_registry(), source=record["source"])
     console = console or Console(stderr=True)
-    cells = suite_cells(suite)
+    # adaptive seeds: the seeds the runner has added so far are those its record lists
+    cells = suite_cells(
+        suite, seeds=recorded_seeds(read_suite_record(root)) if suite.adaptive else None
+    )
     known = {c.cell_id: c for c in cells}
     unknown = [i for i in cell_ids if i not in known]
     if unknown:
@@ -139,7 +142,12 @@ def suite_leaderboard(root: Path, suite: Suite, cells: list[Cell]) -> str:
     """Rebuild the leaderboard of ``cells`` from the results folder; its Markdown."""
     cfg = suite.config
     _, markdown, _ = rebuild_leaderboard(
-        root, [c.result_ids for c in cells], suite.name, cfg.primary_metric, cfg.reference
+        root,
+        [c.result_ids for c in cells],
+        suite.name,
+        cfg.primary_metric,
+        suite.reference,
+        suite.adaptive.rule if suite.adaptive else None,
     )
     return markdown
 

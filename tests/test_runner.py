@@ -115,14 +115,30 @@ def test_same_seed_is_deterministic_on_cpu(tiny_run, tmp_path):
 def test_another_suite_under_the_same_name_is_refused_then_replaced(tiny_run_copy):
     run = tiny_run_copy
     before = (run.root / "leaderboard.md").read_text()
+    other_file = run.suite.with_name("other.yaml")  # another suite file named `tiny` too
+    other_file.write_text(run.suite.read_text())
     other = ["--set", "pretrain.epochs=1", "--set", "seeds=[0]"]  # every cell's key changes
-    result = invoke("run", str(run.suite), "--out", str(run.out), *other)
+    result = invoke("run", str(other_file), "--out", str(run.out), *other)
     assert result.exit_code == 2 and "holds the results of another suite" in result.stderr
     assert "--replace" in result.stderr and (run.root / "leaderboard.md").read_text() == before
-    replaced = invoke("run", str(run.suite), "--out", str(run.out), *other, "--replace")
+    replaced = invoke("run", str(other_file), "--out", str(run.out), *other, "--replace")
     assert replaced.exit_code == 0, replaced.output
     (aside,) = run.out.glob("tiny.replaced-*")
     assert len(list((aside / "cells").iterdir())) == 4 and len(run.cells()) == 2
+
+
+def test_the_same_file_with_every_setting_changed_is_the_same_suite(tiny_run_copy):
+    """Editing a suite in place (or --set) keeps its folder: the earlier cells stay and come
+    back, without recomputing, when their settings do."""
+    run = tiny_run_copy
+    first = set(run.cells())
+    suite = json.loads((run.root / "suite.json").read_text())["source"]  # the file it ran
+    changed = invoke("run", suite, "--out", str(run.out), "--set", "seeds=[5]")
+    assert changed.exit_code == 0, changed.output
+    assert set(run.cells()) > first and len(pd.read_csv(run.root / "runs.csv")) == 2
+    back = invoke("run", suite, "--out", str(run.out))
+    assert back.exit_code == 0, back.output
+    assert f"{len(first)} of {len(first)} cells already finished" in back.stderr
 
 
 # --------------------------------------------------------------- refused before training
