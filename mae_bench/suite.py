@@ -929,7 +929,7 @@ def _resolve_sweep(
             where = "" if exc.path == swept else f"{exc.path}: "
             problem = f"{swept}: {where}{exc.problem} ({_fields(base, exc.path)})"
             raise ConfigError(f"{path}.sweep", problem, source) from None
-    raw = v.model_dump(mode="json", exclude={"sweep"}, exclude_none=True)
+    raw = v.model_dump(mode="json", exclude={"sweep"})
     variants, reference = [], None
     for point in points:
         if len(point.name) > MAX_NAME:
