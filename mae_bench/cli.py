@@ -446,22 +446,33 @@ def report(results_dir: str, open_page: bool) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["timm"]),
+    type=click.Choice(["timm", "hf"]),
     default="timm",
     show_default=True,
-    help="Layout of the written weights.",
+    help="Layout of the written weights: timm (the encoder, OUT a .safetensors file) or hf "
+    "(a Hugging Face ViTMAEForPreTraining folder OUT: config.json and model.safetensors, "
+    "encoder and decoder; `vit` cells).",
 )
 @_user_errors
 def export(cell_dir: str, out_file: str, fmt: str) -> None:
-    """Write a finished cell's encoder for another library (OUT: a .safetensors file).
+    """Write a finished cell's weights for another library (OUT: a .safetensors file, or a
+    folder with --format hf).
 
     Prints the call that loads it, e.g. timm.create_model(..., pretrained=True,
-    pretrained_cfg_overlay=dict(file=OUT)); the arguments are also saved as OUT.json.
+    pretrained_cfg_overlay=dict(file=OUT)), whose arguments are also saved as OUT.json, or
+    transformers.ViTMAEForPreTraining.from_pretrained(OUT).
     """
     from mae_bench.plugins import load_registry
     from mae_bench.weights import export_cell
 
     out, kwargs = export_cell(Path(cell_dir), Path(out_file), fmt, load_registry())
+    if fmt == "hf":
+        click.echo(
+            "from transformers import ViTMAEForPreTraining\n"
+            f"model = ViTMAEForPreTraining.from_pretrained({str(out)!r})"
+        )
+        click.echo(f"written: {out}/config.json and {out}/model.safetensors", err=True)
+        return
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "model_name")
     click.echo(
         f"import timm\nmodel = timm.create_model({kwargs['model_name']!r}, pretrained=True, "

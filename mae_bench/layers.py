@@ -21,6 +21,7 @@ from timm.models._manipulate import MATCH_PREV_GROUP, group_with_matcher
 from timm.models.vision_transformer import Block
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 """The LayerNorm of the official MAE (and of timm's ViTs): eps 1e-6."""
@@ -124,7 +125,10 @@ def _laplacian_kernel(device: torch.device, dtype: torch.dtype) -> Tensor:
 
 def laplacian(imgs: Tensor) -> Tensor:
     """Per-channel 3x3 Laplacian (4-neighbour) high-pass filter with replicate padding."""
-    kernel = _laplacian_kernel(imgs.device, imgs.dtype)
+    # a kernel made while tracing with fake tensors (the memory estimate) is fake too: never
+    # cached, or a later real call would get it
+    make = _laplacian_kernel.__wrapped__ if is_fake(imgs) else _laplacian_kernel
+    kernel = make(imgs.device, imgs.dtype)
     c = imgs.shape[1]
     weight = kernel.expand(c, 1, 3, 3)
     return F.conv2d(F.pad(imgs, (1, 1, 1, 1), mode="replicate"), weight, groups=c)

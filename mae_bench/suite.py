@@ -96,7 +96,8 @@ class EncoderRef(ComponentRef):
     init_from: str | None = Field(
         default=None,
         description="a mae-bench cell folder, a .safetensors or a .pth checkpoint "
-        "(official MAE releases included) to initialise the model from",
+        "(official MAE releases included) or a Hugging Face ViTMAE folder to initialise the "
+        "model from",
     )
 
 

@@ -95,3 +95,16 @@ def test_decoder_uses_mask_token_for_hidden_patches():
     assert out.shape == (2, 16, 4)
     out.sum().backward()
     assert dec.mask_token.grad is not None and dec.mask_token.grad.abs().sum() > 0
+
+
+def test_a_laplacian_traced_with_fake_tensors_leaves_no_fake_kernel_for_real_calls():
+    """The memory estimate traces a step with fake tensors: the cached kernel stays real."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    from mae_bench.layers import _laplacian_kernel, laplacian
+
+    _laplacian_kernel.cache_clear()  # as in a fresh process: the fake trace comes first
+    with FakeTensorMode():
+        laplacian(torch.zeros(2, 3, 8, 8))
+    real = laplacian(torch.arange(64.0).reshape(1, 1, 8, 8).expand(1, 3, 8, 8).contiguous())
+    assert not is_fake(real) and real.shape == (1, 3, 8, 8)
