@@ -521,6 +521,7 @@ class Suite:
     loggers: tuple[Resolved, ...] = ()  # run observers (not part of any result's key)
     warnings: tuple[str, ...] = ()  # valid, but the user should know (e.g. test leakage)
     families: tuple[tuple[str, str], ...] = ()  # swept variant -> its point at unswept values
+    written: tuple[dict[str, Any], ...] = ()  # per suite variant: resolved, a sweep unexpanded
 
     @property
     def adaptive(self) -> AdaptiveSeeds | None:
@@ -556,7 +557,9 @@ class Suite:
         exclude = {"dataset", "variants", "eval", "loggers"}
         data = self.config.model_dump(mode="json", exclude=exclude)
         data["dataset"] = self.dataset_config
-        data["variants"] = [v.config for v in self.variants]
+        # a swept variant as its resolved unswept config plus its sweep: resolving this again
+        # (a worker reads it from suite.json) expands the same points, sweep values included
+        data["variants"] = list(self.written) or [v.config for v in self.variants]
         data["eval"] = self.eval_config
         data["loggers"] = [logger.config for logger in self.loggers]
         data["reference"] = self.reference
@@ -819,13 +822,16 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
     dataset = _resolve(registry, "dataset", ds, "dataset", source)
     variants: list[Variant] = []
     families: list[tuple[str, str]] = []
+    written: list[dict[str, Any]] = []
     for i, v in enumerate(config.variants):
         if v.sweep is None:
             variants.append(_resolve_variant(registry, v, ds, f"variants[{i}]", source))
+            written.append(variants[-1].config)
             continue
-        points, reference = _resolve_sweep(registry, v, ds, f"variants[{i}]", source)
+        points, reference, base = _resolve_sweep(registry, v, ds, f"variants[{i}]", source)
         variants += points
         families.append((v.name, reference))
+        written.append({**base, "sweep": v.sweep})
     names = [v.name for v in variants]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
@@ -852,6 +858,7 @@ def resolve_suite(raw: Any, registry: Registry, source: str = "<suite>") -> Suit
         loggers=_resolve_loggers(registry, config.loggers, source),
         warnings=tuple(warnings),
         families=tuple(families),
+        written=tuple(written),
     )
     known_names = [*(v.name for v in variants), *(family for family, _ in families)]
     if config.reference is not None and config.reference not in known_names:
@@ -916,10 +923,11 @@ def _resolve_variant(
 
 def _resolve_sweep(
     registry: Registry, v: VariantConfig, ds: DatasetRef, path: str, source: str
-) -> tuple[list[Variant], str]:
-    """A swept variant's points, each resolved as a variant of its own, and the name of its
-    point at the unswept values (the first point if no point has them): what comparisons
-    default to. A swept path must name a field the unswept variant has (defaults count)."""
+) -> tuple[list[Variant], str, dict[str, Any]]:
+    """A swept variant's points, each resolved as a variant of its own, the name of its
+    point at the unswept values (the first point if no point has them: what comparisons
+    default to), and its unswept config, resolved. A swept path must name a field the
+    unswept variant has (defaults count)."""
     unswept = v.model_copy(update={"sweep": None})
     base = _resolve_variant(registry, unswept, ds, path, source).config
     points = expand(v.name, v.sweep or {})
@@ -960,7 +968,7 @@ def _resolve_sweep(
         ):
             reference = point.name
         variants.append(variant)
-    return variants, reference or points[0].name
+    return variants, reference or points[0].name, base
 
 
 def _fields(config: dict[str, Any], path: str) -> str:

@@ -9,6 +9,7 @@ import yaml
 from PIL import Image
 
 from mae_bench.errors import ConfigError
+from mae_bench.plan import suite_cells
 from mae_bench.plugins import load_registry
 from mae_bench.suite import load_suite, resolve_suite
 from mae_bench.sweeps import PathError, expand, format_value, get_path, set_path, sweep_axes
@@ -200,3 +201,29 @@ def test_a_sweep_run_writes_its_columns_and_an_edit_in_place_reuses_finished_cel
         figure.name in (root / "report.html").read_text()
         or "sweep_masking" in (root / "report.html").read_text()
     )
+
+
+def test_the_recorded_suite_expands_to_the_same_points_for_a_worker():
+    """suite.json holds a sweep unexpanded (its unswept config resolved): a worker that
+    resolves it again gets the same cells, each with its point."""
+    suite = resolve_suite(swept_suite({"masking.ratio": [0.5, 0.75]}), load_registry())
+    assert suite.resolved["variants"][0]["sweep"] == {"masking.ratio": [0.5, 0.75]}
+    again = resolve_suite(suite.resolved, load_registry())
+    assert [c.cell_id for c in suite_cells(again)] == [c.cell_id for c in suite_cells(suite)]
+    assert [v.sweep_record for v in again.variants] == [v.sweep_record for v in suite.variants]
+    assert again.reference == suite.reference == "vit-mae-ratio0.75"
+
+
+@pytest.mark.slow
+def test_a_worker_process_records_the_sweep_point(tmp_path):
+    data = swept_suite({"masking.ratio": [0.5]})
+    data["variants"] = data["variants"][:1]
+    path = write_suite(tmp_path, data)
+    out = tmp_path / "out"
+    result = invoke(
+        "run", str(path), "--out", str(out), "--device", "cpu", "--launcher", "local",
+        "--workers", "1",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    runs = pd.read_csv(out / "tiny" / "runs.csv")
+    assert list(runs["masking.ratio"]) == [0.5] and list(runs["sweep_family"]) == ["vit-mae"]
