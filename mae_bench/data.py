@@ -204,17 +204,20 @@ class ImageFeeder:
         batch: Tensor,
         augment: AugmentConfig | None = None,
         generator: torch.Generator | None = None,
-        rows: slice | None = None,
+        rows: slice | Tensor | None = None,
+        *,
+        batch_size: int | None = None,
     ) -> Tensor:
         """uint8 batch -> normalized model input, optionally augmented (in batch, on device).
 
-        ``rows``: feed only these rows of the batch (a data-parallel rank's share); random
-        augmentation is still drawn for the whole batch, so every image is augmented as in a
-        single-process run."""
+        ``rows``: feed only these rows of the batch (a data-parallel rank's share: a slice or
+        an index tensor); random augmentation is still drawn for the whole batch, so every
+        image is augmented as in a single-process run. ``batch_size``: ``batch`` holds only
+        the images of ``rows`` (the rank read no others) of a batch of that many."""
         if augment is not None and (augment.crop_scale or augment.hflip):
-            x = self.augment(batch, augment, generator, rows)
+            x = self.augment(batch, augment, generator, rows, batch_size=batch_size)
         else:
-            x = self.pixels(batch if rows is None else batch[rows])
+            x = self.pixels(batch if rows is None or batch_size is not None else batch[rows])
         mean, std = self._stats(x)
         return x.sub_(mean).div_(std)  # x is a fresh tensor: normalize in place
 
@@ -223,7 +226,9 @@ class ImageFeeder:
         batch: Tensor,
         cfg: AugmentConfig,
         generator: torch.Generator | None = None,
-        rows: slice | None = None,
+        rows: slice | Tensor | None = None,
+        *,
+        batch_size: int | None = None,
     ) -> Tensor:
         """Random resized crop and horizontal flip of a whole batch at once, to [0, 1] pixels.
 
@@ -232,17 +237,20 @@ class ImageFeeder:
         bilinear filter: linear when enlarging, an antialiasing triangle when shrinking) and
         flip are one linear map per axis, applied to the whole batch as two matrix products.
         Random numbers come from ``generator`` on the CPU, so runs are reproducible; they are
-        drawn for the whole batch, then only ``rows`` of it are made: the rows' crops go to the
-        device with the images (one copy) and their resize weights are made there.
+        drawn for the whole batch (``batch_size`` images when ``batch`` holds only ``rows``),
+        then only ``rows`` of it are made: the rows' crops go to the device with the images
+        (one copy) and their resize weights are made there.
         """
-        b, _, h, w = batch.shape
+        _, _, h, w = batch.shape
+        b = batch_size if batch_size is not None else len(batch)
         x0, y0 = torch.zeros(b), torch.zeros(b)
         cw, ch = torch.full((b,), float(w)), torch.full((b,), float(h))
         if cfg.crop_scale:
             x0, y0, cw, ch = sample_crops(b, h, w, cfg.crop_scale, cfg.crop_ratio, generator)
         flip = torch.rand(b, generator=generator) < 0.5 if cfg.hflip else torch.zeros(b, dtype=bool)
         if rows is not None:
-            batch, x0, y0, cw, ch, flip = (t[rows] for t in (batch, x0, y0, cw, ch, flip))
+            x0, y0, cw, ch, flip = (t[rows] for t in (x0, y0, cw, ch, flip))
+            batch = batch if batch_size is not None else batch[rows]
             b = len(batch)
         crops = torch.stack([x0, y0, cw, ch, flip.float()])  # (5, B)
         batch, crops = to_device([batch, crops], self.device)

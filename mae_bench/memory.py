@@ -1,26 +1,46 @@
 """What a suite's pretraining step needs in memory, measured without allocating it.
 
-Each variant's model is built on PyTorch's ``meta`` device (shapes, no data) and one
-pretraining step's forward pass and losses run there; autograd's saved-tensor hooks add up
-what the backward pass would keep. With the weights, their gradients and AdamW's two moments,
-and the input batch, that is the step's footprint. A suite that cannot fit in the memory of
-the device it would run on is refused before anything is loaded.
+Each variant's model is built on PyTorch's ``meta`` device (shapes, no data), then one
+pretraining step's forward pass and losses run on fake tensors
+(:class:`~torch._subclasses.fake_tensor.FakeTensorMode`: CPU tensors that hold no memory, so
+the step takes the CPU's own kernels, attention included); autograd's saved-tensor hooks
+add up what the backward pass would keep, each storage once. With the backward pass's
+transient (twice its largest saved tensor: a gradient in, one out), the weights, their
+gradients and AdamW's two moments (and DDP's gradient buckets when the step is
+data-parallel), and the input batch, that is the step's footprint. A suite that cannot fit
+in the memory of the device it would run on is refused before anything is loaded.
+
+The step is modelled as the device will run it: on CUDA the model's forward pass in bf16
+autocast (as :func:`mae_bench.train.forward_loss` runs it there; the CPU's autocast casts a
+ViT's matrix products and attention alike) with fused attention (SDPA's flash kernel keeps
+its inputs, output and log-sum-exp, never a sequence x sequence map), elsewhere in float32.
+Before, the step ran on ``meta``, where SDPA falls back to its unfused math and keeps fp32
+attention maps, and each view of a tensor counted in full: ViT-Base at batch 1024 at 224 was
+estimated at 126 GiB for CUDA, 51 GiB as modelled now (tests/test_memory.py checks it
+against a transformer's saved-tensor inventory and a measured CPU step).
 
 The masks are drawn (and checked) for a few images on the CPU and stand for the whole
-micro-batch on the meta device, so nothing allocated grows with the batch size. The check is
-an estimate: a variant whose plugins fail on the meta device cannot be estimated and is not
-refused; it is named with the reason (a warning), runs, and its own cells fail with the real
-reason while every other variant runs.
+micro-batch as fake tensors, so nothing allocated grows with the batch size. The check is
+an estimate: a variant whose plugins fail on fake tensors (an operator with no meta kernel, a
+value read from a tensor) cannot be estimated and is not refused; it is named with the
+reason (a warning), runs, and its own cells fail with the real reason while every other
+variant runs.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
 
+from mae_bench.contract import Loss, Mask, MaskedAutoencoder
 from mae_bench.errors import MaeBenchWarning, UserError, exception_line
 from mae_bench.resume import STOPS
 from mae_bench.suite import Suite, Variant
@@ -53,31 +73,87 @@ def micro_batch(suite: Suite, processes: int = 1) -> int:
     return max(1, cfg.batch_size // (processes * cfg.accum_iter))
 
 
-def pretrain_step_bytes(variant: Variant, suite: Suite, processes: int = 1) -> int:
-    """Bytes one process needs for a pretraining step of ``variant`` (weights x 4 for
-    gradients and AdamW, its micro-batch, and the activations kept for backward), at the
-    lowest mask ratio it uses. Raises whatever the variant's plugins raise on the way."""
+class _Autocast(torch.nn.Module):
+    """``model``'s forward pass in bf16 autocast on CPU tensors: how a CUDA training step
+    runs it (:func:`mae_bench.device.autocast`), on the fake CPU tensors of the estimate."""
+
+    def __init__(self, model: MaskedAutoencoder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, mask: Mask) -> object:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x, mask)
+
+
+class SavedBytes(NamedTuple):
+    """What autograd keeps for a backward pass: in all, and its largest storage."""
+
+    total: int
+    largest: int
+
+
+def saved_bytes(
+    model: MaskedAutoencoder,
+    x: Tensor,
+    mask: Mask,
+    losses: list[tuple[Loss, float]],
+    device_type: str = "cpu",
+) -> SavedBytes:
+    """Bytes autograd keeps for the backward pass of one forward pass and its losses, as
+    :func:`~mae_bench.train.forward_loss` runs them on ``device_type`` (bf16 autocast on
+    ``cuda``): every saved tensor's storage once (views of one tensor share it), not
+    counting the model's own weights and buffers nor ``x``, which are there anyway."""
+    there = {StorageWeakRef(t.untyped_storage()) for t in (*model.parameters(), *model.buffers())}
+    there.add(StorageWeakRef(x.untyped_storage()))
+    counted: dict[StorageWeakRef, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = StorageWeakRef(t.untyped_storage())
+        if storage not in there and storage not in counted:
+            counted[storage] = t.untyped_storage().nbytes()
+        return t
+
+    forward = _Autocast(model) if device_type == "cuda" else None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward_loss(model, x, mask, losses, forward=forward)
+    return SavedBytes(sum(counted.values()), max(counted.values(), default=0))
+
+
+def _on_cpu(mask: Mask) -> Mask:
+    """A mask of the same shapes on the CPU (fake tensors, under the estimate's mode)."""
+    parts = (mask.ids_keep, mask.ids_restore, mask.mask)
+    return Mask(*(torch.empty_like(t, device="cpu") for t in parts))
+
+
+def pretrain_step_bytes(
+    variant: Variant, suite: Suite, processes: int = 1, device: torch.device | str = "cpu"
+) -> int:
+    """Bytes one process needs for a pretraining step of ``variant`` on ``device`` (its
+    type: see the module's docstring): weights x 4 for gradients and AdamW (x 5 with
+    DDP's gradient buckets when ``processes`` > 1), its micro-batch x 3, and the
+    activations kept for backward plus the backward's transient, at the mask ratio of
+    either end of training that keeps more. Raises whatever the variant's plugins raise
+    on the way."""
+    device_type = torch.device(device).type
     ds = suite.config.dataset
     with torch.device("meta"):
         model = variant.build_model(ds.image_size, ds.channels)
     masking, losses = variant.build_masking(), variant.build_losses()
-    size = (micro_batch(suite, processes), ds.channels, ds.image_size, ds.image_size)
-    x = torch.empty(size, device="meta")
+    images = micro_batch(suite, processes)
+    size = (images, ds.channels, ds.image_size, ds.image_size)
     weights = sum(_bytes(p) for p in model.parameters() if p.requires_grad)
-    peak = 0
-    for progress in (0.0, 1.0):  # a curriculum's lowest ratio keeps the most tokens
-        mask = meta_masks(masking, model, len(x), progress)
-        saved = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            saved += _bytes(t)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            forward_loss(model, x, mask, losses)
-        peak = max(peak, saved)
-    return 4 * weights + 3 * _bytes(x) + peak
+    buckets = weights if processes > 1 else 0  # DDP's flat copy of the gradients
+    # a curriculum's lowest ratio keeps the most tokens: both ends of the schedule
+    masks = [meta_masks(masking, model, images, progress) for progress in (0.0, 1.0)]
+    # no fallback to real kernels: an operator without a meta kernel fails the estimate
+    with FakeTensorMode(allow_fallback_kernels=False, allow_non_fake_inputs=True):
+        model = model.to_empty(device="cpu")  # fake: shapes and dtypes, no memory
+        x = torch.empty(size)
+        saved = [saved_bytes(model, x, _on_cpu(mask), losses, device_type) for mask in masks]
+    # the backward pass's transient: the gradients into and out of its largest operation
+    activations = max(s.total + 2 * s.largest for s in saved)
+    return 4 * weights + buckets + 3 * math.prod(size) * 4 + activations
 
 
 def memory_budget(device: torch.device) -> tuple[int, str]:
@@ -102,10 +178,11 @@ def memory_check(suite: Suite, device: torch.device, processes: int = 1) -> Memo
     ds = suite.config.dataset
     micro = micro_batch(suite, processes)
     problem, unchecked, notes = None, {}, []
+    precision = " in bf16 autocast" if device.type == "cuda" else ""
     for i, variant in enumerate(suite.variants):
         where = f"{suite.source}: variants[{i}] ({variant.name})"
         try:
-            need = pretrain_step_bytes(variant, suite, processes)
+            need = pretrain_step_bytes(variant, suite, processes, device)
         except STOPS:  # a real Ctrl-C or SIGTERM stops the suite
             raise
         except BaseException as exc:  # a plugin's failure (even SystemExit): its cells fail
@@ -121,8 +198,8 @@ def memory_check(suite: Suite, device: torch.device, processes: int = 1) -> Memo
                 f"{where}: one pretraining step needs "
                 f"about {need / 2**30:,.1f} GiB per process (micro-batch {micro} at "
                 f"{ds.image_size}x{ds.image_size}: weights, gradients, AdamW state and "
-                f"activations), more than {whose} {budget / 2**30:,.1f} GiB of memory; lower "
-                "pretrain.batch_size, dataset.image_size or the model size, or raise "
+                f"activations{precision}), more than {whose} {budget / 2**30:,.1f} GiB of "
+                "memory; lower pretrain.batch_size, dataset.image_size or the model size, or raise "
                 "pretrain.accum_iter"
             )
     return MemoryCheck(problem, unchecked, tuple(notes))

@@ -16,7 +16,6 @@ import json
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mae_bench.distributed import env_world
 from mae_bench.leaderboard import (
     default_reference,
     higher_is_better,
@@ -123,33 +122,29 @@ def baseline_variants(suite: Suite) -> list[Variant]:
     ]
 
 
-def loss_batch(suite: Suite, world_size: int) -> int:
-    """The images one loss call sees: a step's batch split over ``world_size`` data-parallel
-    processes and ``accum_iter`` micro-batches."""
+def loss_batch(suite: Suite) -> int:
+    """The images one loss call sees: a step's batch split into ``accum_iter`` micro-batches
+    (a data-parallel loss gathers the micro-batch over the processes:
+    :func:`mae_bench.distributed.gather_batch`, so the process count does not enter)."""
     pretrain = suite.config.pretrain
-    return pretrain.batch_size // (world_size * pretrain.accum_iter)
+    return pretrain.batch_size // pretrain.accum_iter
 
 
-def pretrain_key(suite: Suite, variant: Variant, world_size: int) -> dict[str, Any]:
+def pretrain_key(suite: Suite, variant: Variant) -> dict[str, Any]:
     """The pretraining settings in ``variant``'s key: all but :data:`RUN_ONLY`, plus
     ``loss_batch`` (:func:`loss_batch`) when one of its losses is a statistic of the batch,
     whose objective then depends on it (other variants' keys do not)."""
     settings = suite.config.pretrain.model_dump(mode="json", exclude=RUN_ONLY)
     if variant.depends_on_batch:
-        settings["loss_batch"] = loss_batch(suite, world_size)
+        settings["loss_batch"] = loss_batch(suite)
     return settings
 
 
-def suite_cells(
-    suite: Suite, world_size: int | None = None, seeds: dict[str, list[int]] | None = None
-) -> list[Cell]:
+def suite_cells(suite: Suite, seeds: dict[str, list[int]] | None = None) -> list[Cell]:
     """Every (variant, seed) cell of ``suite``, variant by variant, baselines last.
 
-    ``world_size``: the data-parallel processes each cell runs on (default: this process's
-    world, from torchrun's ``WORLD_SIZE``); it enters only the keys of variants with a loss
-    that is a statistic of the batch. ``seeds``: a variant's seeds where they differ from
-    the suite's (:attr:`Suite.initial_seeds`): those adaptive seeds have added."""
-    world_size = env_world().world_size if world_size is None else world_size
+    ``seeds``: a variant's seeds where they differ from the suite's
+    (:attr:`Suite.initial_seeds`): those adaptive seeds have added."""
     cells = []
     thresholds = suite.config.eval.thresholds.model_dump(mode="json")
     for variant in [*suite.variants, *baseline_variants(suite)]:
@@ -162,7 +157,7 @@ def suite_cells(
                 "components": {"dataset": suite.dataset.identity, **variant.components()},
             }
             if not variant.baseline:
-                config["pretrain"] = pretrain_key(suite, variant, world_size)
+                config["pretrain"] = pretrain_key(suite, variant)
             key = config_hash(config)
             evaluations = []
             for evaluator in suite.evaluators:

@@ -115,12 +115,6 @@ class Launcher(Component):
     kind: ClassVar[str] = "launcher"
     in_process: ClassVar[bool] = False
 
-    @property
-    def processes_per_cell(self) -> int:
-        """Data-parallel processes each cell runs on (a batch-statistic loss's key holds the
-        share of the batch each sees); an in-process launcher runs on the calling ranks."""
-        return 1
-
     def launch(self, request: LaunchRequest, console: Any) -> None:
         """Run the cells of ``request``; ``console`` is a ``rich.console.Console`` for progress."""
         raise NotImplementedError
@@ -164,8 +158,7 @@ def run_suite(
     resolved = device if isinstance(device, torch.device) else None
     device_option = str(device) if resolved is None else _device_option(resolved, world)
     root = out_dir / suite.name
-    world_size = None if launcher.in_process else launcher.processes_per_cell
-    cells = suite_cells(suite, world_size)
+    cells = suite_cells(suite)
     summary = RunSummary(root=root)
     pending: list[Cell] = []
     if world.is_main:
@@ -215,7 +208,7 @@ def run_suite(
             grown = world.broadcast(grown)
         if grown is None:
             break
-        cells = suite_cells(suite, world_size, grown)
+        cells = suite_cells(suite, grown)
         ids = ()
         if world.is_main:
             store = CellStore(root)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,12 +90,17 @@ def forward_loss(
     mask: Mask,
     losses: list[tuple[Loss, float]],
     forward: torch.nn.Module | None = None,
+    before_loss: Callable[[], None] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The model's forward pass on a masked batch (bf16 autocast on CUDA) and the weighted
     loss, computed in float32 outside autocast. ``forward``: the module to call instead of
-    ``model`` (its DistributedDataParallel wrapper)."""
+    ``model`` (its DistributedDataParallel wrapper); ``before_loss``: called between the
+    two (where data-parallel ranks agree, before a loss may gather the batch)."""
     with autocast(x.device):
-        out = (forward or model)(x, mask)  # pred (B, L, p*p*C), latent (B, prefix + K, D)
+        net = forward if forward is not None else model  # a compiled module has no truth value
+        out = net(x, mask)  # pred (B, L, p*p*C), latent (B, prefix + K, D)
+    if before_loss is not None:
+        before_loss()
     expected = (len(x), mask.mask.shape[1], model.patch_size**2 * x.shape[1])
     if tuple(out.pred.shape) != expected:
         raise ValueError(
@@ -128,14 +132,17 @@ def train_step(
     *,
     micro: int | None = None,
     forward: torch.nn.Module | None = None,
+    before_loss: Callable[[bool], None] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One optimizer step on ``x`` (a batch, or this process's share of it); returns the
     detached loss and terms, averaged over its micro-batches.
 
     ``micro``: micro-batches of that many images whose gradients add up (default: one);
     ``forward``: the model's DistributedDataParallel wrapper, whose gradients are then
-    synchronised across processes once, on the last micro-batch."""
-    net = forward or model
+    synchronised across processes once, on the last micro-batch; ``before_loss(last)``:
+    called after each micro-batch's forward pass, before its loss (``last``: the one whose
+    backward pass synchronises)."""
+    net = forward if forward is not None else model
     optimizer.zero_grad(set_to_none=True)
     parts = range(0, len(x), micro or len(x))
     loss_sum: Tensor | None = None
@@ -145,7 +152,10 @@ def train_step(
         last = i == len(parts) - 1
         sync = contextlib.nullcontext() if last or net is model else net.no_sync()
         with sync:
-            loss, terms = forward_loss(model, x[rows], mask.rows(rows), losses, forward=net)
+            agree = partial(before_loss, last) if before_loss is not None else None
+            loss, terms = forward_loss(
+                model, x[rows], mask.rows(rows), losses, forward=net, before_loss=agree
+            )
             (loss / len(parts)).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         for k, v in terms.items():
@@ -232,20 +242,40 @@ def pretrain(
     CPU for a given seed. The logged ``mask_ratio`` is the fraction of patches actually masked.
 
     Every optimizer step takes ``cfg.batch_size`` images, whatever runs it: with ``world``
-    (data parallel) each process takes its share of every batch, drawn, masked and augmented
-    as in one process, and with ``cfg.accum_iter`` that share is split into micro-batches.
+    (data parallel) each process reads, masks and augments only its share of every batch,
+    drawn as in one process, and with ``cfg.accum_iter`` that share is split into
+    micro-batches (the ranks' i-th micro-batches together are one process's i-th). The ranks
+    agree once per step, on the host, before the step's last loss (any stop signal or
+    checkpoint request, and whether a rank failed: see :mod:`mae_bench.distributed`), and
+    before each loss when a loss is a statistic of the batch (it gathers the whole batch).
     With ``checkpoint``, the run resumes from its saved state (``on_resume(epoch)`` is told)
     and saves one after epochs (by its policy, on the epoch-end path fine-tuning takes too:
     :func:`resume.epoch_boundary`) and at the next step on SIGTERM/SIGUSR1 (see
     :mod:`mae_bench.resume`); a stop signal raises :class:`resume.Terminated` after saving.
     """
+    with world.stage(feeder.device):
+        return _pretrain(
+            model, images, feeder, masking, losses, cfg, seed=seed, on_epoch=on_epoch,
+            checkpoint=checkpoint, world=world, on_resume=on_resume,
+        )  # fmt: skip
+
+
+def _pretrain(
+    model: MaskedAutoencoder,
+    images: Tensor,
+    feeder: ImageFeeder,
+    masking: MaskingStrategy,
+    losses: list[tuple[Loss, float]],
+    cfg: PretrainConfig,
+    *,
+    seed: int,
+    on_epoch: EpochCallback | None,
+    checkpoint: Checkpoint | None,
+    world: Dist,
+    on_resume: Callable[[int], None] | None,
+) -> PretrainResult:
     device = feeder.device
     model.train()
-    net: torch.nn.Module = model
-    if world.active:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
     optimizer = make_optimizer(model, cfg, device)
     gens = {
         "order": torch.Generator().manual_seed(seed),
@@ -260,6 +290,7 @@ def pretrain(
             f"a batch of {bs} images on {world.world_size} processes does not split into "
             f"accum_iter={cfg.accum_iter} equal micro-batches"
         )
+    rows = world.rows(bs, cfg.accum_iter) if world.active else None  # this rank's share
     steps_per_epoch = len(images) // bs
     total = steps_per_epoch * cfg.epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
@@ -276,13 +307,20 @@ def pretrain(
         set_rng_state(saved["rng"], device)
         step, first_epoch, skip = saved["step"], saved["epoch"], saved["batch"]
         epoch_order = saved["epoch_order"]
+        # the ranks' mean of the sums (see state()): each rank goes on from it, and the
+        # epoch's mean over the ranks stays exact
         sums = {k: v.to(device) for k, v in saved["sums"].items()}
         result.history = saved["history"]
         result.images_seen, result.seconds = saved["images_seen"], saved["seconds"]
         if on_resume:
             on_resume(first_epoch)
+    world.agree()  # every rank built its model and read the checkpoint: training starts
+    net = world.wrap(model, device)
 
     def state(epoch: int, batch: int) -> dict[str, object]:
+        """The checkpoint's state; in a data-parallel world, called by every rank together
+        whenever ``sums`` is not empty (mid-epoch, on a request the ranks agreed on): the
+        running sums saved are the ranks' mean, so a resume restores every rank's share."""
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -293,14 +331,28 @@ def pretrain(
             "epoch": epoch,
             "batch": batch,
             "epoch_order": epoch_order,
-            "sums": {k: v.detach().cpu() for k, v in sums.items()},
+            "sums": {k: v.detach().cpu() for k, v in world.means(sums).items()},
             "history": result.history,
             "images_seen": result.images_seen,
             "seconds": result.seconds + time.perf_counter() - start,
         }
 
+    gathers = any(loss.depends_on_batch for loss, _ in losses)
+    agreed_stop: int | None = None  # the step's stop signal and save request, as agreed
+    agreed_save = False
+
+    def agree(last: bool) -> None:
+        """Before a micro-batch's loss: the ranks agree (the last one's carries the step's
+        stop and save requests; the others are only needed when a loss gathers the batch)."""
+        nonlocal agreed_stop, agreed_save
+        if last:
+            agreed_stop, agreed_save = world.agree(*resume.requested())
+        elif gathers:
+            world.agree()
+
+    before_loss = agree if world.active else None
     start = time.perf_counter()
-    with resume.training():
+    with resume.training(), world.shared_batch():
         for epoch in range(first_epoch, cfg.epochs):
             if skip == 0:
                 epoch_order = gens["order"].get_state()
@@ -311,29 +363,36 @@ def pretrain(
             for b, idx in enumerate(batches[skip:], start=skip):
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, total, warmup, cfg)
-                x = feeder(images[idx], cfg.augment, gens["aug"], rows=shard)
+                if rows is None:
+                    x = feeder(images[idx], cfg.augment, gens["aug"])
+                else:  # only this rank's images are read; augmentation drawn for all
+                    x = feeder(images[idx[rows]], cfg.augment, gens["aug"], rows, batch_size=bs)
                 mask = draw_mask(
                     masking, bs, model, step / total, gens["mask"], full_check=step == 0
-                ).rows(shard)
-                loss, terms = train_step(
-                    model, x, mask, losses, optimizer, cfg.grad_clip, micro=micro, forward=net
                 )
+                if rows is not None:
+                    mask = mask.rows(rows)
+                loss, terms = train_step(
+                    model, x, mask, losses, optimizer, cfg.grad_clip, micro=micro, forward=net,
+                    before_loss=before_loss,
+                )  # fmt: skip
                 step += 1
                 result.images_seen += bs
                 drawn = mask.mask.detach().float().mean()
                 for key, value in {"loss": loss, **terms, "mask_ratio": drawn}.items():
                     sums[key] = sums[key] + value if key in sums else value  # no sync per step
-                stop, save = resume.requested()
-                if world.active:  # every rank acts on a signal any rank received
-                    stop = signal.SIGTERM if world.any(stop is not None, device) else None
-                    save = world.any(save, device)
+                if world.active:  # what every rank agreed on before the step's last loss
+                    stop, save = agreed_stop, agreed_save
+                else:
+                    stop, save = resume.requested()
                 if b + 1 < len(batches):  # the last step's request is the epoch end's
                     resume.step_boundary(
                         checkpoint, partial(state, epoch, b + 1), stop, save,
                         where=f"in epoch {epoch + 1}",
                     )  # fmt: skip
             skip = 0
-            means = {k: world.mean(v) for k, v in sums.items()}
+            world.agree()  # every rank ended the epoch's steps (none failed after agreeing)
+            means = world.means(sums)
             if not math.isfinite(float(means["loss"])):
                 raise FloatingPointError(f"the pretraining loss diverged in epoch {epoch + 1}")
             row = {"epoch": epoch + 1, **{k: float(v) / steps_per_epoch for k, v in means.items()}}

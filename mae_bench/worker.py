@@ -282,20 +282,25 @@ class WorkerContext:
 
 
 def _pretrain_on_rank(cell: Cell, suite: Suite, ctx: WorkerContext, world: Dist) -> None:
-    """A non-zero rank's part of a cell: its share of the data-parallel pretraining."""
+    """A non-zero rank's part of a cell: its share of the data-parallel pretraining (a
+    failure on any rank fails it on every rank, at once: :meth:`Dist.stage`)."""
     try:
-        pretrain_cell(
-            cell,
-            suite,
-            ctx.data,
-            ctx.feeder,
-            checkpoint=ctx.checkpoint(cell, suite, world),
-            world=world,
-        )
+        with world.stage(ctx.feeder.device, describe=failure_line):
+            pretrain_cell(
+                cell,
+                suite,
+                ctx.data,
+                ctx.feeder,
+                checkpoint=ctx.checkpoint(cell, suite, world),
+                world=world,
+            )
     except resume.STOPS:
         raise
     except BaseException as exc:  # rank 0 records the cell's failure
         print(f"rank {world.rank}: {cell.cell_id}: {failure_line(exc)}", file=sys.stderr)
+        del exc  # drop the traceback's frames (and the cell's tensors) now
+        if ctx.feeder.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _run_one(
@@ -339,16 +344,17 @@ def _run_one(
         if stored is None:
             lease.update(stage="pretraining", epochs=suite.config.pretrain.epochs)
             display.start_cell(cell, 0 if cell.variant.baseline else suite.config.pretrain.epochs)
-            pre = pretrain_cell(
-                cell,
-                suite,
-                ctx.data,
-                ctx.feeder,
-                on_epoch,
-                checkpoint=checkpoint,
-                world=world,
-                on_resume=on_resume,
-            )
+            with world.stage(ctx.feeder.device, describe=failure_line):  # all ranks together
+                pre = pretrain_cell(
+                    cell,
+                    suite,
+                    ctx.data,
+                    ctx.feeder,
+                    on_epoch,
+                    checkpoint=checkpoint,
+                    world=world,
+                    on_resume=on_resume,
+                )
             store_pretrained(store, cell, pre)
             checkpoint.remove()
         else:

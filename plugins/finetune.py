@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -14,10 +15,12 @@ import torch
 from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.transforms.v2 import functional as tvF
 
 from mae_bench import EvalContext, EvalResult, Evaluator, Metric, Params, hookimpl, resume
 from mae_bench.contract import ImageData, MaskedAutoencoder, Pool, TablePlot
-from mae_bench.data import ImageFeeder, index_batches
+from mae_bench.data import ImageFeeder, index_batches, to_device
 from mae_bench.device import autocast, optimizer_options
 from mae_bench.evaluate import classifier_sanity
 from mae_bench.layers import LayerNorm
@@ -37,11 +40,11 @@ UnitInterval = Annotated[float, Field(gt=0, le=1)]
 
 class FinetuneAugment(Params):
     """Per-image augmentation of fine-tuning batches, in the official recipe's order
-    (``util/datasets.py:build_transform``): random resized crop and horizontal flip
-    (batched on the device; bilinear resampling where the official uses bicubic), timm's
-    RandAugment (``randaugment``: its config string; per image, PIL, on the CPU), the
+    (``util/datasets.py:build_transform``), each batched on the device: random resized crop
+    and horizontal flip (bilinear resampling where the official uses bicubic), timm's
+    RandAugment (``randaugment``: its config string; :func:`rand_augment`), the
     normalisation, then timm's RandomErasing in ``pixel`` mode, one box, with probability
-    ``reprob`` (batched on the device). Every random draw comes from the cell's generator.
+    ``reprob``. Every random draw comes from the cell's generator.
     """
 
     crop_scale: tuple[UnitInterval, UnitInterval] | None = None  # area fraction; None: no crop
@@ -57,15 +60,10 @@ class FinetuneAugment(Params):
         if self.crop_ratio[0] > self.crop_ratio[1]:
             raise ValueError("crop_ratio must be (min, max)")
         if self.randaugment is not None:
-            from timm.data.auto_augment import rand_augment_transform
-
             try:
-                rand_augment_transform(self.randaugment, {})
-            except (AssertionError, ValueError, KeyError, IndexError):
-                raise ValueError(
-                    f"randaugment {self.randaugment!r} is not a timm RandAugment config "
-                    f"(e.g. {OFFICIAL_RANDAUGMENT!r})"
-                ) from None
+                timm_rand_augment(self.randaugment)
+            except ValueError as exc:
+                raise ValueError(f"randaugment {exc}") from None
         return self
 
     @property
@@ -139,8 +137,9 @@ class FinetuneParams(Params):
     mixup: NonNegativeFloat = 0.0  # timm Mixup alpha (0: off)
     cutmix: NonNegativeFloat = 0.0  # timm CutMix alpha (0: off)
     augment: FinetuneAugment = FinetuneAugment()
-    # torchvision's RandAugment (2 ops, magnitude 9) on the stored images, before any crop
-    # (this project's earlier option; the official one is ``augment.randaugment``)
+    # torchvision's RandAugment (2 ops, magnitude 9) on the stored images, before any crop,
+    # batched on the device (this project's earlier option; the official one is
+    # ``augment.randaugment``)
     randaugment: bool = False
 
     @model_validator(mode="before")
@@ -305,70 +304,487 @@ def _augmenter(cfg: FinetuneParams, num_classes: int):
                  label_smoothing=cfg.label_smoothing, num_classes=num_classes)  # fmt: skip
 
 
-def _randaugment(images: Tensor, generator: torch.Generator) -> Tensor:
-    """torchvision's RandAugment (2 ops, magnitude 9) on each uint8 image of a batch, seeded
-    from ``generator`` through the CPU generator alone (saved and restored; no other device's
-    generator is touched)."""
-    from torchvision.transforms import v2
+# ----------------------------------------------------------------- RandAugment, batched
+Argument = Callable[[Tensor, Tensor, tuple[int, int]], Tensor]
+"""An op's argument per image and layer from its magnitude level and a random sign ((B,
+num_ops) tensors on the CPU, float64 and bool) and the images' (height, width)."""
 
-    augment = v2.RandAugment(num_ops=2, magnitude=9)
-    state = torch.get_rng_state()
-    torch.default_generator.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+
+@dataclass(frozen=True)
+class RandAugmentOp:
+    """One RandAugment operation: ``kind`` says what it does (a key of ``_KINDS`` or, for a
+    geometric one, of ``_AFFINE``), ``argument`` its per-image argument (None: it takes
+    none)."""
+
+    name: str
+    kind: str
+    argument: Argument | None = None
+
+
+def _signed(value: Tensor, negate: Tensor) -> Tensor:
+    return torch.where(negate, -value, value)
+
+
+def _timm_ops(hparams: dict[str, Any]) -> dict[str, RandAugmentOp]:
+    """timm's RandAugment operations (``timm.data.auto_augment.LEVEL_TO_ARG``), their
+    arguments written out for per-image levels: level / 10 is the fraction of each range."""
+    pct = float(hparams.get("translate_pct", 0.45))
+    const = float(hparams.get("translate_const", 250))
+
+    def enhance(kind: str) -> RandAugmentOp:
+        return RandAugmentOp(kind.capitalize(), kind, lambda m, neg, hw: m / 10 * 1.8 + 0.1)
+
+    def enhance_increasing(kind: str) -> RandAugmentOp:
+        return RandAugmentOp(
+            f"{kind.capitalize()}Increasing",
+            kind,
+            lambda m, neg, hw: (1 + _signed(m / 10 * 0.9, neg)).clamp(min=0.1),
+        )
+
+    ops = [
+        RandAugmentOp("AutoContrast", "autocontrast"),
+        RandAugmentOp("Equalize", "equalize"),
+        RandAugmentOp("Invert", "invert"),
+        RandAugmentOp("Rotate", "rotate", lambda m, neg, hw: _signed(m / 10 * 30, neg)),
+        RandAugmentOp("Posterize", "posterize", lambda m, neg, hw: (m / 10 * 4).floor()),
+        RandAugmentOp(
+            "PosterizeIncreasing", "posterize", lambda m, neg, hw: 4 - (m / 10 * 4).floor()
+        ),
+        RandAugmentOp(
+            "PosterizeOriginal", "posterize", lambda m, neg, hw: (m / 10 * 4).floor() + 4
+        ),
+        RandAugmentOp(
+            "Solarize", "solarize", lambda m, neg, hw: (m / 10 * 256).floor().clamp(max=256)
+        ),
+        RandAugmentOp(
+            "SolarizeIncreasing",
+            "solarize",
+            lambda m, neg, hw: 256 - (m / 10 * 256).floor().clamp(max=256),
+        ),
+        RandAugmentOp(
+            "SolarizeAdd", "solarize_add", lambda m, neg, hw: (m / 10 * 110).floor().clamp(max=128)
+        ),
+        *(enhance(kind) for kind in ("color", "contrast", "brightness", "sharpness")),
+        *(enhance_increasing(kind) for kind in ("color", "contrast", "brightness", "sharpness")),
+        RandAugmentOp("ShearX", "shear_x", lambda m, neg, hw: _signed(m / 10 * 0.3, neg)),
+        RandAugmentOp("ShearY", "shear_y", lambda m, neg, hw: _signed(m / 10 * 0.3, neg)),
+        RandAugmentOp("TranslateX", "translate_x", lambda m, neg, hw: _signed(m / 10 * const, neg)),
+        RandAugmentOp("TranslateY", "translate_y", lambda m, neg, hw: _signed(m / 10 * const, neg)),
+        RandAugmentOp(
+            "TranslateXRel", "translate_x", lambda m, neg, hw: _signed(m / 10 * pct, neg) * hw[1]
+        ),
+        RandAugmentOp(
+            "TranslateYRel", "translate_y", lambda m, neg, hw: _signed(m / 10 * pct, neg) * hw[0]
+        ),
+        RandAugmentOp(  # timm's desaturate: Color with factor 1 - (0.5 to 1)
+            "Desaturate", "color", lambda m, neg, hw: 1 - (0.5 + 0.5 * m / 10).clamp(0.5, 1.0)
+        ),
+    ]
+    return {op.name: op for op in ops}
+
+
+def _torchvision_ops(num_bins: int) -> list[RandAugmentOp]:
+    """torchvision's ``RandAugment`` operations (``v2.RandAugment._AUGMENTATION_SPACE``): the
+    level is the magnitude bin of ``num_bins``; a translation by t pixels takes the input at
+    x - t, as torchvision's ``affine`` does."""
+    top = num_bins - 1
+
+    def enhance(kind: str) -> RandAugmentOp:
+        return RandAugmentOp(
+            kind.capitalize(), kind, lambda b, neg, hw: 1 + _signed(0.9 * b / top, neg)
+        )
+
+    return [
+        RandAugmentOp("Identity", "identity"),
+        RandAugmentOp("ShearX", "shear_x", lambda b, neg, hw: _signed(0.3 * b / top, neg)),
+        RandAugmentOp("ShearY", "shear_y", lambda b, neg, hw: _signed(0.3 * b / top, neg)),
+        RandAugmentOp(
+            "TranslateX",
+            "translate_x",
+            lambda b, neg, hw: -_signed(150 / 331 * hw[1] * b / top, neg).trunc(),
+        ),
+        RandAugmentOp(
+            "TranslateY",
+            "translate_y",
+            lambda b, neg, hw: -_signed(150 / 331 * hw[0] * b / top, neg).trunc(),
+        ),
+        RandAugmentOp("Rotate", "rotate", lambda b, neg, hw: _signed(30 * b / top, neg)),
+        *(enhance(kind) for kind in ("brightness", "color", "contrast", "sharpness")),
+        RandAugmentOp("Posterize", "posterize", lambda b, neg, hw: 8 - (b / (top / 4)).round()),
+        RandAugmentOp("Solarize", "solarize", lambda b, neg, hw: 255 * (1 - b / top)),
+        RandAugmentOp("AutoContrast", "autocontrast"),
+        RandAugmentOp("Equalize", "equalize"),
+    ]
+
+
+@dataclass(frozen=True)
+class BatchRandAugment:
+    """RandAugment of a whole batch at once, on the batch's device, from a CPU generator.
+
+    Per image, as timm's ``RandAugment`` draws them: ``num_ops`` operations chosen uniformly
+    with replacement (or by ``weights`` without), each applied with probability ``prob`` at
+    a magnitude level drawn around ``magnitude`` (``magnitude_std``: Gaussian noise, inf:
+    uniform in [0, magnitude]; clipped to [0, ``magnitude_max``]) with a random sign for the
+    signed ones. Every random number comes from the caller's CPU generator (the same count
+    for every batch of a size; never a global generator); they travel to the device in one
+    copy, and each kind of operation then runs there at once on the images that drew it,
+    on 8-bit values as PIL's operations compute them (each result clipped to 0-255 and
+    truncated). Geometric operations are PIL's affine transforms (pixel centres, edge
+    pixels extended, its bilinear and bicubic kernels), sampled with ``interpolation``,
+    ``fill`` (per channel, 0-255) where they uncover the image.
+    """
+
+    ops: tuple[RandAugmentOp, ...]
+    num_ops: int = 2
+    magnitude: float = 9.0
+    magnitude_std: float = 0.0
+    magnitude_max: float = 10.0
+    prob: float = 1.0
+    weights: tuple[float, ...] | None = None
+    interpolation: Literal["nearest", "bilinear", "bicubic"] = "nearest"
+    fill: tuple[float, ...] = (0.0,)
+
+    @functools.cached_property
+    def groups(self) -> tuple[str, ...]:
+        """What runs at once: each kind of operation; the geometric ones as one resampling
+        along x (shear and translation in x), one along y, one in both (rotation)."""
+        return tuple(dict.fromkeys(_GROUP.get(op.kind, op.kind) for op in self.ops))
+
+    def draw(
+        self, batch: int, size: tuple[int, int], generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, list[list[int]]]:
+        """The random part, on the CPU, for ``batch`` images of ``size`` (height, width): per
+        layer (an operation per image), the images ordered by :attr:`groups` (``order``,
+        (num_ops, B) int64), their parameters in that order (``params``, (num_ops, B, 6)
+        float32: the argument, or a geometric operation's affine coefficients) and each
+        group's size (``counts``: one per group, then the images left unchanged)."""
+        k, n = len(self.ops), self.num_ops
+        if self.weights is None:
+            choice = torch.randint(k, (batch, n), generator=generator)
+        else:
+            weights = torch.tensor(self.weights, dtype=torch.float64).expand(batch, k)
+            choice = torch.multinomial(weights, n, replacement=False, generator=generator)
+        applied = torch.rand(batch, n, generator=generator, dtype=torch.float64) <= self.prob
+        noise = torch.randn(batch, n, generator=generator, dtype=torch.float64)
+        uniform = torch.rand(batch, n, generator=generator, dtype=torch.float64)
+        negate = torch.rand(batch, n, generator=generator) < 0.5
+        if math.isinf(self.magnitude_std):
+            level = uniform * self.magnitude
+        else:
+            level = self.magnitude + self.magnitude_std * noise
+        level = level.clamp(0.0, self.magnitude_max)
+        params = torch.zeros(batch, n, 6, dtype=torch.float64)
+        group = torch.full((batch, n), len(self.groups))  # the last: left as it is
+        for i, op in enumerate(self.ops):
+            chosen = (choice == i) & applied
+            if op.argument is None:
+                param = torch.zeros(batch, n, 6, dtype=torch.float64)
+            elif op.kind in _AFFINE:
+                param = _AFFINE[op.kind](op.argument(level, negate, size), size)
+            else:
+                param = F.pad(op.argument(level, negate, size).unsqueeze(-1), (0, 5))
+            params = torch.where(chosen.unsqueeze(-1), param, params)
+            group[chosen] = self.groups.index(_GROUP.get(op.kind, op.kind))
+        group = group.T
+        order = group.argsort(dim=1, stable=True)
+        counts = [torch.bincount(row, minlength=len(self.groups) + 1).tolist() for row in group]
+        params = params.transpose(0, 1).gather(1, order.unsqueeze(-1).expand(-1, -1, 6))
+        return order, params.float(), counts
+
+    def apply(
+        self, images: Tensor, order: Tensor, params: Tensor, counts: list[list[int]]
+    ) -> Tensor:
+        """``images`` (B, C, H, W) of 8-bit values (uint8, or floats 0-255) augmented as
+        :meth:`draw` drew, where they are (``order`` and ``params`` there too); the same
+        dtype, values in 0-255."""
+        x = images.to(torch.float32, copy=True)
+        for layer, sizes in enumerate(counts):
+            start = 0
+            for kind, count in zip(self.groups, sizes, strict=False):  # the last: unchanged
+                if count and kind != "identity":
+                    rows = order[layer, start : start + count]
+                    param = params[layer, start : start + count]
+                    x.index_copy_(0, rows, self._run(kind, x.index_select(0, rows), param))
+                start += count
+        return x.to(images.dtype) if images.dtype == torch.uint8 else x
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """``images`` (B, C, H, W) of 8-bit values augmented on their device; the draws are
+        made on the CPU from ``generator`` and copied there at once (not blocking)."""
+        order, params, counts = self.draw(len(images), images.shape[-2:], generator)
+        order, params = to_device([order, params], images.device)
+        return self.apply(images, order, params, counts)
+
+    def _run(self, kind: str, x: Tensor, params: Tensor) -> Tensor:
+        """Operation ``kind`` (a group) on ``x`` (n, C, H, W), floats holding 8-bit values,
+        with each image's ``params`` (n, 6)."""
+        if kind in _MOVES:
+            return _affine(x, params, self.interpolation, self.fill, _MOVES[kind])
+        return _KINDS[kind](x, params[:, 0].view(-1, 1, 1, 1))
+
+
+def _blend(degenerate: Tensor, x: Tensor, factor: Tensor) -> Tensor:
+    """PIL's ``Image.blend(degenerate, x, factor)`` on 8-bit values: clipped, truncated."""
+    return (degenerate + factor * (x - degenerate)).clamp_(0, 255).floor_()
+
+
+def _gray(x: Tensor) -> Tensor:
+    """PIL's conversion to ``L`` (ITU-R 601-2 luma, its fixed-point rounding), (n, 1, H, W);
+    a one-channel image as it is. Exact in float32: every sum stays below 2**24."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 32768) / 65536).floor_().unsqueeze(1)
+
+
+def _smooth(x: Tensor) -> Tensor:
+    """PIL's ``ImageFilter.SMOOTH`` (3x3, centre 5, others 1, over 13), rounded; the border
+    pixels kept, as PIL keeps them. The 3x3 sum as two sums of three shifted views."""
+    rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = box.add_(x[..., 1:-1, 1:-1], alpha=4).div_(13).round_()
+    return out
+
+
+def _posterize(x: Tensor, bits: Tensor) -> Tensor:
+    """The ``bits`` highest bits of each value kept (0 bits: black, as the official recipe's
+    Pillow made it; 8 or more: unchanged)."""
+    step = torch.pow(2.0, 8 - bits.clamp(0, 8))
+    return x.div(step).floor_().mul_(step)
+
+
+def _uint8_op(op: Callable[[Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """A torchvision operation on uint8 images, for floats holding 8-bit values."""
+    return lambda x, arg: op(x.to(torch.uint8)).float()
+
+
+_KINDS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "identity": lambda x, arg: x,
+    "autocontrast": _uint8_op(tvF.autocontrast),
+    "equalize": _uint8_op(tvF.equalize),
+    "invert": lambda x, arg: 255 - x,
+    "posterize": lambda x, arg: _posterize(x, arg),
+    "solarize": lambda x, arg: torch.where(x >= arg, 255 - x, x),
+    "solarize_add": lambda x, arg: torch.where(x < 128, (x + arg).clamp_(max=255), x),
+    "color": lambda x, arg: _blend(_gray(x), x, arg),  # one channel: unchanged
+    "contrast": lambda x, arg: _blend(
+        _gray(x).mean(dim=(1, 2, 3), keepdim=True).add_(0.5).floor_(), x, arg
+    ),
+    "brightness": lambda x, arg: _blend(torch.zeros_like(x), x, arg),
+    "sharpness": lambda x, arg: _blend(_smooth(x), x, arg),
+}
+
+
+def _shear_x(factor: Tensor, size: tuple[int, int]) -> Tensor:
+    one, zero = torch.ones_like(factor), torch.zeros_like(factor)
+    return torch.stack([one, factor, zero, zero, one, zero], dim=-1)
+
+
+def _shear_y(factor: Tensor, size: tuple[int, int]) -> Tensor:
+    one, zero = torch.ones_like(factor), torch.zeros_like(factor)
+    return torch.stack([one, zero, zero, factor, one, zero], dim=-1)
+
+
+def _translate_x(pixels: Tensor, size: tuple[int, int]) -> Tensor:
+    one, zero = torch.ones_like(pixels), torch.zeros_like(pixels)
+    return torch.stack([one, zero, pixels, zero, one, zero], dim=-1)
+
+
+def _translate_y(pixels: Tensor, size: tuple[int, int]) -> Tensor:
+    one, zero = torch.ones_like(pixels), torch.zeros_like(pixels)
+    return torch.stack([one, zero, zero, zero, one, pixels], dim=-1)
+
+
+def _rotate(degrees: Tensor, size: tuple[int, int]) -> Tensor:
+    """PIL's ``rotate(degrees)`` (counter-clockwise about the image's centre)."""
+    angle = torch.deg2rad(-degrees)
+    cos, sin = angle.cos(), angle.sin()
+    cx, cy = size[1] / 2, size[0] / 2
+    return torch.stack(
+        [cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy], dim=-1
+    )
+
+
+_AFFINE: dict[str, Callable[[Tensor, tuple[int, int]], Tensor]] = {
+    "shear_x": _shear_x,
+    "shear_y": _shear_y,
+    "translate_x": _translate_x,
+    "translate_y": _translate_y,
+    "rotate": _rotate,
+}
+"""Per image, the (n, 6) coefficients ``a, b, c, d, e, f`` of PIL's affine transform: the
+output pixel at (x, y) takes the input at (a x + b y + c, d x + e y + f)."""
+
+_GROUP = {"shear_x": "affine_x", "translate_x": "affine_x", "shear_y": "affine_y",
+          "translate_y": "affine_y", "rotate": "affine"}  # fmt: skip
+"""The resampling each geometric operation runs in: ``affine_x`` moves each row along x as
+a whole (coefficients 1, b, c, 0, 1, 0: 4 bicubic taps per row, not 16 per pixel),
+``affine_y`` each column along y."""
+_MOVES = {"affine_x": "x", "affine_y": "y", "affine": "xy"}
+
+
+def _kernel(fraction: Tensor, interpolation: str) -> list[tuple[int, Tensor | None]]:
+    """(offset from the pixel before the sample, weight) of each tap of PIL's affine filters,
+    for samples ``fraction`` of a pixel past that one's centre: ``bilinear`` the two nearest
+    centres, ``bicubic`` four with PIL's cubic (``Geometry.c``: the cubic convolution with
+    a = -1, not the -0.5 of its resize nor the -0.75 of ``grid_sample``)."""
+    t = fraction
+    if interpolation == "bilinear":
+        return [(0, 1 - t), (1, t)]
+    t2, t3 = t * t, t * t * t
+    weights = (-t + 2 * t2 - t3, 1 - 2 * t2 + t3, t + t2 - t3, t3 - t2)
+    return list(zip((-1, 0, 1, 2), weights, strict=True))
+
+
+def _taps(position: Tensor, size: int, interpolation: str) -> list[tuple[Tensor, Tensor | None]]:
+    """(source index, weight) pairs along one axis for samples at ``position`` (pixel
+    coordinates, centres at i + 0.5): ``nearest`` the pixel the position falls in, else
+    :func:`_kernel`'s taps; indices clamped to the image (PIL extends its edges), weight
+    None for 1."""
+    if interpolation == "nearest":
+        return [(position.floor().clamp_(0, size - 1).long(), None)]
+    before = (position - 0.5).floor()
+    return [
+        ((before + offset).clamp_(0, size - 1).long(), weight)
+        for offset, weight in _kernel(position - 0.5 - before, interpolation)
+    ]
+
+
+def _fill_like(x: Tensor, fill: tuple[float, ...]) -> Tensor:
+    """``fill`` (one value, or one per channel) as a (1, C, 1, ...) tensor where ``x`` is,
+    made there from scalars (no copy from the host)."""
+    c = x.shape[1]
+    value = torch.zeros_like(x[:1, :, :1])
+    for channel in range(c):
+        value[:, channel] = fill[channel] if len(fill) == c else fill[0]
+    return value
+
+
+def _shift_rows(x: Tensor, offset: Tensor, interpolation: str, fill: tuple[float, ...]) -> Tensor:
+    """Each row of ``x`` (n, C, H, W) moved along its width: output column j takes the input
+    at j + 0.5 + ``offset`` (n, 1, H, 1) (a shear or translation along x), with one kernel
+    per row; ``fill`` outside, clipped and truncated as :func:`_affine`."""
+    n, c, h, w = x.shape
+    col = torch.arange(w, device=x.device).view(1, 1, 1, w)
+    if interpolation == "nearest":
+        taps: list[tuple[Tensor, Tensor | None]] = [((offset + 0.5).floor().long(), None)]
+    else:
+        before = offset.floor()
+        taps = [
+            (before.long() + shift, weight)
+            for shift, weight in _kernel(offset - before, interpolation)
+        ]
+    out: Tensor | None = None
+    for start, weight in taps:
+        value = x.gather(3, (col + start).clamp_(0, w - 1).expand(n, c, h, w))
+        if weight is not None:
+            value.mul_(weight)
+        out = value if out is None else out.add_(value)
+    source = col + 0.5 + offset
+    inside = (source >= 0) & (source < w)
+    return torch.where(inside, out, _fill_like(x, fill)).clamp_(0, 255).floor_()
+
+
+def _affine(
+    x: Tensor, coefficients: Tensor, interpolation: str, fill: tuple[float, ...], moves: str
+) -> Tensor:
+    """``x`` (n, C, H, W) transformed per image as PIL's ``Image.transform(AFFINE)`` does:
+    output pixel centre (x, y) takes the input at (a x + b y + c, d x + e y + f) (pixel
+    centres at i + 0.5; ``coefficients`` (n, 6)), sampled by ``interpolation`` with the edge
+    pixels extended, ``fill`` where that point is outside the image; clipped and truncated
+    to 8-bit values as PIL does. ``moves``: ``x`` when every image's map is x + b y + c
+    along x alone (a shear or translation: each row moves as a whole, see
+    :func:`_shift_rows`), ``y`` likewise along y, else ``xy``."""
+    n, c, h, w = x.shape
+    a, b, cc, d, e, f = (t.view(n, 1, 1) for t in coefficients.unbind(1))
+    row = torch.arange(h, device=x.device, dtype=x.dtype).add_(0.5).view(1, h, 1)
+    col = torch.arange(w, device=x.device, dtype=x.dtype).add_(0.5).view(1, 1, w)
+    if moves == "x":
+        return _shift_rows(x, (b * row + cc).unsqueeze(1), interpolation, fill)
+    if moves == "y":  # the columns are the rows of the transposed images
+        offset = (d * col + f).transpose(1, 2).unsqueeze(1)  # (n, 1, W, 1)
+        return _shift_rows(x.transpose(2, 3), offset, interpolation, fill).transpose(2, 3)
+    source_x, source_y = a * col + b * row + cc, d * col + e * row + f  # (n, H, W)
+    inside = (source_x >= 0) & (source_x < w) & (source_y >= 0) & (source_y < h)
+    flat, pixels = x.reshape(n, c, h * w), (n, 1, h * w)
+    out: Tensor | None = None
+    for index_y, weight_y in _taps(source_y, h, interpolation):  # per row tap: the column taps
+        row_start = (index_y * w).view(pixels)
+        along_x: Tensor | None = None
+        for index_x, weight_x in _taps(source_x, w, interpolation):
+            value = flat.gather(2, (row_start + index_x.view(pixels)).expand(n, c, h * w))
+            if weight_x is not None:
+                value.mul_(weight_x.view(pixels))
+            along_x = value if along_x is None else along_x.add_(value)
+        if weight_y is not None:
+            along_x.mul_(weight_y.view(pixels))
+        out = along_x if out is None else out.add_(along_x)
+    out = torch.where(inside.view(pixels), out, _fill_like(flat, fill))
+    return out.clamp_(0, 255).floor_().view(n, c, h, w)
+
+
+@functools.lru_cache(maxsize=16)
+def timm_rand_augment(config: str, fill: tuple[float, ...] = (0.5,)) -> BatchRandAugment:
+    """timm's RandAugment ``config`` (``rand-m9-mstd0.5-inc1``: its parser reads it) as a
+    :class:`BatchRandAugment`, bicubic, ``fill`` (per channel, [0, 1]) where geometric
+    operations uncover the image. ValueError for a config timm refuses, or that names an
+    operation this batched version lacks (``GaussianBlur``)."""
+    from timm.data.auto_augment import rand_augment_transform
+
     try:
-        return torch.stack([augment(img) for img in images])
-    finally:
-        torch.set_rng_state(state)
+        transform = rand_augment_transform(config, {})
+    except (AssertionError, ValueError, KeyError, IndexError):
+        raise ValueError(
+            f"{config!r} is not a timm RandAugment config (e.g. {OFFICIAL_RANDAUGMENT!r})"
+        ) from None
+    first = transform.ops[0]
+    known = _timm_ops(first.hparams)
+    missing = [op.name for op in transform.ops if op.name not in known]
+    if missing:
+        raise ValueError(
+            f"{config!r}: the batched RandAugment has no {', '.join(missing)} (it has "
+            f"{', '.join(known)})"
+        )
+    weights = transform.choice_weights
+    return BatchRandAugment(
+        ops=tuple(known[op.name] for op in transform.ops),
+        num_ops=transform.num_layers,
+        magnitude=float(first.magnitude),
+        magnitude_std=float(first.magnitude_std),
+        magnitude_max=float(first.magnitude_max or 10),
+        prob=float(first.prob),
+        weights=None if weights is None else tuple(float(v) for v in weights),
+        interpolation="bicubic",
+        fill=tuple(min(255, round(255 * v)) for v in fill),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def torchvision_rand_augment(num_ops: int = 2, magnitude: int = 9) -> BatchRandAugment:
+    """torchvision's ``v2.RandAugment(num_ops, magnitude)`` (31 magnitude bins, every chosen
+    operation applied, nearest, black fill) as a :class:`BatchRandAugment`."""
+    return BatchRandAugment(
+        ops=tuple(_torchvision_ops(31)),
+        num_ops=num_ops,
+        magnitude=float(magnitude),
+        magnitude_max=30.0,
+        prob=1.0,
+        interpolation="nearest",
+        fill=(0.0,),
+    )
 
 
 def rand_augment(
     pixels: Tensor, config: str, fill: tuple[float, ...], generator: torch.Generator
 ) -> Tensor:
-    """timm's RandAugment ``config`` (e.g. ``rand-m9-mstd0.5-inc1``) on each image of a
-    [0, 1] batch (B, C, H, W), as the official recipe applies it: on 8-bit PIL images,
-    translations up to 45% of the side, bicubic, ``fill`` (the per-channel mean in [0, 1])
-    where geometric ops uncover the image. timm draws from Python's and numpy's global
-    generators: both are seeded from ``generator`` for the call and restored after."""
-    from PIL import Image
-    from timm.data import auto_augment
-    from timm.data.auto_augment import rand_augment_transform
-
-    channels = pixels.shape[1]
-    mean = tuple(min(255, round(255 * v)) for v in fill)
-    hparams = {
-        "translate_const": int(min(pixels.shape[-2:]) * 0.45),
-        "img_mean": mean if channels == 3 else mean[0],
-        "interpolation": Image.BICUBIC,
-    }
-    transform = rand_augment_transform(config, hparams)
-    for op in transform.ops:  # keeping 0 bits: black, as with the Pillow the official ran
-        if op.aug_fn is auto_augment.posterize:
-            op.aug_fn = _posterize
-    stored = pixels.mul(255).round_().clamp_(0, 255).to(torch.uint8).cpu()
-    seed = int(torch.randint(2**31, (1,), generator=generator))
-    python_state, numpy_state_ = random.getstate(), np.random.get_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    try:
-        out = []
-        for img in stored:
-            array = img.permute(1, 2, 0).numpy() if channels == 3 else img[0].numpy()
-            result = np.asarray(transform(Image.fromarray(array)))
-            out.append(torch.from_numpy(result.copy()).view(*img.shape[1:], -1).permute(2, 0, 1))
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state_)
-    return torch.stack(out).to(pixels.device).to(pixels.dtype).div_(255)
-
-
-def _posterize(img: Any, bits_to_keep: int, **kwargs: Any) -> Any:
-    """timm's posterize, where keeping 0 bits gives a black image (recent Pillow refuses
-    0 bits; the Pillow of the official recipe made every pixel 0)."""
-    from PIL import Image
-    from timm.data import auto_augment
-
-    if bits_to_keep <= 0:
-        return Image.new(img.mode, img.size)
-    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+    """timm's RandAugment ``config`` (e.g. ``rand-m9-mstd0.5-inc1``) on a [0, 1] batch (B, C,
+    H, W), batched where it is (:func:`timm_rand_augment`): 8-bit values as the official
+    recipe's PIL images, translations up to 45% of the side, bicubic, ``fill`` (the
+    per-channel mean in [0, 1]) where geometric ops uncover the image. Every draw comes from
+    ``generator``; no global generator is read or reseeded."""
+    stored = pixels.mul(255).round_().clamp_(0, 255)
+    return timm_rand_augment(config, tuple(fill))(stored, generator).div_(255).to(pixels.dtype)
 
 
 def random_erasing(x: Tensor, probability: float, generator: torch.Generator) -> Tensor:
@@ -409,17 +825,21 @@ def training_input(
 ) -> Tensor:
     """A batch of stored training images as normalized, augmented model input on the
     feeder's device (see :class:`FinetuneAugment`; ``randaugment: true`` first applies
-    torchvision's RandAugment to the stored images)."""
+    torchvision's RandAugment to the stored images, :func:`torchvision_rand_augment`).
+    Everything runs on the device; random numbers are drawn on the CPU from ``generator``
+    and reach the device with the images (one copy, and one for the crops)."""
     aug = cfg.augment
-    if cfg.randaugment:
-        images = _randaugment(images, generator)
+    if cfg.randaugment:  # on the stored images, moved to the device with their draws
+        augment = torchvision_rand_augment()
+        order, params, counts = augment.draw(len(images), images.shape[-2:], generator)
+        images, order, params = to_device([images, order, params], feeder.device)
+        images = augment.apply(images, order, params, counts)
     crop = aug.crop if aug.crop_scale or aug.hflip else None
     if aug.randaugment:
         pixels = feeder.augment(images, crop, generator) if crop else feeder.pixels(images)
-        pixels = rand_augment(pixels, aug.randaugment, feeder.mean, generator)
-        mean = pixels.new_tensor(feeder.mean).view(1, -1, 1, 1)
-        std = pixels.new_tensor(feeder.std).view(1, -1, 1, 1)
-        x = pixels.sub_(mean).div_(std)
+        x = rand_augment(pixels, aug.randaugment, feeder.mean, generator)
+        for channel, (mean, std) in enumerate(zip(feeder.mean, feeder.std, strict=True)):
+            x[:, channel].sub_(mean).div_(std)  # no constant tensors copied to the device
     else:
         x = feeder(images, crop, generator)
     if aug.reprob:

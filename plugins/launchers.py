@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
@@ -66,9 +67,11 @@ class InlineLauncher(Launcher):
 
 
 class LocalParams(Params):
-    workers: PositiveInt = Field(2, description="worker processes")
+    workers: PositiveInt = Field(2, description="worker processes")  # may share GPUs
     procs_per_cell: PositiveInt = Field(
-        1, description="data-parallel processes per cell (torchrun, one GPU each on CUDA)"
+        1,
+        description="data-parallel processes per cell (torchrun; on CUDA one GPU each, never "
+        "shared within a cell)",
     )
     threads: PositiveInt | None = Field(
         None, description="CPU threads per process (default: the cores split between them)"
@@ -77,15 +80,16 @@ class LocalParams(Params):
 
 class LocalLauncher(Launcher):
     """N worker processes on this machine, each claiming cells until none is left. With
-    GPUs each worker gets its own (``CUDA_VISIBLE_DEVICES`` slices of ``procs_per_cell``);
-    on the CPU the cores are split between workers. Logs: ``<results>/logs/worker-<i>.log``."""
+    GPUs each worker gets a ``CUDA_VISIBLE_DEVICES`` slice of ``procs_per_cell`` GPUs and is
+    told ``cuda``; more workers than slices share them round-robin (``--workers 8`` on 2
+    GPUs: 4 per GPU), for cells too small to fill a GPU. Workers on one GPU share its memory
+    as separate processes (each its own CUDA context and caching allocator, first come first
+    served; the memory check sizes one cell against the whole GPU): a cell that runs out
+    fails alone with the hint. On the CPU the cores are split between workers. Logs:
+    ``<results>/logs/worker-<i>.log``."""
 
     name = "local"
     Params = LocalParams
-
-    @property
-    def processes_per_cell(self) -> int:
-        return self.params.procs_per_cell
 
     def launch(self, request: LaunchRequest, console: Any) -> None:
         p: LocalParams = self.params
@@ -93,6 +97,8 @@ class LocalLauncher(Launcher):
         if slices is not None and request.device.startswith("cuda:"):
             # the worker sees only its slice: the pinned GPU is its cuda (cuda:0)
             request = dataclasses.replace(request, device="cuda")
+        if slices is not None and len(set(slices)) < len(slices):
+            console.print(sharing_note(slices), highlight=False)
         threads = p.threads or max(1, (os.cpu_count() or 1) // (p.workers * p.procs_per_cell))
         logs = request.root / "logs"
         try:
@@ -152,11 +158,14 @@ def _open_log(root: Path, log: Path) -> BinaryIO:
 
 
 def device_slices(device: str, workers: int, procs_per_cell: int) -> list[str] | None:
-    """``CUDA_VISIBLE_DEVICES`` for each worker (``procs_per_cell`` GPUs each); None on CPU.
-    ``cuda:N`` pins one worker of one process to the visible GPU N (the worker then sees it
-    as ``cuda``, its only GPU).
+    """``CUDA_VISIBLE_DEVICES`` for each worker; None on CPU. The visible GPUs are cut into
+    slices of ``procs_per_cell`` and given round-robin: worker i gets slice i mod the number
+    of slices, so workers beyond the slices share them. ``cuda:N`` gives every worker the
+    visible GPU N (each worker then sees it as ``cuda``, its only GPU).
 
-    UserError if the visible GPUs cannot give every worker its own."""
+    UserError where a cell's processes would share a GPU (NCCL refuses two ranks of one
+    group on one device): ``procs_per_cell`` above the visible GPUs, or above 1 with
+    ``cuda:N``."""
     if device == "cpu" or device == "mps" or not torch.cuda.is_available():
         if device.startswith("cuda"):
             raise UserError("--device: CUDA was requested but is not available on this machine")
@@ -167,23 +176,38 @@ def device_slices(device: str, workers: int, procs_per_cell: int) -> list[str] |
         if visible
         else [str(i) for i in range(torch.cuda.device_count())]
     )
-    needed = workers * procs_per_cell
     pinned = resolve_device(device).index
     if pinned is not None:
-        if needed > 1:
+        if procs_per_cell > 1:
             raise UserError(
-                f"--device {device} names one GPU; the local launcher gives each of its "
-                f"{workers} workers x {procs_per_cell} processes its own: use --device cuda"
+                f"--device {device} names one GPU; procs_per_cell {procs_per_cell} runs each "
+                f"cell on {procs_per_cell} GPUs, one process each: use --device cuda"
             )
         if pinned >= len(ids):
             raise UserError(f"--device {device}: {len(ids)} GPUs are visible")
-        return [ids[pinned]]
-    if needed > len(ids):
+        return [ids[pinned]] * workers
+    if procs_per_cell > len(ids):
         raise UserError(
-            f"--workers {workers} x procs_per_cell {procs_per_cell} need {needed} GPUs; "
-            f"{len(ids)} are visible"
+            f"--launcher-opt procs_per_cell={procs_per_cell}: each cell runs one process per "
+            f"GPU and {len(ids)} GPUs are visible"
         )
-    return [",".join(ids[i * procs_per_cell : (i + 1) * procs_per_cell]) for i in range(workers)]
+    slices = [
+        ",".join(ids[i * procs_per_cell : (i + 1) * procs_per_cell])
+        for i in range(len(ids) // procs_per_cell)
+    ]
+    return [slices[i % len(slices)] for i in range(workers)]
+
+
+def sharing_note(slices: list[str]) -> str:
+    """A line saying how many workers share each GPU slice (for the launch's console)."""
+    counts = Counter(slices)
+    shares = ", ".join(
+        f"{n} on GPU{'s' if ',' in gpus else ''} {gpus}" for gpus, n in counts.items()
+    )
+    return (
+        f"{len(slices)} workers share the GPUs ({shares}): workers on one GPU share its "
+        "memory, and the memory check sized one cell against the whole GPU"
+    )
 
 
 class SubmititParams(Params):
@@ -298,10 +322,6 @@ class SubmititLauncher(Launcher):
             options.pop("name")
         executor.update_parameters(**options)
         return executor
-
-    @property
-    def processes_per_cell(self) -> int:
-        return self.params.tasks_per_node
 
     def launch(self, request: LaunchRequest, console: Any) -> None:
         p: SubmititParams = self.params

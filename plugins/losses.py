@@ -12,6 +12,7 @@ from torch import Tensor
 
 from mae_bench import Loss, LossInputs, Params, hookimpl
 from mae_bench.contract import Pool
+from mae_bench.distributed import gather_batch
 from mae_bench.layers import masked_laplacian_error, patch_mask_to_pixels, unpatchify
 
 
@@ -130,7 +131,11 @@ class UniformityParams(Params):
 
 
 class UniformityLoss(Loss):
-    """Wang & Isola's uniformity: log mean exp(-t ||z_i - z_j||^2) of normalized embeddings."""
+    """Wang & Isola's uniformity: log mean exp(-t ||z_i - z_j||^2) of normalized embeddings.
+
+    Its pairs are those of the step's whole (micro-)batch: data-parallel ranks gather their
+    embeddings (:func:`~mae_bench.distributed.gather_batch`), so the objective and its
+    gradient do not depend on the number of processes."""
 
     name = "uniformity"
     Params = UniformityParams
@@ -141,7 +146,7 @@ class UniformityLoss(Loss):
         return None  # reads the embedding only
 
     def __call__(self, inputs: LossInputs) -> Tensor:
-        z = F.normalize(inputs.embedding(self.params.pool).float(), dim=-1)
+        z = gather_batch(F.normalize(inputs.embedding(self.params.pool).float(), dim=-1))
         if len(z) < 2:
             return z.new_zeros(())
         sq_dist = torch.pdist(z, p=2).pow(2)

@@ -138,12 +138,13 @@ def test_local_launcher_pins_cuda_n_and_the_worker_sees_it_as_its_only_gpu(tmp_p
     assert all(command[-2:] == ["--device", "cuda"] for command, _ in started)
 
 
-def test_cuda_n_names_one_gpu_for_one_worker_only(monkeypatch):
+def test_cuda_n_names_one_gpu_that_every_worker_shares(monkeypatch):
     _fake_workers(monkeypatch)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     assert device_slices("cuda:1", 1, 1) == ["5"]  # cuda:1 of the visible GPUs
-    with pytest.raises(UserError, match=r"--device cuda:1 names one GPU.*2 workers"):
-        device_slices("cuda:1", 2, 1)
+    assert device_slices("cuda:1", 2, 1) == ["5", "5"]  # two workers share GPU 1
+    with pytest.raises(UserError, match=r"--device cuda:1 names one GPU; procs_per_cell 2"):
+        device_slices("cuda:1", 1, 2)
     with pytest.raises(UserError, match=r"--device cuda:4: 4 GPUs are visible"):
         device_slices("cuda:4", 1, 1)
 

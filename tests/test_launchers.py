@@ -59,8 +59,9 @@ def test_device_slices_give_each_worker_its_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     assert device_slices("auto", 2, 2) == ["4,5", "6,7"]
     assert device_slices("cuda", 4, 1) == ["4", "5", "6", "7"]
-    with pytest.raises(UserError, match="need 6 GPUs; 4 are visible"):
-        device_slices("auto", 3, 2)
+    assert device_slices("auto", 3, 2) == ["4,5", "6,7", "4,5"]  # shared: test_workers_per_gpu
+    with pytest.raises(UserError, match="each cell runs one process per GPU and 4 GPUs"):
+        device_slices("auto", 1, 5)
 
 
 @pytest.mark.slow
@@ -100,7 +101,6 @@ def test_submitit_preempted_task_is_requeued_and_resumes_exactly(tmp_path, regis
 
     class Prepare:  # writes the results folder's suite.json, runs nothing
         in_process = False
-        processes_per_cell = 1
 
         def launch(self, request, console):
             pass
@@ -139,23 +139,20 @@ def test_local_launcher_gives_workers_gpu_slices_and_torchrun(tmp_path, monkeypa
     assert command[-2:] == ["--device", "auto"]
 
 
-def test_cells_are_planned_for_the_processes_the_launcher_gives_each_cell(
+def test_cells_are_planned_alike_whatever_processes_the_launcher_gives_each_cell(
     tmp_path, monkeypatch, registry
 ):
-    """A batch-statistic loss (``uniformity``) sees batch / processes: the runner plans its
-    cells with the launcher's processes per cell, as its torchrun workers will."""
+    """A batch-statistic loss (``uniformity``) gathers the whole micro-batch over the
+    processes: a cell run on 2 processes is the cell run on 1, keyed alike."""
     requested = []
     monkeypatch.setattr(LaunchRequest, "finished", lambda self: 0)
     monkeypatch.setattr(LocalLauncher, "launch", lambda self, req, console: requested.append(req))
     suite = load_suite(str(ROOT / "suites" / "tiny.yaml"), registry)  # vit: uniformity
     launcher = LocalLauncher(LocalParams(workers=1, procs_per_cell=2))
-    assert launcher.processes_per_cell == 2
     summary = run_suite(suite, tmp_path, "cpu", launcher=launcher)
     assert len(summary.failed) == 2  # nothing ran here: each cell's job ended without a result
     (request,) = requested
-    planned = {c.cell_id for c in suite_cells(suite, 2)}
-    assert set(request.cell_ids) == planned
-    assert planned != {c.cell_id for c in suite_cells(suite, 1)}  # the vit cell's key differs
+    assert set(request.cell_ids) == {c.cell_id for c in suite_cells(suite)}
 
 
 @pytest.mark.slow

@@ -50,32 +50,29 @@ def test_components_are_part_of_the_keys_and_plugin_versions_the_provenance(regi
     assert record["provenance"]["plugins"] == {"mae-bench": vit.version}
 
 
-def _keys(registry, world_size: int | None = None, **pretrain) -> dict[str, str]:
+def _keys(registry, **pretrain) -> dict[str, str]:
     """Cell id per variant of the tiny suite (``vit`` has a uniformity term, ``mlp`` mse)."""
     data = tiny_suite_data()
     data["pretrain"].update(pretrain)
-    cells = suite_cells(resolve_suite(data, registry), world_size=world_size)
+    cells = suite_cells(resolve_suite(data, registry))
     return {c.variant.name: c.cell_id for c in cells}
 
 
 def test_batch_statistic_loss_keys_hold_the_micro_batch_the_loss_sees(registry):
-    """uniformity's objective changes with accum_iter and the processes splitting a step's
-    batch: its cell key covers the micro-batch; an mse-only variant's key does not move."""
+    """uniformity's objective changes with accum_iter: its cell key covers the micro-batch;
+    an mse-only variant's key does not move."""
     single = _keys(registry, batch_size=32, accum_iter=1)
     accumulated = _keys(registry, batch_size=32, accum_iter=4)
-    two_processes = _keys(registry, world_size=2, batch_size=32, accum_iter=1)
-    assert accumulated["vit"] != single["vit"] and two_processes["vit"] != single["vit"]
-    assert accumulated["mlp"] == single["mlp"] == two_processes["mlp"]
-    # the same micro-batch of 16 images, by accumulation or by processes: the same objective
-    assert _keys(registry, batch_size=32, accum_iter=2)["vit"] == two_processes["vit"]
+    assert accumulated["vit"] != single["vit"] and accumulated["mlp"] == single["mlp"]
     cells = suite_cells(resolve_suite(tiny_suite_data(), registry))
     assert cells[1].config["pretrain"]["loss_batch"] == 32
     assert "loss_batch" not in cells[0].config["pretrain"]
 
 
-def test_the_world_size_comes_from_the_environment_by_default(registry, monkeypatch):
-    """torchrun's WORLD_SIZE: every rank of a data-parallel run plans the same keys."""
-    two_processes = _keys(registry, world_size=2)
+def test_data_parallel_processes_plan_the_same_keys(registry, monkeypatch):
+    """A data-parallel loss gathers the micro-batch over the processes (distributed.
+    gather_batch): torchrun's ranks plan the keys one process does."""
+    one = _keys(registry)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert _keys(registry) == two_processes
+    assert _keys(registry) == one
