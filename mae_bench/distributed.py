@@ -44,7 +44,7 @@ import torch.distributed as torch_dist
 from torch import Tensor
 from torch.distributed import _functional_collectives as funcol
 
-from mae_bench.errors import UserError, exception_line
+from mae_bench.errors import UserError, env_seconds, exception_line
 from mae_bench.resume import STOPS
 
 # rank 0 evaluates alone while the other ranks wait: a long fine-tuning must not time out
@@ -57,16 +57,7 @@ SIMULTANEOUS_S = 1.0  # failures this close in time are reported as one (e.g. OO
 def step_timeout() -> dt.timedelta:
     """The training group's timeout, from ``MAE_BENCH_DIST_STEP_TIMEOUT_S`` (seconds);
     UserError naming the variable if it is not a positive number."""
-    raw = os.environ.get(STEP_TIMEOUT_ENV, "").strip()
-    if not raw:
-        return dt.timedelta(seconds=DEFAULT_STEP_TIMEOUT_S)
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise UserError(f"{STEP_TIMEOUT_ENV}: expected a number of seconds above 0, got {raw!r}")
-    return dt.timedelta(seconds=seconds)
+    return dt.timedelta(seconds=env_seconds(STEP_TIMEOUT_ENV, DEFAULT_STEP_TIMEOUT_S))
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class UserError(Exception):
     """Bad input from the user: a malformed suite, an unknown plugin, a missing file."""
@@ -27,3 +29,18 @@ def exception_line(exc: BaseException) -> str:
     """One line naming an exception: its type and the first line of its message."""
     message = str(exc).strip()
     return f"{type(exc).__name__}: {message.splitlines()[0]}" if message else type(exc).__name__
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A duration in seconds from the environment variable ``name`` (``default`` when unset);
+    UserError naming the variable if it is not a positive number."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise UserError(f"{name}: expected a number of seconds above 0, got {raw!r}")
+    return seconds

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mae_bench.errors import MaeBenchWarning, UserError
+from mae_bench.errors import MaeBenchWarning, env_seconds
 from mae_bench.files import atomic_write
 
 AUTO_SHARE = 0.05  # "auto": saving takes at most this share of the training time
@@ -80,16 +80,7 @@ Outside = Callable[[int, Any], None]
 def stop_grace_s() -> float:
     """The grace period after a stop signal, from ``MAE_BENCH_STOP_GRACE_S`` (seconds);
     UserError naming the variable if it is not a positive number."""
-    raw = os.environ.get(GRACE_ENV, "").strip()
-    if not raw:
-        return DEFAULT_GRACE_S
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise UserError(f"{GRACE_ENV}: expected a number of seconds above 0, got {raw!r}")
-    return seconds
+    return env_seconds(GRACE_ENV, DEFAULT_GRACE_S)
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
