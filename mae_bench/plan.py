@@ -242,9 +242,12 @@ def grow_seeds(suite: Suite, cells: list[Cell], records: list[dict[str, Any]]) -
     rows_of.update({scratch_name(r["variant"]): r["variant"] for r in records if r.get("baseline")})
     better = higher_is_better(primary, metric_info(records))
     looks = sequential_compare(runs, primary, reference, better, adaptive.rule)
+    measured = set(runs.loc[runs[primary].notna(), "variant"])  # the others are not compared
     grown = dict(seeds)
     reasons = {}
     for row in looks.itertuples():
+        if row.variant not in measured:  # e.g. a random-init row: no fine-tuning accuracy
+            continue
         variant = rows_of.get(row.variant, row.variant)
         reasons[row.variant] = row.reason
         have = len(seeds.get(variant, []))

@@ -49,7 +49,7 @@ def test_the_rule_needs_a_compared_primary_metric():
 
 def test_a_look_adds_a_seed_only_where_the_verdict_is_still_open(monkeypatch):
     suite = resolve_suite(
-        adaptive_suite({"min": 3, "max": 5}, ("ref", "clear", "open")), load_registry()
+        adaptive_suite({"min": 3, "max": 5}, ("ref", "clear", "open", "blank")), load_registry()
     )
     assert suite.initial_seeds == [0, 1, 2] and suite.reference == "ref"
     cells = plan.suite_cells(suite)
@@ -58,6 +58,7 @@ def test_a_look_adds_a_seed_only_where_the_verdict_is_still_open(monkeypatch):
         "ref": base,
         "clear": [x + 0.1 for x in base],  # every difference +0.1: conclusive at once
         "open": [x + d for x, d in zip(base, [0.01, -0.02, 0.015], strict=True)],
+        "blank": [float("nan")] * 3,  # no value of the primary metric: not compared, not grown
     }
     runs = pd.DataFrame(
         [{"variant": v, "seed": s, "lp_acc": x} for v, xs in values.items()
@@ -66,7 +67,10 @@ def test_a_look_adds_a_seed_only_where_the_verdict_is_still_open(monkeypatch):
     monkeypatch.setattr(plan, "runs_table", lambda records: runs)
     monkeypatch.setattr(plan, "metric_info", lambda records: {})
     look = plan.grow_seeds(suite, cells, [])
-    assert look.seeds == {"ref": [0, 1, 2, 3], "clear": [0, 1, 2], "open": [0, 1, 2, 3]}
+    assert look.seeds == {
+        "ref": [0, 1, 2, 3], "clear": [0, 1, 2], "open": [0, 1, 2, 3], "blank": [0, 1, 2]
+    }  # fmt: skip
+    assert "blank" not in look.reasons
     assert look.reasons["clear"] == "conclusive at 3 seeds (all differences equal)"
     assert look.reasons["open"].startswith("inconclusive at 3 seeds")
     # at the maximum nothing grows, whatever the verdict
