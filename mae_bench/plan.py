@@ -216,11 +216,13 @@ def recorded_seeds(record: dict[str, Any]) -> dict[str, list[int]]:
 
 @dataclass(frozen=True)
 class SeedPlan:
-    """Adaptive seeds after a look: the seeds each variant runs, and per leaderboard row why
-    it stopped (or that it goes on)."""
+    """Adaptive seeds after a look: the seeds each variant runs, per leaderboard row why it
+    stopped (or that it goes on), and the reference they were compared with (None: none
+    has results yet)."""
 
     seeds: dict[str, list[int]]
     reasons: dict[str, str]
+    reference: str | None = None
 
 
 def grow_seeds(suite: Suite, cells: list[Cell], records: list[dict[str, Any]]) -> SeedPlan:
@@ -237,7 +239,7 @@ def grow_seeds(suite: Suite, cells: list[Cell], records: list[dict[str, Any]]) -
     runs = runs_table(records)
     primary = suite.config.primary_metric
     if adaptive is None or reference is None or runs.empty or primary not in runs:
-        return SeedPlan(seeds, {})
+        return SeedPlan(seeds, {}, reference)
     rows_of = {v: v for v in seeds}  # a leaderboard row -> the cells' variant
     rows_of.update({scratch_name(r["variant"]): r["variant"] for r in records if r.get("baseline")})
     better = higher_is_better(primary, metric_info(records))
@@ -256,4 +258,4 @@ def grow_seeds(suite: Suite, cells: list[Cell], records: list[dict[str, Any]]) -
     longest = max(len(v) for v in grown.values())
     grown[reference] = adaptive.seeds(max(longest, len(grown.get(reference, []))))
     reasons[reference] = f"reference: runs as many seeds as the longest variant ({longest})"
-    return SeedPlan(grown, reasons)
+    return SeedPlan(grown, reasons, reference)

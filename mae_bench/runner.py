@@ -27,7 +27,7 @@ from mae_bench.device import resolve_device
 from mae_bench.distributed import Dist, cell_device, env_world
 from mae_bench.distributed import start as start_world
 from mae_bench.errors import ConfigError, MaeBenchWarning, UserError
-from mae_bench.leaderboard import default_reference, plural
+from mae_bench.leaderboard import plural
 from mae_bench.plan import Cell, grow_seeds, remaining, suite_cells, suite_record
 from mae_bench.plugins import Registry, load_registry
 from mae_bench.results import (
@@ -185,8 +185,7 @@ def run_suite(
     # the probe's folders are removed again if the dataset then fails: nothing is left
     with _removed_on_failure(CellStore(root).cells_dir, root, out_dir):
         if world.is_main and pending:  # before anything is loaded
-            fresh = [c for c in pending if plan[c.cell_id][0] is None]
-            store.check_writable(sum(_result_bytes(c, suite) for c in fresh) + (1 << 20))
+            _check_room(store, suite, plan, pending)
         if launcher.in_process:
             torch_device = resolved if resolved is not None else local_device(device_option)
             start_world(world, torch_device)
@@ -208,14 +207,15 @@ def run_suite(
             grown = world.broadcast(grown)
         if grown is None:
             break
+        planned = {c.cell_id for c in cells}
         cells = suite_cells(suite, grown)
         ids = ()
-        if world.is_main:
-            store = CellStore(root)
-            plan = remaining(store, cells)
-            pending = [c for c in cells if plan[c.cell_id] is not None]
+        if world.is_main:  # the look's new cells (a cell that failed this run is not retried)
+            added = [c for c in cells if c.cell_id not in planned]
+            plan = remaining(store, added)
+            pending = [c for c in added if plan[c.cell_id] is not None]
             if pending:
-                store.check_writable(sum(_result_bytes(c, suite) for c in pending) + (1 << 20))
+                _check_room(store, suite, plan, pending)
             write_suite_record(root, suite_record(suite, cells))
             ids = tuple(c.cell_id for c in pending)
         if launcher.in_process:
@@ -227,6 +227,13 @@ def run_suite(
         write_suite_record(root, suite_record(suite, cells))
         summary.markdown = suite_leaderboard(root, suite, cells)
     return summary
+
+
+def _check_room(store: CellStore, suite: Suite, plan: dict[str, Any], pending: list[Cell]) -> None:
+    """Refuse (naming the folder) unless the results of ``pending`` fit: the weights of those
+    to pretrain, plus 1 MiB."""
+    fresh = [c for c in pending if plan[c.cell_id][0] is None]
+    store.check_writable(sum(_result_bytes(c, suite) for c in fresh) + (1 << 20))
 
 
 def _launch(
@@ -263,12 +270,11 @@ def _next_look(
     more = [name for name, seeds in look.seeds.items() if len(seeds) > had[name]]
     if not more:
         return None
-    reference = suite.reference or default_reference(records)
     console.print(
         "adaptive seeds: another seed for "
         + ", ".join(
             f"{name} ({len(look.seeds[name])} seeds: "
-            f"{'the reference' if name == reference else 'still inconclusive'})"
+            f"{'the reference' if name == look.reference else 'still inconclusive'})"
             for name in more
         ),
         highlight=False,

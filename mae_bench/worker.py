@@ -96,16 +96,17 @@ def run_cells(
     not used).
     Returns False if a stop signal ended it (the cell in training saved a checkpoint).
     """
+    record = None
     if local is not None:
         suite, console, summary = local.suite, local.console, local.summary
     else:
         record = read_suite_record(root)
         suite = resolve_suite(record["resolved"], load_registry(), source=record["source"])
     console = console or Console(stderr=True)
-    # adaptive seeds: the seeds the runner has added so far are those its record lists
-    cells = suite_cells(
-        suite, seeds=recorded_seeds(read_suite_record(root)) if suite.adaptive else None
-    )
+    seeds = None
+    if suite.adaptive:  # the seeds the runner has added so far: those its record lists
+        seeds = recorded_seeds(record or read_suite_record(root))
+    cells = suite_cells(suite, seeds=seeds)
     known = {c.cell_id: c for c in cells}
     unknown = [i for i in cell_ids if i not in known]
     if unknown:
