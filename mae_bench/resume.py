@@ -158,6 +158,7 @@ def handle_signals(
     ignored, as in a background job). UserError if ``MAE_BENCH_STOP_GRACE_S`` is invalid."""
     grace = stop_grace_s() if stop else _state["grace_s"]
     previous = {}
+    mask: set[signal.Signals] | None = None
     try:
         _state["grace_s"] = grace
         for sig in stop:
@@ -170,8 +171,14 @@ def handle_signals(
             and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
         ):
             previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
+        # a signal mask is inherited: a parent that blocked these (some CI runners and job
+        # supervisors do) would leave them pending until exit, and a SIGTERM would never stop
+        # the run; unblocked here, one already pending is handled now
+        mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, set(previous))
         yield
     finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -182,13 +182,23 @@ def test_a_suite_that_cannot_fit_in_memory_is_refused_with_the_figure(tmp_path):
 
 
 # --------------------------------------------------------------- signals
+def _block_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
 @pytest.mark.slow
-def test_sigterm_keeps_finished_cells_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("inherited", ["unblocked", "blocked"])
+def test_sigterm_keeps_finished_cells_and_says_how_to_resume(tmp_path, inherited):
+    """Also when the parent blocked SIGTERM (a mask is inherited; some CI runners and job
+    supervisors block it): mae-bench unblocks what it handles, or the signal would wait,
+    pending, until the run had finished."""
     data = tiny_suite_data(seeds=[0, 1, 2])
     data["pretrain"]["epochs"] = 20
     suite = write_suite(tmp_path, data)
+    start = _block_sigterm if inherited == "blocked" else None
     proc = subprocess.Popen([MAE_BENCH, "run", str(suite), "--out", str(tmp_path / "out")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=start)  # fmt: skip
     cells = tmp_path / "out" / "tiny" / "cells"
     deadline = time.time() + 120
     while time.time() < deadline and not any(
