@@ -33,6 +33,7 @@ _PUBLIC = {
     "Metric": "mae_bench.contract",
     "Params": "mae_bench.contract",
     "TablePlot": "mae_bench.contract",
+    "Target": "mae_bench.contract",
     "Launcher": "mae_bench.runner",
     "LaunchRequest": "mae_bench.runner",
     "ConfigError": "mae_bench.errors",
@@ -62,6 +63,7 @@ __all__ = [
     "Metric",
     "Params",
     "TablePlot",
+    "Target",
     "UserError",
     "__version__",
     "hookimpl",
@@ -85,6 +87,7 @@ if TYPE_CHECKING:
         Metric,
         Params,
         TablePlot,
+        Target,
     )
     from mae_bench.errors import ConfigError, MaeBenchWarning, UserError
     from mae_bench.hookspecs import hookimpl

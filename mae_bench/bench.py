@@ -49,9 +49,8 @@ import torch
 from tabulate import tabulate
 
 from mae_bench.cell import step_flops
-from mae_bench.contract import Mask
 from mae_bench.data import ImageFeeder
-from mae_bench.device import device_name, prepare, resolve_device
+from mae_bench.device import Compiled, device_name, prepare, resolve_device
 from mae_bench.errors import UserError, exception_line
 from mae_bench.plugins import load_registry
 from mae_bench.suite import Suite, resolve_suite
@@ -228,19 +227,6 @@ class Row:
         return self.flops_per_step / self.step_s / 1e12
 
 
-class _Compiled(torch.nn.Module):
-    """Calls a ``torch.compile``d model: ``forward_loss(forward=...)`` tests its module with
-    ``forward or model``, and the compiled wrapper raises on ``bool`` (it forwards
-    ``__len__`` to a model that has none)."""
-
-    def __init__(self, compiled: Callable[..., Any]) -> None:
-        super().__init__()
-        self.compiled = compiled
-
-    def forward(self, x: torch.Tensor, mask: Mask) -> Any:
-        return self.compiled(x, mask)
-
-
 def shape_suite(shape: BenchShape) -> Suite:
     """``shape``'s suite, validated against the installed plugins."""
     return resolve_suite(shape.suite, load_registry(), f"bench:{shape.name}")
@@ -274,7 +260,7 @@ def run_step(
     model.train()
     net: torch.nn.Module = model
     if mode == "compiled":
-        net = _Compiled(torch.compile(model))
+        net = Compiled(model)
     optimizer = make_optimizer(model, cfg, device)
     feeder = ImageFeeder(ds.image_size, ds.channels, (0.5,) * 3, (0.25,) * 3, device)
     order, aug, masks = (torch.Generator().manual_seed(seed) for seed in (0, 1, 2))

@@ -26,6 +26,7 @@ from mae_bench.contract import (
     Loss,
     MaskedAutoencoder,
     MaskingStrategy,
+    Target,
 )
 from mae_bench.data import ImageFeeder
 from mae_bench.device import device_name, peak_memory_mb, provenance, reset_peak_memory
@@ -68,13 +69,18 @@ class Evaluated:
 
 
 def describe(
-    model: MaskedAutoencoder, masking: MaskingStrategy, losses: list[tuple[Loss, float]]
+    model: MaskedAutoencoder,
+    masking: MaskingStrategy,
+    losses: list[tuple[Loss, float]],
+    target: Target | None = None,
 ) -> dict[str, str]:
-    """Short descriptions of a variant's components, for leaderboard columns."""
+    """Short descriptions of a variant's components, for leaderboard columns (a target is
+    part of the loss column: ``mse on hog``)."""
     terms = [
         loss.summary() if weight == 1 else f"{weight:g}*{loss.summary()}" for loss, weight in losses
     ]
-    return {"encoder": model.summary(), "masking": masking.summary(), "loss": " + ".join(terms)}
+    loss = " + ".join(terms) + (f" on {target.summary()}" if target is not None else "")
+    return {"encoder": model.summary(), "masking": masking.summary(), "loss": loss}
 
 
 def count_params(module: torch.nn.Module) -> float:
@@ -93,6 +99,7 @@ def step_flops(
     masking: MaskingStrategy,
     losses: list[tuple[Loss, float]],
     progress: float,
+    target: Target | None = None,
 ) -> tuple[int, float]:
     """FLOPs per image of one pretraining step of ``model`` (on the meta device) at training
     ``progress``: the forward pass, the losses and the backward pass, as
@@ -102,8 +109,8 @@ def step_flops(
     mask = meta_masks(masking, model, FLOP_COUNT_IMAGES, progress)
     size = model.image_size
     images = torch.empty(FLOP_COUNT_IMAGES, model.in_chans, size, size, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        loss, _ = forward_loss(model, images, mask, losses)
+    with FlopCounterMode(display=False) as counter:  # a target's compute (a teacher) counts
+        loss, _ = forward_loss(model, images, mask, losses, target=target)
         loss.backward()
     return mask.ids_keep.shape[1], counter.get_total_flops() / FLOP_COUNT_IMAGES
 
@@ -123,9 +130,13 @@ def pretrain_flops_per_image(variant: Variant, image_size: int, channels: int) -
             with torch.device("meta"):
                 model = variant.build_model(image_size, channels)
             masking, losses = variant.build_masking(), variant.build_losses()
+            target = variant.build_target()
+            if target is not None:
+                with torch.device("meta"):
+                    target.setup(model)
             for point in range(SCHEDULE_POINTS):
                 progress = (point + 0.5) / SCHEDULE_POINTS
-                visible, flops = step_flops(model, masking, losses, progress)
+                visible, flops = step_flops(model, masking, losses, progress, target)
                 per_point.append(counted.setdefault(visible, flops))
         except Exception as exc:  # a plugin that cannot run on the meta device
             warnings.warn(
@@ -192,6 +203,7 @@ def pretrain_cell(
             checkpoint=checkpoint,
             world=world,
             on_resume=on_resume,
+            target=cell.variant.build_target(),
         )
         metrics.update(
             pretrain_s=trained.seconds,
@@ -211,7 +223,7 @@ def pretrain_cell(
         "components": (
             {"encoder": model.summary(), "masking": "none", "loss": "none (no pretraining)"}
             if baseline
-            else describe(model, masking, losses)
+            else describe(model, masking, losses, cell.variant.build_target())
         ),
         "baseline": baseline,
         **({"sweep": cell.variant.sweep_record} if cell.variant.family else {}),
@@ -270,10 +282,11 @@ def evaluate_cell(
         masking=None if cell.variant.baseline else cell.variant.build_masking(),
         mean_image=mean_image,
         thresholds=suite.config.eval.thresholds.values(),
+        target=None if cell.variant.baseline else cell.variant.build_target(),
     )
     for evaluation in evaluations_to_run:
         evaluator = evaluation.evaluator.cls(evaluation.evaluator.params)
-        declared = evaluator.metrics()
+        declared = {**evaluator.metrics(), **(ctx.target.metrics() if ctx.target else {})}
         ctx.checkpoint = checkpoints(evaluation) if checkpoints else None
         result = evaluator.evaluate(ctx)
         undeclared = sorted(set(result.metrics) - set(declared))

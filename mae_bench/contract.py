@@ -236,10 +236,17 @@ def call_masking(
 # --------------------------------------------------------------------------- encoders
 @dataclass(frozen=True)
 class MAEOutput:
-    """What one masked-autoencoder forward pass returns."""
+    """What one masked-autoencoder forward pass returns.
 
-    pred: Tensor  # (B, L, p*p*C) reconstruction of every patch
-    latent: Tensor  # (B, prefix + K, D) encoder tokens of the visible patches
+    ``predicted``: for a model that predicts only some of the masked patches (CrossMAE's
+    partial reconstruction), 1 where ``pred`` holds a prediction the loss reads; None (the
+    default) means every masked patch. Losses average over ``predicted`` instead of the mask.
+    """
+
+    pred: Tensor  # (B, L, pred_dim) a prediction per patch: p*p*C pixels, or the target's
+    latent: Tensor  # (B, prefix + K, D) encoder tokens (of every patch, for an encoder that
+    # sees mask tokens)
+    predicted: Tensor | None = None  # (B, L) float, 1 = a prediction the loss reads
 
 
 class MaskedAutoencoder(nn.Module, Component, ABC):
@@ -292,8 +299,34 @@ class MaskedAutoencoder(nn.Module, Component, ABC):
         return self.encoder(imgs, ids_keep)
 
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
-        """Predict every patch from the visible tokens: (B, L, p*p*C)."""
+        """Predict every patch from the visible tokens: (B, L, pred_dim)."""
         return self.decoder(latent, ids_restore)
+
+    # ----------------------------------------------------------- the prediction head
+    @property
+    def pred_dim(self) -> int:
+        """Values predicted per patch: p*p*C pixels, unless :meth:`reset_head` set another
+        width (a target's, e.g. HOG histograms or a teacher's features)."""
+        return getattr(self, "_pred_dim", None) or self.patch_size**2 * self.in_chans
+
+    def reset_head(self, dim: int) -> None:
+        """Predict ``dim`` values per patch: the head is replaced by a freshly initialised one
+        (as timm's ``reset_classifier``). By default the decoder's ``pred`` linear layer
+        (the built-in decoders'); override for a head built otherwise. ``ValueError`` when
+        there is none to replace (the model can then only predict pixels)."""
+        head = getattr(self.decoder, "pred", None)
+        if not isinstance(head, nn.Linear):
+            raise ValueError(
+                f"encoder {self.name!r} ({type(self).__module__}.{type(self).__qualname__}) "
+                f"predicts {self.pred_dim} pixel values per patch and has no decoder.pred linear "
+                f"layer to predict {dim} target values instead: override reset_head(dim)"
+            )
+        new = nn.Linear(head.in_features, dim, bias=head.bias is not None)
+        nn.init.xavier_uniform_(new.weight)
+        if new.bias is not None:
+            nn.init.zeros_(new.bias)
+        self.decoder.pred = new.to(head.weight.device)
+        self._pred_dim = dim
 
     def pool(self, latent: Tensor, pool: Pool = "cls") -> Tensor:
         """One vector per sample: the cls token if there is one and asked for, else the mean."""
@@ -302,7 +335,7 @@ class MaskedAutoencoder(nn.Module, Component, ABC):
         return latent[:, self.num_prefix_tokens :].mean(dim=1)
 
     def forward(self, imgs: Tensor, mask: Mask) -> MAEOutput:
-        """Encode the visible patches, decode all of them."""
+        """Encode the visible patches, decode all of them: ``MAEOutput(pred, latent)``."""
         latent = self.forward_encoder(imgs, mask.ids_keep)
         if latent.ndim != 3 or latent.shape[-1] != self.embed_dim:
             raise ValueError(
@@ -393,18 +426,28 @@ def _mean_pool(latent: Tensor, pool: Pool) -> Tensor:
 
 @dataclass(frozen=True)
 class LossInputs:
-    """Everything a loss may look at for one batch."""
+    """Everything a loss may look at for one batch.
+
+    ``mask`` is what the loss averages over: the masked patches, or those of them the model
+    predicted (``MAEOutput.predicted``). ``target`` is what ``pred`` is compared with: the
+    variant's :class:`Target` (computed once per batch), by default the input's patches."""
 
     imgs: Tensor  # (B, C, H, W) normalized model input
-    pred: Tensor  # (B, L, p*p*C)
-    mask: Tensor  # (B, L), 1 = masked
+    pred: Tensor  # (B, L, pred_dim)
+    mask: Tensor  # (B, L), 1 = masked (and predicted)
     latent: Tensor  # (B, prefix + K, D) encoder tokens of the visible patches
     patch_size: int
     pooler: Callable[[Tensor, Pool], Tensor] = _mean_pool  # the model's ``pool``
+    given_target: Tensor | None = None  # (B, L, pred_dim) the variant's target, if it has one
+    partial: bool = False  # the model predicted only the patches of ``mask``: ``pred`` holds
+    # nothing elsewhere (a loss over "every patch" then means every predicted one)
 
     @cached_property
     def target(self) -> Tensor:
-        """The input cut into patches, (B, L, p*p*C), in the layout of ``pred``."""
+        """What ``pred`` is trained to be, (B, L, pred_dim): the variant's target, or the
+        input cut into patches, (B, L, p*p*C) (the default: pixels)."""
+        if self.given_target is not None:
+            return self.given_target
         return patchify(self.imgs, self.patch_size)
 
     def embedding(self, pool: Pool = "mean") -> Tensor:
@@ -419,6 +462,9 @@ class Loss(Component, ABC):
     depends_on_batch: ClassVar[bool] = False
     """True for a statistic of the whole batch (e.g. ``uniformity``'s pairs): its objective
     changes with what changes the batch it sees (``accum_iter``, data-parallel processes)."""
+    reads_images: ClassVar[bool] = False
+    """True for a term that reads ``pred`` as an image (unpatchifies it, e.g. a Laplacian
+    filter): it needs pixel predictions, and a variant whose target is not pixels is refused."""
 
     @property
     def prediction_space(self) -> str | None:
@@ -451,6 +497,75 @@ def prediction_loss(losses: list[Loss]) -> Loss | None:
             "use terms of one prediction space"
         )
     return readers[0] if readers else None
+
+
+# --------------------------------------------------------------------------- targets
+class Target(Component, ABC):
+    """What the model predicts for each patch (``target:`` on a variant): normalised pixels,
+    HOG histograms (MaskFeat), a teacher's features (data2vec), ... Without one a variant
+    predicts the input's pixels (``LossInputs.target``).
+
+    The model's head is sized by :meth:`dim` (``MaskedAutoencoder.reset_head``); losses
+    compare ``pred`` with what :meth:`__call__` returns. A target with per-step state (an
+    exponential moving average of the student) builds it in :meth:`setup`, updates it in
+    :meth:`after_step` (after each optimizer step) and saves it with the pretraining
+    checkpoint through :meth:`state_dict` / :meth:`load_state_dict`, so a cell resumes
+    exactly.
+    """
+
+    kind: ClassVar[str] = "target"
+    predicts_pixels: ClassVar[bool] = False
+    """True when predictions are the input's patches, maybe normalised (:meth:`to_input_space`
+    maps them back): reconstruction PSNR applies."""
+
+    @property
+    def prediction_space(self) -> str:
+        """What predictions are, as losses name it: ``"pixels"`` only for the input's patches
+        as they are (a loss that reads ``pred`` as an image needs that); by default the
+        target's name."""
+        return self.name
+
+    def dim(self, model: MaskedAutoencoder) -> int:
+        """Values per patch the model predicts (its head's width); by default p*p*C pixels."""
+        return model.patch_size**2 * model.in_chans
+
+    def setup(self, model: MaskedAutoencoder) -> None:
+        """Called once per pretraining run with the student, built, initialised and on its
+        device, before training starts or resumes (a teacher copies it here)."""
+
+    @abstractmethod
+    def __call__(self, imgs: Tensor, mask: Mask, model: MaskedAutoencoder) -> Tensor:
+        """The target of every patch, (B, L, dim), for the normalized input ``imgs``
+        (B, C, H, W) and its ``mask``; no gradient flows into it."""
+
+    def to_input_space(self, pred: Tensor, patches: Tensor, mask: Tensor) -> Tensor | None:
+        """``pred`` mapped to the normalized input's patches (B, L, p*p*C) for reconstruction
+        metrics and pictures (only the visible patches of ``patches`` may be used), or None
+        when predictions are not pixels (no PSNR then: :meth:`reconstruction_metrics`)."""
+        return None
+
+    def metrics(self) -> dict[str, Metric]:
+        """The metrics :meth:`reconstruction_metrics` reports, by name (none by default)."""
+        return {}
+
+    def reconstruction_metrics(
+        self, pred: Tensor, target: Tensor, mask: Tensor
+    ) -> dict[str, float]:
+        """A target's own measure of the held-out reconstruction: ``pred`` and ``target``
+        (B, L, dim) on the reconstruction evaluator's fixed images and masks (``mask``
+        (B, L), 1 = masked); named as in :meth:`metrics`."""
+        return {}
+
+    def after_step(self, model: MaskedAutoencoder, progress: float) -> None:
+        """Called after each optimizer step of pretraining, ``progress`` in (0, 1] the share
+        of steps done (an EMA teacher follows the student here)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per-run state to checkpoint (tensors and numbers); none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
 
 
 # --------------------------------------------------------------------------- datasets
@@ -611,6 +726,9 @@ class EvalContext:
     # this evaluation's checkpoint file (mae_bench.resume.Checkpoint), for evaluators that
     # train long: load() at the start, epoch_end() after each epoch (see docs/plugins.md)
     checkpoint: Any = None
+    # the variant's target (None: the model predicts pixels); when it does not predict
+    # pixels (``predicts_pixels`` False) there is no PSNR, only the target's own metrics
+    target: Target | None = None
 
     @property
     def device(self) -> torch.device:
@@ -690,6 +808,9 @@ class Evaluator(Component, ABC):
     needs_pretraining: ClassVar[bool] = False  # skipped on no-pretraining baselines
     trains_encoder: ClassVar[bool] = False  # measures a trained copy: baselines' `scratch` row
     summary_priority: ClassVar[int] = 100  # lower fills the unprefixed summary columns first
+    run_only: ClassVar[frozenset[str]] = frozenset()
+    """Params that change how an evaluation runs, not what it computes (``compile``): left
+    out of its key, so switching them reuses stored results."""
 
     @abstractmethod
     def metrics(self) -> dict[str, Metric]:

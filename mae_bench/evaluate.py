@@ -18,6 +18,7 @@ from mae_bench.contract import (
     MaskedAutoencoder,
     MaskingStrategy,
     Pool,
+    Target,
 )
 from mae_bench.data import ImageFeeder, index_batches
 from mae_bench.device import autocast
@@ -107,15 +108,26 @@ def _psnr(mse: Tensor) -> Tensor:
 
 @torch.no_grad()
 def reconstruct(
-    model: MaskedAutoencoder, x: Tensor, mask: Mask, decoder_loss: Loss | None
+    model: MaskedAutoencoder,
+    x: Tensor,
+    mask: Mask,
+    decoder_loss: Loss | None,
+    target: Target | None = None,
 ) -> Tensor:
     """The model's prediction of every patch of normalized ``x``, as a normalized image
-    (B, C, H, W): mapped back from the loss's prediction space (``to_input_space``), which
-    may use the visible patches of ``x`` only."""
+    (B, C, H, W): mapped back from the target's or the loss's prediction space
+    (``to_input_space``), which may use the visible patches of ``x`` only. ``ValueError``
+    for a target whose predictions are not pixels."""
     with autocast(x.device):
         pred = model(x, mask).pred.float()
-    if decoder_loss is not None:
-        pred = decoder_loss.to_input_space(pred, patchify(x, model.patch_size), mask.mask)
+    patches = patchify(x, model.patch_size)
+    if target is not None:
+        mapped = target.to_input_space(pred, patches, mask.mask)
+        if mapped is None:
+            raise ValueError(f"the {target.name!r} target's predictions are not pixels")
+        pred = mapped
+    elif decoder_loss is not None:
+        pred = decoder_loss.to_input_space(pred, patches, mask.mask)
     return unpatchify(pred, model.patch_size, x.shape[1])
 
 

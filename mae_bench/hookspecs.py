@@ -43,6 +43,12 @@ def register_losses(register: Register) -> None:
 
 
 @hookspec
+def register_targets(register: Register) -> None:
+    """Register prediction targets (subclasses of ``mae_bench.Target``): what a model
+    predicts for a masked patch (normalised pixels, HOG, a teacher's features)."""
+
+
+@hookspec
 def register_datasets(register: Register) -> None:
     """Register datasets (subclasses of ``mae_bench.Dataset``)."""
 

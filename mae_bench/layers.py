@@ -56,6 +56,34 @@ def patch_mask_to_pixels(mask: Tensor, patch_size: int) -> Tensor:
     return grid.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
 
 
+def patch_stats(patches: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-patch mean and std of (B, L, p*p*C) patches (the official MAE's ``norm_pix_loss``:
+    std = (var + 1e-6) ** 0.5), (B, L, 1) each."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+    return mean, std
+
+
+def normalize_patches(patches: Tensor) -> Tensor:
+    """Each patch normalized by its own mean and std (:func:`patch_stats`)."""
+    mean, std = patch_stats(patches)
+    return (patches - mean) / std
+
+
+def denormalize_patches(pred: Tensor, patches: Tensor, mask: Tensor) -> Tensor:
+    """Normalized-patch predictions back to the input: a visible patch (``mask`` 0) with its
+    own statistics, a masked one with the image's average visible-patch mean and std
+    (statistics the model could know: a masked patch's own are never used)."""
+    mean, std = patch_stats(patches)
+    visible = (1 - mask)[..., None]
+    count = visible.sum(dim=1, keepdim=True).clamp_min(1.0)
+    image_mean = (mean * visible).sum(dim=1, keepdim=True) / count
+    image_std = (std * visible).sum(dim=1, keepdim=True) / count
+    known_mean = torch.where(visible.bool(), mean, image_mean)
+    known_std = torch.where(visible.bool(), std, image_std)
+    return pred * known_std + known_mean
+
+
 def random_mask(
     batch_size: int,
     num_patches: int,

@@ -40,7 +40,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from mae_bench.contract import Loss, Mask, MaskedAutoencoder
+from mae_bench.contract import Loss, Mask, MaskedAutoencoder, Target
 from mae_bench.errors import MaeBenchWarning, UserError, exception_line
 from mae_bench.resume import STOPS
 from mae_bench.suite import Suite, Variant
@@ -64,6 +64,17 @@ class MemoryCheck:
 
 def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def _state_bytes(state: object) -> int:
+    """Bytes of the tensors in a target's per-run state (a teacher's weights), nested."""
+    if isinstance(state, torch.Tensor):
+        return _bytes(state)
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_state_bytes(v) for v in state)
+    return 0
 
 
 def micro_batch(suite: Suite, processes: int = 1) -> int:
@@ -99,6 +110,7 @@ def saved_bytes(
     mask: Mask,
     losses: list[tuple[Loss, float]],
     device_type: str = "cpu",
+    target: Target | None = None,
 ) -> SavedBytes:
     """Bytes autograd keeps for the backward pass of one forward pass and its losses, as
     :func:`~mae_bench.train.forward_loss` runs them on ``device_type`` (bf16 autocast on
@@ -116,7 +128,7 @@ def saved_bytes(
 
     forward = _Autocast(model) if device_type == "cuda" else None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward_loss(model, x, mask, losses, forward=forward)
+        forward_loss(model, x, mask, losses, forward=forward, target=target)
     return SavedBytes(sum(counted.values()), max(counted.values(), default=0))
 
 
@@ -131,7 +143,8 @@ def pretrain_step_bytes(
 ) -> int:
     """Bytes one process needs for a pretraining step of ``variant`` on ``device`` (its
     type: see the module's docstring): weights x 4 for gradients and AdamW (x 5 with
-    DDP's gradient buckets when ``processes`` > 1), its micro-batch x 3, and the
+    DDP's gradient buckets when ``processes`` > 1), a target's per-run state (a teacher's
+    weights), its micro-batch x 3, and the
     activations kept for backward plus the backward's transient, at the mask ratio of
     either end of training that keeps more. Raises whatever the variant's plugins raise
     on the way."""
@@ -140,6 +153,7 @@ def pretrain_step_bytes(
     with torch.device("meta"):
         model = variant.build_model(ds.image_size, ds.channels)
     masking, losses = variant.build_masking(), variant.build_losses()
+    target = variant.build_target()
     images = micro_batch(suite, processes)
     size = (images, ds.channels, ds.image_size, ds.image_size)
     weights = sum(_bytes(p) for p in model.parameters() if p.requires_grad)
@@ -149,11 +163,17 @@ def pretrain_step_bytes(
     # no fallback to real kernels: an operator without a meta kernel fails the estimate
     with FakeTensorMode(allow_fallback_kernels=False, allow_non_fake_inputs=True):
         model = model.to_empty(device="cpu")  # fake: shapes and dtypes, no memory
+        state = 0
+        if target is not None:
+            target.setup(model)  # a teacher's copy, fake too
+            state = _state_bytes(target.state_dict())
         x = torch.empty(size)
-        saved = [saved_bytes(model, x, _on_cpu(mask), losses, device_type) for mask in masks]
+        saved = [
+            saved_bytes(model, x, _on_cpu(mask), losses, device_type, target) for mask in masks
+        ]
     # the backward pass's transient: the gradients into and out of its largest operation
     activations = max(s.total + 2 * s.largest for s in saved)
-    return 4 * weights + buckets + 3 * math.prod(size) * 4 + activations
+    return 4 * weights + buckets + state + 3 * math.prod(size) * 4 + activations
 
 
 def memory_budget(device: torch.device) -> tuple[int, str]:

@@ -662,12 +662,13 @@ def plot_reconstructions(stored: StoredModels, out: Path, n_images: int = 10) ->
     variants = {v.name: v for v in stored.suite.variants}
     rows: list[tuple[str, torch.Tensor]] = []
     for name, (model, feeder, record) in stored.models.items():
-        if record.get("baseline"):
-            continue
+        target = variants[name].build_target() if name in variants else None
+        if record.get("baseline") or (target is not None and not target.predicts_pixels):
+            continue  # no pretraining, or predictions that are not pixels (HOG, features)
         x = feeder(images)
         masking = variants[name].build_masking() if own_masks else None
         mask: Mask = evaluation_masks(model, len(x), ratio=ratio, seed=seed, masking=masking)
-        pred = reconstruct(model, x, mask, variants[name].decoder_loss())
+        pred = reconstruct(model, x, mask, variants[name].decoder_loss(), target)
         pixel_mask = patch_mask_to_pixels(mask.mask, model.patch_size)
         truth = feeder.to_pixels(x)
         if not rows:

@@ -48,6 +48,7 @@ KINDS: dict[str, Kind] = {
                     frozenset({"name", "init_from"})),
     "masking": Kind("register_masking", "masking", "MaskingStrategy", frozenset({"name"})),
     "loss": Kind("register_losses", "losses", "Loss", frozenset({"name", "weight"})),
+    "target": Kind("register_targets", "targets", "Target", frozenset({"name"})),
     "dataset": Kind("register_datasets", "datasets", "Dataset",
                     frozenset({"name", "image_size", "channels"})),
     "evaluator": Kind("register_evaluators", "evaluators", "Evaluator", frozenset({"enabled"})),

@@ -48,6 +48,7 @@ from mae_bench.contract import (
     Metric,
     Params,
     Seed,
+    Target,
     prediction_loss,
 )
 from mae_bench.errors import ConfigError, UserError
@@ -166,6 +167,11 @@ class PretrainConfig(_Strict):
     )
     grad_clip: PositiveFloat | None = None
     augment: AugmentConfig = AugmentConfig()
+    compile: bool = Field(
+        default=False,
+        description="run the training step through torch.compile (dynamic shapes where the "
+        "token count changes); how a cell runs, not what it computes: not in its key",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -225,12 +231,17 @@ class EvalConfig(BaseModel):
 
 
 class VariantConfig(_Strict):
-    """One MAE variant: encoder x masking x loss."""
+    """One MAE variant: encoder x masking x loss (x target)."""
 
     name: SafeName
     encoder: EncoderRef
     masking: ComponentRef = ComponentRef(name="random")
     loss: list[LossRef] = Field(default_factory=lambda: [LossRef(name="mse")], min_length=1)
+    target: ComponentRef | None = Field(
+        default=None,
+        description="what the model predicts for a masked patch (a target plugin: norm_pix, "
+        "hog, data2vec, ...); none: the input's pixels",
+    )
     sweep: dict[str, Any] | None = Field(
         default=None,
         description="fields to sweep, e.g. {masking.ratio: [0.5, 0.75]}: one variant per "
@@ -436,6 +447,7 @@ class Variant:
     encoder: Resolved
     masking: Resolved
     losses: tuple[ResolvedLoss, ...]
+    target: Resolved | None = None  # what the model predicts (None: the input's pixels)
     baseline: bool = False  # no pretraining: the encoder stays at its random init
     init_from: str | None = None  # checkpoint the model starts from
     init_digest: str | None = None  # SHA-256 of that checkpoint's files
@@ -457,16 +469,28 @@ class Variant:
         encoder = dict(self.encoder.config)
         if self.init_from:
             encoder.update(init_from=self.init_from, init_sha256=self.init_digest)
-        return {
+        config = {
             "name": self.name,
             "encoder": encoder,
             "masking": self.masking.config,
             "loss": [{**t.component.config, "weight": t.weight} for t in self.losses],
         }
+        if self.target is not None:  # (absent by default: pixel variants keep their keys)
+            config["target"] = self.target.config
+        return config
 
     def build_model(self, image_size: int, in_chans: int) -> MaskedAutoencoder:
-        """A fresh model (initialised from the current torch seed; not from ``init_from``)."""
-        return self.encoder.cls(self.encoder.params, image_size=image_size, in_chans=in_chans)
+        """A fresh model (initialised from the current torch seed; not from ``init_from``),
+        its head predicting the target's width when the variant has a target."""
+        model = self.encoder.cls(self.encoder.params, image_size=image_size, in_chans=in_chans)
+        target = self.build_target()
+        if target is not None and not self.baseline:
+            _size_head(target, model)
+        return model
+
+    def build_target(self) -> Target | None:
+        """The target (None: the model predicts the input's pixels)."""
+        return None if self.target is None else self.target.cls(self.target.params)
 
     def decoder_loss(self) -> Loss | None:
         """The loss that says what the model's predictions mean (see ``prediction_loss``)."""
@@ -489,11 +513,14 @@ class Variant:
         ``encoder``, ``masking`` and ``loss`` (one per term; a baseline has its encoder only)."""
         if self.baseline:
             return {"encoder": self.encoder.identity}
-        return {
+        out = {
             "encoder": self.encoder.identity,
             "masking": self.masking.identity,
             "loss": [t.component.identity for t in self.losses],
         }
+        if self.target is not None:
+            out["target"] = self.target.identity
+        return out
 
     def plugins(self) -> dict[str, str]:
         """Name and version of every plugin distribution providing one of its components."""
@@ -502,6 +529,8 @@ class Variant:
             if self.baseline
             else [self.encoder, self.masking, *(t.component for t in self.losses)]
         )
+        if self.target is not None and not self.baseline:
+            parts.append(self.target)
         return {r.plugin: r.version for r in parts}
 
     def build_losses(self) -> list[tuple[Loss, float]]:
@@ -596,6 +625,10 @@ class Suite:
         out = dict(CORE_METRICS)
         for evaluator in self.build_evaluators():
             out.update(evaluator.metrics())
+        for variant in self.variants:  # a target's own reconstruction measure
+            target = variant.build_target()
+            if target is not None and not variant.baseline:
+                out.update(target.metrics())
         return out
 
     @property
@@ -897,11 +930,22 @@ def _resolve_variant(
         ResolvedLoss(_resolve(registry, "loss", t, f"{path}.loss[{j}]", source), t.weight)
         for j, t in enumerate(v.loss)
     )
-    variant = Variant(v.name, encoder, masking, losses)
+    target = (
+        None
+        if v.target is None
+        else _resolve(registry, "target", v.target, f"{path}.target", source)
+    )
+    variant = Variant(v.name, encoder, masking, losses, target)
+    if target is not None:
+        plugin_call(partial(target.cls, target.params), f"{path}.target", target, source)
+        _check_target_losses(variant, path, source)
     # shapes only (no memory): a huge model is caught by the memory check
     device = torch.device("cpu" if v.encoder.init_from else "meta")
-    build_model = partial(variant.build_model, ds.image_size, ds.channels)
+    build_model = partial(replace(variant, target=None).build_model, ds.image_size, ds.channels)
     model = plugin_call(partial(_on, device, build_model), f"{path}.encoder", encoder, source)
+    if target is not None:  # the head sized as build_model sizes it; its errors the target's
+        size = partial(_size_head, variant.build_target(), model)
+        plugin_call(partial(_on, device, size), f"{path}.target", target, source)
     plugin_call(partial(_check_masking, variant, model.grid), f"{path}.masking", masking, source)
     for j, term in enumerate(losses):
         part = term.component
@@ -919,6 +963,37 @@ def _resolve_variant(
             raise ConfigError(f"{path}.encoder.init_from", str(exc), source) from None
         variant = replace(variant, init_from=v.encoder.init_from, init_digest=digest)
     return variant
+
+
+def _size_head(target: Target, model: MaskedAutoencoder) -> None:
+    dim = target.dim(model)
+    if dim != model.pred_dim:
+        model.reset_head(dim)
+
+
+def _check_target_losses(variant: Variant, path: str, source: str) -> None:
+    """Refuse loss terms that cannot train a variant's target: one that normalises pixel
+    patches itself (``mse(norm_pix)``: use the ``norm_pix`` target or the loss's option,
+    not both), or one that reads predictions as an image when they are not pixels."""
+    target = variant.build_target()
+    assert target is not None
+    for j, (loss, _) in enumerate(variant.build_losses()):
+        space = loss.prediction_space
+        if space not in (None, "pixels"):
+            raise ConfigError(
+                f"{path}.loss[{j}]",
+                f"{loss.summary()} trains predictions as {space}, and the target "
+                f"{target.name!r} says what they are: drop the loss's option (e.g. norm_pix) "
+                "or the target",
+                source,
+            )
+        if loss.reads_images and target.prediction_space != "pixels":
+            raise ConfigError(
+                f"{path}.loss[{j}]",
+                f"{loss.summary()} reads predictions as an image, and the {target.name!r} "
+                f"target's predictions are {target.prediction_space}, not the input's pixels",
+                source,
+            )
 
 
 def _resolve_sweep(

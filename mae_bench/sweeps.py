@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ZIP = "zip"  # the key of a sweep that groups paths moving together
-SWEPT_FIELDS = ("encoder", "masking", "loss")  # what a variant's sweep may reach into
+SWEPT_FIELDS = ("encoder", "masking", "loss", "target")  # what a variant's sweep may reach into
 MAX_NAME = 80  # as SafeName allows
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
 

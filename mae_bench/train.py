@@ -20,10 +20,11 @@ from mae_bench.contract import (
     Mask,
     MaskedAutoencoder,
     MaskingStrategy,
+    Target,
     call_masking,
 )
 from mae_bench.data import ImageFeeder, index_batches, to_device
-from mae_bench.device import autocast, optimizer_options
+from mae_bench.device import Compiled, autocast, optimizer_options
 from mae_bench.distributed import SINGLE, Dist
 from mae_bench.resume import Checkpoint, rng_state, set_rng_state
 from mae_bench.suite import PretrainConfig
@@ -91,25 +92,41 @@ def forward_loss(
     losses: list[tuple[Loss, float]],
     forward: torch.nn.Module | None = None,
     before_loss: Callable[[], None] | None = None,
+    target: Target | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The model's forward pass on a masked batch (bf16 autocast on CUDA) and the weighted
     loss, computed in float32 outside autocast. ``forward``: the module to call instead of
     ``model`` (its DistributedDataParallel wrapper); ``before_loss``: called between the
-    two (where data-parallel ranks agree, before a loss may gather the batch)."""
+    two (where data-parallel ranks agree, before a loss may gather the batch); ``target``:
+    the variant's target (None: the input's pixels), computed without gradient."""
     with autocast(x.device):
         net = forward if forward is not None else model  # a compiled module has no truth value
-        out = net(x, mask)  # pred (B, L, p*p*C), latent (B, prefix + K, D)
+        out = net(x, mask)  # pred (B, L, pred_dim), latent (B, prefix + K, D)
     if before_loss is not None:
         before_loss()
-    expected = (len(x), mask.mask.shape[1], model.patch_size**2 * x.shape[1])
+    expected = (len(x), mask.mask.shape[1], model.pred_dim)
     if tuple(out.pred.shape) != expected:
+        what = "p*p*C" if target is None else f"the {target.name!r} target's width"
         raise ValueError(
             f"encoder {model.name!r} predicted a tensor of shape {tuple(out.pred.shape)}, "
-            f"expected (B, L, p*p*C) = {expected}"
+            f"expected (B, L, {what}) = {expected}"
         )
+    given = None
+    if target is not None:
+        with torch.no_grad():
+            given = target(x, mask, model).float()
+        if tuple(given.shape) != expected:
+            raise ValueError(
+                f"target {target.name!r} returned a tensor of shape {tuple(given.shape)}, "
+                f"expected (B, L, dim) = {expected}"
+            )
+    # the loss averages over the predicted patches: every masked one, unless the model
+    # predicts only some of them (MAEOutput.predicted)
+    loss_mask = mask.mask if out.predicted is None else out.predicted.to(mask.mask.dtype)
     inputs = LossInputs(
-        x, out.pred.float(), mask.mask, out.latent.float(), model.patch_size, model.pool
-    )
+        x, out.pred.float(), loss_mask, out.latent.float(), model.patch_size, model.pool, given,
+        partial=out.predicted is not None,
+    )  # fmt: skip
     return loss_terms(losses, inputs)
 
 
@@ -133,6 +150,7 @@ def train_step(
     micro: int | None = None,
     forward: torch.nn.Module | None = None,
     before_loss: Callable[[bool], None] | None = None,
+    target: Target | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One optimizer step on ``x`` (a batch, or this process's share of it); returns the
     detached loss and terms, averaged over its micro-batches.
@@ -141,7 +159,7 @@ def train_step(
     ``forward``: the model's DistributedDataParallel wrapper, whose gradients are then
     synchronised across processes once, on the last micro-batch; ``before_loss(last)``:
     called after each micro-batch's forward pass, before its loss (``last``: the one whose
-    backward pass synchronises)."""
+    backward pass synchronises); ``target``: the variant's target (None: pixels)."""
     net = forward if forward is not None else model
     optimizer.zero_grad(set_to_none=True)
     parts = range(0, len(x), micro or len(x))
@@ -150,12 +168,14 @@ def train_step(
     for i, begin in enumerate(parts):
         rows = slice(begin, begin + (micro or len(x)))
         last = i == len(parts) - 1
-        sync = contextlib.nullcontext() if last or net is model else net.no_sync()
+        unsynced = getattr(net, "no_sync", None)  # a DDP wrapper (compiled or not)
+        sync = contextlib.nullcontext() if last or unsynced is None else unsynced()
         with sync:
             agree = partial(before_loss, last) if before_loss is not None else None
             loss, terms = forward_loss(
-                model, x[rows], mask.rows(rows), losses, forward=net, before_loss=agree
-            )
+                model, x[rows], mask.rows(rows), losses, forward=net, before_loss=agree,
+                target=target,
+            )  # fmt: skip
             (loss / len(parts)).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         for k, v in terms.items():
@@ -237,6 +257,7 @@ def pretrain(
     checkpoint: Checkpoint | None = None,
     world: Dist = SINGLE,
     on_resume: Callable[[int], None] | None = None,
+    target: Target | None = None,
 ) -> PretrainResult:
     """Pretrain ``model`` (already on ``feeder.device``) on uint8 ``images``; deterministic on
     CPU for a given seed. The logged ``mask_ratio`` is the fraction of patches actually masked.
@@ -252,11 +273,13 @@ def pretrain(
     and saves one after epochs (by its policy, on the epoch-end path fine-tuning takes too:
     :func:`resume.epoch_boundary`) and at the next step on SIGTERM/SIGUSR1 (see
     :mod:`mae_bench.resume`); a stop signal raises :class:`resume.Terminated` after saving.
+    ``target``: the variant's target (None: pixels), set up here on the model, called after
+    every optimizer step and checkpointed with the model (a teacher's state resumes too).
     """
     with world.stage(feeder.device):
         return _pretrain(
             model, images, feeder, masking, losses, cfg, seed=seed, on_epoch=on_epoch,
-            checkpoint=checkpoint, world=world, on_resume=on_resume,
+            checkpoint=checkpoint, world=world, on_resume=on_resume, target=target,
         )  # fmt: skip
 
 
@@ -273,9 +296,12 @@ def _pretrain(
     checkpoint: Checkpoint | None,
     world: Dist,
     on_resume: Callable[[int], None] | None,
+    target: Target | None,
 ) -> PretrainResult:
     device = feeder.device
     model.train()
+    if target is not None:
+        target.setup(model)
     optimizer = make_optimizer(model, cfg, device)
     gens = {
         "order": torch.Generator().manual_seed(seed),
@@ -302,6 +328,8 @@ def _pretrain(
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        if target is not None:
+            target.load_state_dict(saved.get("target") or {})
         for name, gen in gens.items():
             gen.set_state(saved["generators"][name])
         set_rng_state(saved["rng"], device)
@@ -316,6 +344,8 @@ def _pretrain(
             on_resume(first_epoch)
     world.agree()  # every rank built its model and read the checkpoint: training starts
     net = world.wrap(model, device)
+    if cfg.compile:  # (the checkpoint saves ``model`` itself: a compiled cell resumes alike)
+        net = Compiled(net)
 
     def state(epoch: int, batch: int) -> dict[str, object]:
         """The checkpoint's state; in a data-parallel world, called by every rank together
@@ -324,6 +354,7 @@ def _pretrain(
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
+            "target": target.state_dict() if target is not None else {},
             "generators": {name: gen.get_state() for name, gen in gens.items()},
             "rng": rng_state(device),
             "scaler": None,  # bf16 autocast needs no gradient scaler
@@ -374,9 +405,11 @@ def _pretrain(
                     mask = mask.rows(rows)
                 loss, terms = train_step(
                     model, x, mask, losses, optimizer, cfg.grad_clip, micro=micro, forward=net,
-                    before_loss=before_loss,
+                    before_loss=before_loss, target=target,
                 )  # fmt: skip
                 step += 1
+                if target is not None:  # per-step state (an EMA teacher follows the student)
+                    target.after_step(model, step / total)
                 result.images_seen += bs
                 drawn = mask.mask.detach().float().mean()
                 for key, value in {"loss": loss, **terms, "mask_ratio": drawn}.items():

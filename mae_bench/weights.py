@@ -212,10 +212,27 @@ def rebuild_model(
                 f"{source}: the encoder's parameters no longer validate: {exc}"
             ) from None
         model = info.cls(validated, image_size=image_size, in_chans=channels)
+        _size_head(model, build, config["variant"].get("target"), source)
     else:
         model = build(image_size, channels)
     load_weights(model, cell_dir)
     return model.to(device).eval()
+
+
+def _size_head(
+    model: MaskedAutoencoder, registry: Registry, target: dict[str, Any] | None, source: Path
+) -> None:
+    """Give ``model`` the head its cell trained: the width of the record's target (if any)."""
+    if not target:
+        return
+    info = registry.get("target", target["name"], f"{source}: variant.target.name")
+    try:
+        validated = info.cls.Params.model_validate({k: v for k, v in target.items() if k != "name"})
+    except ValidationError as exc:
+        raise UserError(f"{source}: the target's parameters no longer validate: {exc}") from None
+    dim = info.cls(validated).dim(model)
+    if dim != model.pred_dim:
+        model.reset_head(dim)
 
 
 def export_cell(

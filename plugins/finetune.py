@@ -21,7 +21,7 @@ from torchvision.transforms.v2 import functional as tvF
 from mae_bench import EvalContext, EvalResult, Evaluator, Metric, Params, hookimpl, resume
 from mae_bench.contract import ImageData, MaskedAutoencoder, Pool, TablePlot
 from mae_bench.data import ImageFeeder, index_batches, to_device
-from mae_bench.device import autocast, optimizer_options
+from mae_bench.device import Compiled, autocast, optimizer_options
 from mae_bench.evaluate import classifier_sanity
 from mae_bench.layers import LayerNorm
 from mae_bench.metrics import classification_metric_info, classification_metrics, confusion
@@ -141,6 +141,7 @@ class FinetuneParams(Params):
     # batched on the device (this project's earlier option; the official one is
     # ``augment.randaugment``)
     randaugment: bool = False
+    compile: bool = False  # the training step through torch.compile (run-only: not in the key)
 
     @model_validator(mode="before")
     @classmethod
@@ -933,11 +934,12 @@ def finetune(
         }
 
     epoch = first
+    forward = Compiled(classifier) if cfg.compile else classifier  # training steps only
     with resume.training():
         for epoch in range(first, epochs):
             step = _epoch(
                 classifier, optimizer, images, labels, feeder, cfg, generator, mixer, mix_rng,
-                loss_fn, step, total, warmup, bs, history, epoch,
+                loss_fn, step, total, warmup, bs, history, epoch, forward,
             )  # fmt: skip
             row = history[-1]
             if len(val_labels):
@@ -990,8 +992,11 @@ def _epoch(
     bs: int,
     history: list[dict[str, float]],
     epoch: int,
+    forward: nn.Module | None = None,
 ) -> int:
-    """One fine-tuning epoch; appends its row to ``history`` and returns the step count."""
+    """One fine-tuning epoch; appends its row to ``history`` and returns the step count.
+    ``forward``: the module to call instead of ``classifier`` (its compiled version)."""
+    net = forward if forward is not None else classifier
     device = feeder.device
     classifier.train()
     total_loss = torch.zeros((), device=device)
@@ -1008,11 +1013,11 @@ def _epoch(
             with _numpy_global(mix_rng):
                 x, soft = mixer(x, y)
             with autocast(device):
-                logits = classifier(x)
+                logits = net(x)
             loss = torch.sum(-soft * logits.float().log_softmax(dim=-1), dim=-1).mean()
         else:
             with autocast(device):
-                logits = classifier(x)
+                logits = net(x)
             loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -1080,6 +1085,7 @@ class FinetuneEvaluator(Evaluator):
     name = "finetune"
     Params = FinetuneParams
     trains_encoder = True
+    run_only = frozenset({"compile"})
     summary_priority = 0
 
     def metrics(self) -> dict[str, Metric]:

@@ -13,7 +13,13 @@ from torch import Tensor
 from mae_bench import Loss, LossInputs, Params, hookimpl
 from mae_bench.contract import Pool
 from mae_bench.distributed import gather_batch
-from mae_bench.layers import masked_laplacian_error, patch_mask_to_pixels, unpatchify
+from mae_bench.layers import (
+    denormalize_patches,
+    masked_laplacian_error,
+    normalize_patches,
+    patch_mask_to_pixels,
+    unpatchify,
+)
 
 
 def _masked_mean(per_patch: Tensor, mask: Tensor) -> Tensor:
@@ -26,13 +32,6 @@ class MSEParams(Params):
 
     norm_pix: bool = False
     masked_only: bool = True
-
-
-def _patch_stats(target: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-patch mean and std (as the official MAE's ``norm_pix_loss``), (B, L, 1) each."""
-    mean = target.mean(dim=-1, keepdim=True)
-    std = (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
-    return mean, std
 
 
 class MSELoss(Loss):
@@ -51,23 +50,15 @@ class MSELoss(Loss):
         model could know. The masked patches' own statistics are never used."""
         if not self.params.norm_pix:
             return pred
-        mean, std = _patch_stats(target)
-        visible = (1 - mask)[..., None]
-        count = visible.sum(dim=1, keepdim=True).clamp_min(1.0)
-        image_mean = (mean * visible).sum(dim=1, keepdim=True) / count
-        image_std = (std * visible).sum(dim=1, keepdim=True) / count
-        known_mean = torch.where(visible.bool(), mean, image_mean)
-        known_std = torch.where(visible.bool(), std, image_std)
-        return pred * known_std + known_mean
+        return denormalize_patches(pred, target, mask)
 
     def __call__(self, inputs: LossInputs) -> Tensor:
         target = inputs.target
         if self.params.norm_pix:
-            mean, std = _patch_stats(target)
-            target = (target - mean) / std
+            target = normalize_patches(target)
         per_patch = ((inputs.pred - target) ** 2).mean(dim=-1)
-        if not self.params.masked_only:
-            return per_patch.mean()
+        if not self.params.masked_only:  # every patch with a prediction
+            return per_patch.mean() if not inputs.partial else _masked_mean(per_patch, inputs.mask)
         return _masked_mean(per_patch, inputs.mask)
 
     def summary(self) -> str:
@@ -88,8 +79,8 @@ class L1Loss(Loss):
 
     def __call__(self, inputs: LossInputs) -> Tensor:
         per_patch = (inputs.pred - inputs.target).abs().mean(dim=-1)
-        if not self.params.masked_only:
-            return per_patch.mean()
+        if not self.params.masked_only:  # every patch with a prediction
+            return per_patch.mean() if not inputs.partial else _masked_mean(per_patch, inputs.mask)
         return _masked_mean(per_patch, inputs.mask)
 
 
@@ -109,6 +100,7 @@ class LaplacianLoss(Loss):
 
     name = "laplacian"
     Params = LaplacianParams
+    reads_images = True  # unpatchifies pred: pixel targets only
 
     def __call__(self, inputs: LossInputs) -> Tensor:
         recon = unpatchify(inputs.pred, inputs.patch_size, inputs.imgs.shape[1])

@@ -101,6 +101,16 @@ class MLPMAE(MaskedAutoencoder):
         """Nothing to drop: the per-patch MLP has no final norm."""
         return False
 
+    def reset_head(self, dim: int) -> None:
+        """Predict ``dim`` values per patch (a target's width): the decoder's last layer,
+        which maps the grid to every patch's prediction, is replaced and freshly initialised."""
+        last = self.decoder.mlp[-1]
+        new = nn.Linear(last.in_features, self.num_patches * dim).to(last.weight.device)
+        init_mae_weights(new)
+        self.decoder.mlp[-1] = new
+        self.decoder.patch_dim = dim
+        self._pred_dim = dim
+
 
 @hookimpl
 def register_encoders(register):

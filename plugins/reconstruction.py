@@ -22,10 +22,12 @@ from mae_bench import (
     Metric,
     Params,
     TablePlot,
+    Target,
     hookimpl,
 )
 from mae_bench.contract import Feeder, Mask, Seed
 from mae_bench.data import ImageFeeder, index_batches
+from mae_bench.device import autocast
 from mae_bench.evaluate import evaluation_masks, evaluation_sample, fixed_masks, reconstruct
 from mae_bench.layers import masked_laplacian_error, patch_mask_to_pixels
 
@@ -57,6 +59,7 @@ def reconstruction_quality(
     decoder_loss: Loss | None,
     mean_image: Tensor,
     masks: Mask | None = None,
+    target: Target | None = None,
 ) -> dict[str, float]:
     """Reconstruction quality on held-out images, pixels in [0, 1], means over images.
 
@@ -68,7 +71,8 @@ def reconstruction_quality(
 
     ``decoder_loss`` maps predictions back to the input (``Loss.to_input_space``): for
     ``mse(norm_pix)`` a masked patch is de-normalised with the image's visible-patch
-    statistics, never with its own. ``mean_image`` ([0, 1], C x H x W) gives the PSNR of
+    statistics, never with its own; a pixel ``target`` (``norm_pix``) maps them instead.
+    ``mean_image`` ([0, 1], C x H x W) gives the PSNR of
     predicting the mean training image, a floor every useful model must clear.
     """
     model.eval()
@@ -79,7 +83,7 @@ def reconstruction_quality(
     for idx in index_batches(len(images), cfg.batch_size):
         x = feeder(images[idx])
         mask = Mask(*(t[idx].to(x.device) for t in (masks.ids_keep, masks.ids_restore, masks.mask)))
-        recon = feeder.to_pixels(reconstruct(model, x, mask, decoder_loss))
+        recon = feeder.to_pixels(reconstruct(model, x, mask, decoder_loss, target))
         truth = feeder.to_pixels(x)
         pixel_mask = patch_mask_to_pixels(mask.mask, p)
         denom = pixel_mask.sum(dim=(1, 2, 3)) * x.shape[1]
@@ -94,6 +98,31 @@ def reconstruction_quality(
         "hf_error": torch.cat(hf_error).mean().item(),
         "psnr_mean_image": torch.cat(psnr_mean).mean().item(),
     }
+
+
+@torch.no_grad()
+def target_quality(
+    model: MaskedAutoencoder,
+    images: Tensor,
+    feeder: ImageFeeder,
+    cfg: ReconstructionParams,
+    target: Target,
+    masks: Mask,
+) -> dict[str, float]:
+    """A target's own measure of the held-out reconstruction (``Target.reconstruction_metrics``)
+    for predictions that are not pixels (HOG histograms, a teacher's features), on the same
+    images and masks as :func:`reconstruction_quality`; {} when it declares none."""
+    if not target.metrics():
+        return {}
+    model.eval()
+    preds, targets = [], []
+    for idx in index_batches(len(images), cfg.batch_size):
+        x = feeder(images[idx])
+        mask = Mask(*(t[idx].to(x.device) for t in (masks.ids_keep, masks.ids_restore, masks.mask)))
+        with autocast(x.device):
+            preds.append(model(x, mask).pred.float().cpu())
+        targets.append(target(x, mask, model).float().cpu())
+    return target.reconstruction_metrics(torch.cat(preds), torch.cat(targets), masks.mask.cpu())
 
 
 def reconstruction_sanity(scores: dict[str, float], n_images: int, masks: str) -> dict[str, Any]:
@@ -260,17 +289,24 @@ class ReconstructionEvaluator(Evaluator):
         masks = evaluation_masks(
             ctx.model, len(sample), ratio=p.mask_ratio, seed=p.mask_seed, masking=own
         )
-        scores = reconstruction_quality(
-            ctx.model, ctx.data.test_images[sample], ctx.feeder, p,
-            decoder_loss=ctx.decoder_loss, mean_image=ctx.mean_image, masks=masks,
-        )  # fmt: skip
+        images, target = ctx.data.test_images[sample], ctx.target
+        if target is not None and not target.predicts_pixels:  # no PSNR: the target's own
+            scores = target_quality(ctx.model, images, ctx.feeder, p, target, masks)
+            note = f"predictions are {target.summary()} targets, not pixels: no PSNR" + (
+                "" if scores else " (the target reports no reconstruction metric)"
+            )
+            sanity = {"n_images": len(sample), "masks": p.masks, "warnings": [], "note": note}
+        else:
+            scores = reconstruction_quality(
+                ctx.model, images, ctx.feeder, p, decoder_loss=ctx.decoder_loss,
+                mean_image=ctx.mean_image, masks=masks, target=target,
+            )  # fmt: skip
+            sanity = reconstruction_sanity(scores, len(sample), p.masks)
         tables = {}
-        if ctx.masking is not None:
+        if ctx.masking is not None:  # after the model ran (a read-back ends a dry run here)
             tables = mask_picture_tables(ctx.model, ctx.data.test_labels, ctx.data.test_images,
                                          ctx.feeder, ctx.masking, p.mask_seed)  # fmt: skip
-        return EvalResult(
-            scores, tables, sanity=reconstruction_sanity(scores, len(sample), p.masks)
-        )
+        return EvalResult(scores, tables, sanity=sanity)
 
     def plots(self) -> list[TablePlot]:
         return [VariantMasks()]

@@ -26,7 +26,7 @@ K of them visible, D / D_dec the encoder / decoder width; each step names where 
    ``forward_loss``), called by ``mae_bench/train.py:forward_loss`` (the forward in bf16
    autocast on CUDA, the loss in float32) from ``mae_bench/train.py:train_step``: target =
    patchify(imgs); with ``norm_pix`` each target patch is normalized by its own mean and
-   (var + 1e-6) ** 0.5 (``plugins/losses.py:_patch_stats``); squared error averaged per patch
+   (var + 1e-6) ** 0.5 (``mae_bench/layers.py:patch_stats``); squared error averaged per patch
    (B, L), then over the masked patches (mask == 1).
 
 Same numbers, other lines: positions are added before masking and the cls token gets none
@@ -70,7 +70,7 @@ _OFFICIAL_DECODER = [
 ]
 _OFFICIAL_ENCODER = re.compile(r"^(cls_token|patch_embed\.|blocks\.|norm\.)")
 # timm's registered ViTs by (embed dim, depth, heads): the name passed to timm.create_model.
-_TIMM_NAMES = {
+TIMM_NAMES = {
     (192, 12, 3): "vit_tiny_patch16_224",
     (384, 12, 6): "vit_small_patch16_224",
     (768, 12, 12): "vit_base_patch16_224",
@@ -223,24 +223,32 @@ class ViTMAE(MaskedAutoencoder):
         position, LayerNorm eps 1e-6, qkv bias), loadable with ``strict=True``."""
         if fmt != "timm":
             return super().export_state_dict(fmt)
-        p = self.params
-        enc = self.encoder
-        weights = {k: v for k, v in enc.state_dict().items() if not k.startswith("pos_embed")}
-        weights["pos_embed"] = torch.cat(
-            [torch.zeros(1, 1, p.dim), enc.pos_embed.detach().cpu()], dim=1
-        )
-        kwargs = {
-            "model_name": _TIMM_NAMES.get((p.dim, p.depth, p.heads), "vit_base_patch16_224"),
-            "img_size": self.image_size,
-            "patch_size": p.patch_size,
-            "in_chans": self.in_chans,
-            "embed_dim": p.dim,
-            "depth": p.depth,
-            "num_heads": p.heads,
-            "mlp_ratio": p.mlp_ratio,
-            "num_classes": 0,
-        }
-        return weights, kwargs
+        return timm_export(self.encoder, self.params, self.image_size, self.in_chans)
+
+
+def timm_export(
+    encoder: ViTEncoder, p: ViTParams, image_size: int, in_chans: int, skip: tuple[str, ...] = ()
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A ``ViTEncoder``'s weights as timm's ``VisionTransformer`` (its fixed positions with a
+    zero row for the cls token; ``skip``: other parameters timm has no place for), and the
+    ``timm.create_model`` keyword arguments of that model."""
+    left_out = ("pos_embed", *skip)
+    weights = {k: v for k, v in encoder.state_dict().items() if not k.startswith(left_out)}
+    weights["pos_embed"] = torch.cat(
+        [torch.zeros(1, 1, p.dim), encoder.pos_embed.detach().cpu()], dim=1
+    )  # (1, 1 + L, D)
+    kwargs = {
+        "model_name": TIMM_NAMES.get((p.dim, p.depth, p.heads), "vit_base_patch16_224"),
+        "img_size": image_size,
+        "patch_size": p.patch_size,
+        "in_chans": in_chans,
+        "embed_dim": p.dim,
+        "depth": p.depth,
+        "num_heads": p.heads,
+        "mlp_ratio": p.mlp_ratio,
+        "num_classes": 0,
+    }
+    return weights, kwargs
 
 
 @hookimpl

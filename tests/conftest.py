@@ -311,6 +311,7 @@ def pretrain_variant(suite, variant=None, *, device="cpu", init_seed=0, **option
     variant = variant or suite.variants[0]
     torch.manual_seed(init_seed)
     model = variant.build_model(16, 3).to(device)
+    options.setdefault("target", variant.build_target())
     result = pretrain(
         model, data.pretrain, feeder, variant.build_masking(), variant.build_losses(),
         suite.config.pretrain, seed=0, **options,

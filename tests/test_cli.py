@@ -106,7 +106,8 @@ def test_leaderboard_command_rerenders(tiny_run_copy):
         (lambda d: d["pretrain"].update(epochs=-1), "pretrain.epochs"),
         (
             lambda d: d["variants"][0].update(encoder={"name": "resnet"}),
-            "variants[0].encoder.name: unknown encoder 'resnet'; known: mlp, timm, vit",
+            "variants[0].encoder.name: unknown encoder 'resnet'; "
+            "known: crossmae, mlp, simmim, timm, vit",
         ),
         (
             lambda d: d["variants"][1].update(masking={"name": "random", "ratio": 1.2}),

@@ -29,7 +29,7 @@ def evaluate_with(registry, masking, **params):
     ctx = SimpleNamespace(
         data=data, model=small_vit(registry), feeder=feeder, masking=masking,
         mean_image=feeder.mean_image(data.pretrain),
-        decoder_loss=make_component(registry, "loss", "mse"),
+        decoder_loss=make_component(registry, "loss", "mse"), target=None,
     )  # fmt: skip
     return ReconstructionEvaluator(ReconstructionParams(num_images=16, **params)).evaluate(ctx)
 
@@ -94,9 +94,9 @@ def test_reconstruction_grid_uses_the_variants_masks(tmp_path, monkeypatch):
     drawn = []
     real = mae_bench.plots.reconstruct
 
-    def recording(model, x, mask, decoder_loss):
+    def recording(model, x, mask, decoder_loss, target=None):
         drawn.append(mask)
-        return real(model, x, mask, decoder_loss)
+        return real(model, x, mask, decoder_loss, target)
 
     monkeypatch.setattr(mae_bench.plots, "reconstruct", recording)
     assert invoke("report", str(tmp_path / "out" / "tiny")).exit_code == 0

@@ -13,9 +13,10 @@ from tests.conftest import ROOT, invoke
 
 
 def test_builtins_registered_through_entry_points(registry):
-    assert registry.names("encoder") == ["mlp", "timm", "vit"]
+    assert registry.names("encoder") == ["crossmae", "mlp", "simmim", "timm", "vit"]
     assert registry.names("masking") == ["block", "curriculum", "grid", "random"]
     assert registry.names("loss") == ["l1", "laplacian", "mse", "uniformity"]
+    assert registry.names("target") == ["data2vec", "hog", "norm_pix", "pixels"]
     assert {"digits", "synthetic"} <= set(registry.names("dataset"))
     for kind in KINDS:
         for component in registry.components[kind].values():

@@ -98,6 +98,7 @@ def test_reconstruction_below_the_mean_image_is_warned_in_its_sanity(registry):
         data=data, model=model, feeder=feeder, masking=None,
         mean_image=feeder.mean_image(data.pretrain),
         decoder_loss=make_component(registry, "loss", "mse"),
+        target=None,
     )  # fmt: skip
     result = ReconstructionEvaluator(ReconstructionParams(num_images=24)).evaluate(ctx)
     scores, sanity = result.metrics, result.sanity
