@@ -36,12 +36,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from mae_bench_plugins.vit import ViTEncoder, ViTMAE, ViTParams
+from mae_bench_plugins.vit import ViTMAE, ViTParams
 from pydantic import Field
 from timm.layers import Mlp
 from torch import Tensor, nn
 
-from mae_bench import MAEOutput, Mask, MaskedAutoencoder, hookimpl
+from mae_bench import MAEOutput, Mask, hookimpl
 from mae_bench.layers import LayerNorm, gather_tokens, init_mae_weights, sincos_pos_embed
 
 
@@ -137,14 +137,9 @@ class CrossMAE(ViTMAE):
     name = "crossmae"
     Params = CrossMAEParams
 
-    def __init__(self, params: CrossMAEParams, *, image_size: int, in_chans: int) -> None:
-        # ViTMAE.__init__ would build an MAEDecoder only to replace it: set up its parts here
-        MaskedAutoencoder.__init__(self, params, image_size=image_size, in_chans=in_chans)
-        self.check_patch_size(params.patch_size)
-        self.patch_size = params.patch_size
-        self.embed_dim = params.dim
-        self.encoder = ViTEncoder(params, image_size, in_chans)
-        self.decoder = CrossDecoder(
+    def build_decoder(self, params: CrossMAEParams, in_chans: int) -> nn.Module:
+        """The cross-attention decoder (in place of the MAE's)."""
+        return CrossDecoder(
             num_patches=self.num_patches,
             embed_dim=params.dim,
             pred_dim=params.patch_size**2 * in_chans,

@@ -28,39 +28,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from mae_bench_plugins.vit import ViTEncoder, ViTParams, timm_export
-from pydantic import PositiveFloat, PositiveInt, model_validator
+from mae_bench_plugins.vit import ViTEncoder, ViTEncoderParams, timm_export
 from torch import Tensor, nn
 
-from mae_bench import MAEOutput, Mask, MaskedAutoencoder, Params, hookimpl
+from mae_bench import MAEOutput, Mask, MaskedAutoencoder, hookimpl
 
 
-class SimMIMParams(Params):
+class SimMIMParams(ViTEncoderParams):
     """Encoder sizes (as ``vit``'s; there is no decoder, only a linear head)."""
-
-    patch_size: PositiveInt = 4
-    dim: PositiveInt = 128
-    depth: PositiveInt = 4
-    heads: PositiveInt = 4
-    mlp_ratio: PositiveFloat = 4.0
-
-    @model_validator(mode="after")
-    def _heads_divide_dim(self) -> SimMIMParams:
-        if self.dim % self.heads:
-            raise ValueError("dim must be divisible by heads")
-        if self.dim % 4:
-            raise ValueError("dim must be divisible by 4 (2D sin-cos positions)")
-        return self
 
 
 class SimMIMEncoder(ViTEncoder):
     """``vit``'s encoder on every patch, those masked replaced by a learned mask token."""
 
     def __init__(self, p: SimMIMParams, image_size: int, in_chans: int) -> None:
-        vit = ViTParams(
-            patch_size=p.patch_size, dim=p.dim, depth=p.depth, heads=p.heads, mlp_ratio=p.mlp_ratio
-        )
-        super().__init__(vit, image_size, in_chans)
+        super().__init__(p, image_size, in_chans)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, p.dim))  # (1, 1, D)
         nn.init.trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)  # as the official ViT
 

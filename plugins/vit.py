@@ -79,21 +79,20 @@ TIMM_NAMES = {
 }
 
 
-class ViTParams(Params):
-    """Encoder and decoder sizes (the decoder is the MAE's lightweight one)."""
+class ViTEncoderParams(Params):
+    """The encoder's sizes (also ``simmim``'s, which has no decoder)."""
 
     patch_size: PositiveInt = 4
     dim: PositiveInt = 128
     depth: PositiveInt = 4
     heads: PositiveInt = 4
     mlp_ratio: PositiveFloat = 4.0
-    decoder_dim: PositiveInt = 64
-    decoder_depth: PositiveInt = 2
-    decoder_heads: PositiveInt = 4
+
+    _widths: tuple[tuple[str, str], ...] = (("dim", "heads"),)  # (width, its heads)
 
     @model_validator(mode="after")
-    def _heads_divide_dims(self) -> ViTParams:
-        for dim, heads in (("dim", "heads"), ("decoder_dim", "decoder_heads")):
+    def _heads_divide_dims(self) -> ViTEncoderParams:
+        for dim, heads in self._widths:
             if getattr(self, dim) % getattr(self, heads):
                 raise ValueError(f"{dim} must be divisible by {heads}")
             if getattr(self, dim) % 4:
@@ -101,10 +100,20 @@ class ViTParams(Params):
         return self
 
 
+class ViTParams(ViTEncoderParams):
+    """Encoder and decoder sizes (the decoder is the MAE's lightweight one)."""
+
+    decoder_dim: PositiveInt = 64
+    decoder_depth: PositiveInt = 2
+    decoder_heads: PositiveInt = 4
+
+    _widths = (("dim", "heads"), ("decoder_dim", "decoder_heads"))
+
+
 class ViTEncoder(nn.Module):
     """Patch embedding, fixed 2D sin-cos positions, a cls token and timm ``Block``s."""
 
-    def __init__(self, p: ViTParams, image_size: int, in_chans: int) -> None:
+    def __init__(self, p: ViTEncoderParams, image_size: int, in_chans: int) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(image_size, p.patch_size, in_chans, p.dim)
         grid = image_size // p.patch_size
@@ -164,7 +173,11 @@ class ViTMAE(MaskedAutoencoder):
         self.patch_size = params.patch_size
         self.embed_dim = params.dim
         self.encoder = ViTEncoder(params, image_size, in_chans)
-        self.decoder = MAEDecoder(
+        self.decoder = self.build_decoder(params, in_chans)
+
+    def build_decoder(self, params: ViTParams, in_chans: int) -> nn.Module:
+        """The MAE's light decoder (a subclass builds another, e.g. ``crossmae``'s)."""
+        return MAEDecoder(
             num_patches=self.num_patches,
             embed_dim=params.dim,
             patch_size=params.patch_size,
@@ -227,7 +240,11 @@ class ViTMAE(MaskedAutoencoder):
 
 
 def timm_export(
-    encoder: ViTEncoder, p: ViTParams, image_size: int, in_chans: int, skip: tuple[str, ...] = ()
+    encoder: ViTEncoder,
+    p: ViTEncoderParams,
+    image_size: int,
+    in_chans: int,
+    skip: tuple[str, ...] = (),
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """A ``ViTEncoder``'s weights as timm's ``VisionTransformer`` (its fixed positions with a
     zero row for the cls token; ``skip``: other parameters timm has no place for), and the
