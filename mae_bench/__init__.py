@@ -34,6 +34,7 @@ _PUBLIC = {
     "Params": "mae_bench.contract",
     "TablePlot": "mae_bench.contract",
     "Target": "mae_bench.contract",
+    "TrainingStep": "mae_bench.contract",
     "Launcher": "mae_bench.runner",
     "LaunchRequest": "mae_bench.runner",
     "ConfigError": "mae_bench.errors",
@@ -64,6 +65,7 @@ __all__ = [
     "Params",
     "TablePlot",
     "Target",
+    "TrainingStep",
     "UserError",
     "__version__",
     "hookimpl",
@@ -88,6 +90,7 @@ if TYPE_CHECKING:
         Params,
         TablePlot,
         Target,
+        TrainingStep,
     )
     from mae_bench.errors import ConfigError, MaeBenchWarning, UserError
     from mae_bench.hookspecs import hookimpl

@@ -795,6 +795,18 @@ class TablePlot:
         raise NotImplementedError(f"{type(self).__name__}: define draw_variant()")
 
 
+@dataclass(frozen=True)
+class TrainingStep:
+    """One training step of an evaluator that trains (fine-tuning), for the memory pre-check:
+    ``module`` is what it trains (its weights, their gradients and AdamW's two moments are
+    counted), called on a batch of ``batch_size`` normalized images; ``loss`` turns its
+    output into the scalar whose backward pass the step runs."""
+
+    module: nn.Module
+    batch_size: int
+    loss: Callable[[Tensor], Tensor]
+
+
 class Evaluator(Component, ABC):
     """An evaluation protocol run on every cell (linear probe, k-NN, fine-tuning, ...).
 
@@ -823,6 +835,12 @@ class Evaluator(Component, ABC):
     def plots(self) -> list[TablePlot]:
         """Figures drawn from this evaluator's tables (``plots/``, report.html); none by default."""
         return []
+
+    def training_step(self, model: MaskedAutoencoder, num_classes: int) -> TrainingStep | None:
+        """For the memory pre-check, the step this evaluator trains with, built around
+        ``model`` (on the meta device: shapes only), or None (the default) for one that
+        trains nothing big (a probe on cached features)."""
+        return None
 
 
 # --------------------------------------------------------------------------- loggers

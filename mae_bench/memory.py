@@ -7,8 +7,10 @@ the step takes the CPU's own kernels, attention included); autograd's saved-tens
 add up what the backward pass would keep, each storage once. With the backward pass's
 transient (twice its largest saved tensor: a gradient in, one out), the weights, their
 gradients and AdamW's two moments (and DDP's gradient buckets when the step is
-data-parallel), and the input batch, that is the step's footprint. A suite that cannot fit
-in the memory of the device it would run on is refused before anything is loaded.
+data-parallel), and the input batch, that is the step's footprint. The fine-tuning step
+(an evaluator's ``training_step``: the encoder on every patch, with its head, on the
+fine-tuning batch) is counted the same way. A suite that cannot fit in the memory of the
+device it would run on is refused before anything is loaded.
 
 The step is modelled as the device will run it: on CUDA the model's forward pass in bf16
 autocast (as :func:`mae_bench.train.forward_loss` runs it there; the CPU's autocast casts a
@@ -29,6 +31,7 @@ variant runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -40,7 +43,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from mae_bench.contract import Loss, Mask, MaskedAutoencoder, Target
+from mae_bench.contract import Evaluator, Loss, Mask, MaskedAutoencoder, Target
 from mae_bench.errors import MaeBenchWarning, UserError, exception_line
 from mae_bench.resume import STOPS
 from mae_bench.suite import Suite, Variant
@@ -176,6 +179,54 @@ def pretrain_step_bytes(
     return 4 * weights + buckets + state + 3 * math.prod(size) * 4 + activations
 
 
+FINETUNE_CLASSES = 1000
+"""Classes the heads of the fine-tuning estimate have: the dataset is not loaded yet, and a
+linear head is a small share of the step (an upper bound for most datasets)."""
+
+
+def training_step_bytes(
+    evaluator: Evaluator, variant: Variant, suite: Suite, device: torch.device | str = "cpu"
+) -> tuple[int, int] | None:
+    """Bytes one process needs for a training step of ``evaluator`` (fine-tuning) on
+    ``variant``'s encoder on ``device``, and its batch; None for an evaluator that trains
+    nothing big (:meth:`mae_bench.Evaluator.training_step`). Counted as the pretraining
+    step is (see the module's docstring): the trained weights x 4, the batch x 3, and what
+    autograd keeps for the backward pass plus its transient, every patch visible."""
+    device_type = torch.device(device).type
+    ds = suite.config.dataset
+    with torch.device("meta"):
+        model = variant.build_model(ds.image_size, ds.channels)
+        step = evaluator.training_step(model, FINETUNE_CLASSES)
+    if step is None:
+        return None
+    size = (step.batch_size, ds.channels, ds.image_size, ds.image_size)
+    weights = sum(_bytes(p) for p in step.module.parameters() if p.requires_grad)
+    counted: dict[StorageWeakRef, int] = {}
+    with FakeTensorMode(allow_fallback_kernels=False, allow_non_fake_inputs=True):
+        module = step.module.to_empty(device="cpu")
+        x = torch.empty(size)
+        there = {StorageWeakRef(t.untyped_storage()) for t in (*module.parameters(), x)}
+        there |= {StorageWeakRef(t.untyped_storage()) for t in module.buffers()}
+
+        def pack(t: Tensor) -> Tensor:
+            storage = StorageWeakRef(t.untyped_storage())
+            if storage not in there and storage not in counted:
+                counted[storage] = t.untyped_storage().nbytes()
+            return t
+
+        precision = (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if device_type == "cuda"
+            else contextlib.nullcontext()
+        )
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with precision:
+                out = module(x)
+            step.loss(out)
+    activations = sum(counted.values()) + 2 * max(counted.values(), default=0)
+    return 4 * weights + 3 * math.prod(size) * 4 + activations, step.batch_size
+
+
 def memory_budget(device: torch.device) -> tuple[int, str]:
     """Total memory of ``device`` in bytes, and what it is (for messages)."""
     if device.type == "cuda":
@@ -187,7 +238,8 @@ def memory_budget(device: torch.device) -> tuple[int, str]:
 
 
 def memory_check(suite: Suite, device: torch.device, processes: int = 1) -> MemoryCheck:
-    """Estimate each variant's pretraining step on ``device``: the first variant that cannot
+    """Estimate each variant's pretraining step, and its fine-tuning step (an evaluator's
+    :meth:`~mae_bench.Evaluator.training_step`), on ``device``: the first that cannot
     fit (``problem``), and the variants whose plugins failed on the way (``unchecked``).
 
     ``processes`` data-parallel processes on one CPU machine share its memory; on CUDA each
@@ -199,6 +251,7 @@ def memory_check(suite: Suite, device: torch.device, processes: int = 1) -> Memo
     micro = micro_batch(suite, processes)
     problem, unchecked, notes = None, {}, []
     precision = " in bf16 autocast" if device.type == "cuda" else ""
+    evaluators = [e.cls(e.params) for e in suite.evaluators]
     for i, variant in enumerate(suite.variants):
         where = f"{suite.source}: variants[{i}] ({variant.name})"
         try:
@@ -222,6 +275,26 @@ def memory_check(suite: Suite, device: torch.device, processes: int = 1) -> Memo
                 "memory; lower pretrain.batch_size, dataset.image_size or the model size, or raise "
                 "pretrain.accum_iter"
             )
+        for evaluator in evaluators:  # fine-tuning: every patch visible, its own batch
+            try:
+                found = training_step_bytes(evaluator, variant, suite, device)
+            except STOPS:
+                raise
+            except BaseException as exc:
+                notes.append(
+                    f"{where}: its {evaluator.name} step's memory could not be estimated "
+                    f"({exception_line(exc)}); it is not refused"
+                )
+                continue
+            if found is not None and found[0] > budget and problem is None:
+                need, batch = found
+                problem = (
+                    f"{where}: one {evaluator.name} training step needs about "
+                    f"{need / 2**30:,.1f} GiB (batch {batch} at {ds.image_size}x"
+                    f"{ds.image_size}, every patch visible: weights, gradients, AdamW state "
+                    f"and activations{precision}), more than {whose} {budget / 2**30:,.1f} "
+                    f"GiB of memory; lower eval.{evaluator.name}.batch_size or the model size"
+                )
     return MemoryCheck(problem, unchecked, tuple(notes))
 
 

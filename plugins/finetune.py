@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as tvF
 
 from mae_bench import EvalContext, EvalResult, Evaluator, Metric, Params, hookimpl, resume
-from mae_bench.contract import ImageData, MaskedAutoencoder, Pool, TablePlot
+from mae_bench.contract import ImageData, MaskedAutoencoder, Pool, TablePlot, TrainingStep
 from mae_bench.data import ImageFeeder, index_batches, to_device
 from mae_bench.device import Compiled, autocast, optimizer_options
 from mae_bench.evaluate import classifier_sanity
@@ -1079,6 +1079,11 @@ def finetune_sanity(metrics: dict[str, float], data: ImageData) -> dict[str, Any
             "warnings": warnings}  # fmt: skip
 
 
+def _cross_entropy_bound(logits: Tensor) -> Tensor:
+    """A scalar that needs what cross-entropy needs for its backward pass (the logits)."""
+    return logits.float().log_softmax(dim=-1).mean()
+
+
 class FinetuneEvaluator(Evaluator):
     """The encoder plus a linear head trained end to end on a fraction of the labels."""
 
@@ -1118,6 +1123,14 @@ class FinetuneEvaluator(Evaluator):
                 "did not learn (check lr and budget)",
             ),
         }
+
+    def training_step(self, model: MaskedAutoencoder, num_classes: int) -> TrainingStep:
+        """The encoder (every patch visible) with its head, on a batch of ``batch_size``,
+        trained with cross-entropy: what the memory pre-check counts."""
+        p = self.params
+        classifier = Classifier(model, num_classes, p.pool, p.head)
+        classifier.model.set_drop_path(p.drop_path)
+        return TrainingStep(classifier, p.batch_size, _cross_entropy_bound)
 
     def evaluate(self, ctx: EvalContext) -> EvalResult:
         data, p = ctx.data, self.params

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from torch import Tensor
 
 from mae_bench.errors import MaeBenchWarning
 from mae_bench.memory import memory_check, memory_problem, pretrain_step_bytes
@@ -329,5 +330,73 @@ def test_the_cuda_estimate_is_at_most_30_percent_above_a_measured_cuda_step(regi
     assert 0.9 < estimate / measured < 1.3, (estimate, measured)
 
 
-if __name__ == "__main__":  # a fresh process for measure_step: python -m tests.test_memory DATA
-    print(json.dumps(measure_step(json.loads(sys.argv[1]))))
+def test_a_fine_tuning_step_that_cannot_fit_is_refused_naming_its_batch(registry, gpu_of):
+    """The STL-10 ViT-B suite pretrains in about 14 GiB at batch 128, which a 24 GB GPU
+    holds; fine-tuning at batch 512 sees every patch (4x the tokens) and does not fit."""
+    suite = vit_base_suite(registry, batch_size=128)
+    assert memory_check(suite, gpu_of(24)).problem is None  # its fine-tuning batch is 128
+    data = yaml.safe_load((ROOT / "suites" / "stl10_vitb.yaml").read_text())
+    data["pretrain"]["batch_size"] = 128
+    data["eval"]["finetune"]["batch_size"] = 512
+    bigger = resolve_suite(data, registry, "stl10_vitb.yaml")
+    problem = memory_check(bigger, gpu_of(24)).problem
+    assert problem is not None and "one finetune training step needs about" in problem
+    assert "(batch 512 at 224x224, every patch visible" in problem
+    assert "lower eval.finetune.batch_size" in problem
+
+
+def measure_finetune_step(data: dict) -> dict[str, float]:
+    """As :func:`measure_step`, for two real fine-tuning steps (the evaluator's training
+    step: forward, cross-entropy, backward, AdamW) of a warmed-up process."""
+    from mae_bench.device import peak_memory_mb, reset_peak_memory
+    from mae_bench.memory import FINETUNE_CLASSES, training_step_bytes
+    from mae_bench.plugins import load_registry
+
+    torch.set_num_threads(1)
+    suite = resolve_suite(data, load_registry(), "measured.yaml")
+    variant, ds = suite.variants[0], suite.config.dataset
+    (evaluator,) = [e.cls(e.params) for e in suite.evaluators if e.config["name"] == "finetune"]
+    torch.manual_seed(0)
+    step = evaluator.training_step(variant.build_model(ds.image_size, ds.channels), 10)
+    module, optimizer = step.module, torch.optim.AdamW(step.module.parameters(), lr=1e-4)
+    x = torch.randn(step.batch_size, ds.channels, ds.image_size, ds.image_size)
+    labels = torch.randint(0, 10, (step.batch_size,))
+
+    def train(images: Tensor, y: Tensor) -> None:
+        loss = torch.nn.functional.cross_entropy(module(images), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    train(x[:2], labels[:2])  # warm-up: kernels, thread pools, AdamW's moments
+    gc.collect()
+    before = _resident_bytes()
+    assert reset_peak_memory(torch.device("cpu"))
+    for _ in range(2):
+        train(x, labels)
+    measured = peak_memory_mb(torch.device("cpu")) * 2**20 - before
+    need, _ = training_step_bytes(evaluator, variant, suite)
+    trained = sum(p.numel() * 4 for p in module.parameters())
+    head = (FINETUNE_CLASSES - 10) * (module.head.in_features + 1) * 4 * 4  # its 1000 classes
+    # the weights, their moments and the batch were there before the measured steps
+    return {"measured": measured, "estimate": need - head - 3 * trained - x.numel() * 4}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+def test_the_fine_tuning_estimate_is_at_most_30_percent_above_a_measured_cpu_step():
+    data = measured_suite_data(*MEASURED["vit-stl10-like"])
+    data["eval"] = {"finetune": {"enabled": True, "batch_size": 64}}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.test_memory", json.dumps(data), "finetune"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.splitlines()[-1])
+    assert 0.9 < figures["estimate"] / figures["measured"] < 1.3, figures
+
+
+if __name__ == "__main__":  # a fresh process: python -m tests.test_memory DATA [finetune]
+    measure = measure_finetune_step if sys.argv[2:] == ["finetune"] else measure_step
+    print(json.dumps(measure(json.loads(sys.argv[1]))))
