@@ -727,7 +727,8 @@ class EvalContext:
     # train long: load() at the start, epoch_end() after each epoch (see docs/plugins.md)
     checkpoint: Any = None
     # the variant's target (None: the model predicts pixels); when it does not predict
-    # pixels (``predicts_pixels`` False) there is no PSNR, only the target's own metrics
+    # pixels (``predicts_pixels`` False) there is no PSNR, only the target's own metrics.
+    # It is not set up (no teacher): a target with per-run state cannot be called here
     target: Target | None = None
 
     @property

@@ -136,8 +136,9 @@ def load_weights(model: MaskedAutoencoder, path: Path) -> list[str]:
     release such as ``mae_pretrain_vit_base.pth``: the decoder keeps its fresh init).
 
     A Hugging Face folder's ``config.json`` is checked against the model first (one message
-    naming each field that differs). UserError if an encoder weight is missing, a key is
-    unknown or a shape differs.
+    naming each field that differs). A model whose head predicts a target's width keeps its
+    fresh head (the checkpoint's pixel head is left out). UserError if an encoder weight is
+    missing, a key is unknown or a shape differs.
     """
     try:
         state = read_state_dict(path)
@@ -147,6 +148,12 @@ def load_weights(model: MaskedAutoencoder, path: Path) -> list[str]:
     except ValueError as exc:
         raise UserError(f"{path}: {exc}") from None
     own = model.state_dict()
+    if model.pred_dim != model.patch_size**2 * model.in_chans:  # a target's head: fresh
+        state = {
+            k: v
+            for k, v in state.items()
+            if not (k.startswith("decoder.") and k in own and v.shape != own[k].shape)
+        }
     unexpected = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state))
     missing_encoder = [k for k in missing if not k.startswith("decoder.")]
@@ -253,6 +260,14 @@ def export_cell(
             raise UserError(
                 f"{cell_dir}: --format hf writes a Hugging Face ViTMAEForPreTraining, the layout "
                 f"of the `vit` encoder; this cell's encoder is {model.name!r} (try --format timm)"
+            )
+        target = record["config"]["variant"].get("target")
+        space = _component(registry, "target", target).prediction_space if target else "pixels"
+        if space not in ("pixels", "norm_pix"):
+            raise UserError(
+                f"{cell_dir}: --format hf writes a ViTMAEForPreTraining, which predicts pixels; "
+                f"this cell's model predicts {space} targets (export its encoder with --format "
+                "timm)"
             )
         return out, export_hf(model, out, **_pretraining_settings(record, registry))
     if out.suffix != ".safetensors":
@@ -619,7 +634,13 @@ def _pretraining_settings(record: dict[str, Any], registry: Registry) -> dict[st
             settings["mask_ratio"] = ratio
         losses = [_component(registry, "loss", term) for term in variant["loss"]]
         reader = prediction_loss(losses)
-        settings["norm_pix_loss"] = reader is not None and reader.prediction_space == "norm_pix"
+        target = variant.get("target")
+        space = (
+            _component(registry, "target", target).prediction_space
+            if target
+            else (reader.prediction_space if reader is not None else "pixels")
+        )
+        settings["norm_pix_loss"] = space == "norm_pix"
     except (KeyError, TypeError, ValueError, UserError, ValidationError):
         pass
     return settings

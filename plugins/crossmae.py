@@ -6,12 +6,12 @@ decoder width), as the official ``models_cross.py`` (TonyLianLong/CrossMAE) comp
 
 1. encoder -- ``plugins/vit.py:ViTEncoder``, unchanged: latent (B, 1 + K, D), the visible
    patches with their encoder positions (added before masking) and the cls token, normed.
-2. partial reconstruction -- :meth:`CrossMAE.predicted_patches`: the first
-   Q = ceil(predict_ratio * M) masked patches in the mask's own order (``ids_restore``'s
-   shuffle: random for uniform masking), ids (B, Q). The official code draws the same way:
-   the last ``mask_ratio - kept_mask_ratio`` of its shuffle are masked but not predicted.
-   Drawn here: a uniformly random subset from torch's generator (the same for uniform
-   masking; block and grid masking list their masked patches row by row).
+2. partial reconstruction -- :meth:`CrossMAE.predicted_patches`: Q = ceil(predict_ratio * M)
+   of the masked patches, ids (B, Q). The official code takes the first Q of its random
+   shuffle (the last ``mask_ratio - kept_mask_ratio`` are masked but not predicted); here
+   each image's Q are chosen by a scramble of its own mask (:func:`patch_priority`): the
+   same in law for uniform masking, and block and grid masking (which list their masked
+   patches row by row) do not always leave their last rows out.
 3. queries -- a learned mask token + the decoder's fixed 2D sin-cos position of each
    predicted patch: (B, Q, D_dec). Queries never attend to each other.
 4. decoder blocks -- :class:`CrossAttentionBlock`: x += cross_attn(norm1(x), latent), queries
@@ -26,8 +26,10 @@ In eval mode (reconstruction metrics, pictures) every patch, visible ones includ
 and ``predicted`` is None. The decoder's cost is linear in Q (no query-query attention), so
 predict_ratio < 1 trains cheaper. Not built: the official ``weight_fm`` option (each decoder
 block reading a learned mix of several encoder layers); the decoder reads the last layer.
-Module names follow the official code, so its checkpoints load through
-``ViTMAE.adapt_state_dict`` (``decoder_blocks.N.cross_attn.q`` -> ``decoder.blocks.N...``).
+Module names follow the official code, so a checkpoint of its layout without ``weight_fm``
+loads through ``ViTMAE.adapt_state_dict`` (``decoder_blocks.N.cross_attn.q`` ->
+``decoder.blocks.N...``); the released checkpoints are ``weight_fm`` ones (``wfm.*``,
+``dec_norms.N``, no encoder ``norm``), which the loader refuses, naming those keys.
 """
 
 from __future__ import annotations
@@ -43,6 +45,27 @@ from torch import Tensor, nn
 
 from mae_bench import MAEOutput, Mask, hookimpl
 from mae_bench.layers import LayerNorm, gather_tokens, init_mae_weights, sincos_pos_embed
+
+PRIME = 2_147_483_647  # 2**31 - 1: the products below stay under 2**62, exact in int64
+
+
+def _scramble(x: Tensor) -> Tensor:
+    """Non-negative int64 values below :data:`PRIME`, scrambled (three rounds of a Lehmer
+    step and an xorshift): exact integer arithmetic, the same on every device and compiled."""
+    for _ in range(3):
+        x = (x * 48271) % PRIME
+        x = x ^ (x >> 13)
+    return x
+
+
+def patch_priority(ids_restore: Tensor) -> Tensor:
+    """(B, L) int64: a pseudo-random priority of each patch, a function of its image's mask
+    (``ids_restore``, (B, L)) only; a patch of a lower priority is predicted first."""
+    num = ids_restore.shape[1]
+    weights = torch.arange(1, num + 1, device=ids_restore.device)
+    salt = _scramble((ids_restore * weights).sum(dim=1) % PRIME)  # (B,): one per mask
+    patches = torch.arange(num, device=ids_restore.device)
+    return _scramble((salt[:, None] * (num + 1) + patches + 1) % PRIME)  # (B, L)
 
 
 class CrossMAEParams(ViTParams):
@@ -155,11 +178,12 @@ class CrossMAE(ViTMAE):
 
     def predicted_patches(self, mask: Mask) -> Tensor:
         """The patches predicted in training, (B, Q): Q = ceil(predict_ratio * M) of the M
-        masked patches, a uniformly random subset drawn from torch's global generator
-        (seeded per cell, restored on resume: a cell stays reproducible). The official code
-        takes the first Q of the masking's shuffle, which is the same for uniform masking;
-        drawn here, block and grid masking (which list their patches row by row) do not
-        always leave their last rows out."""
+        masked patches, each image's chosen by a scramble of its own mask
+        (:func:`patch_priority`). The official code takes the first Q of the masking's
+        shuffle: the same in law for uniform masking, but block and grid masking list their
+        masked patches row by row and would always leave their last rows out. A function of
+        the image's mask alone, the choice does not depend on the process count (each rank
+        holds some rows of the batch's masks), on compilation or on a random stream."""
         visible, patches = mask.ids_keep.shape[1], mask.ids_restore.shape[1]
         masked = patches - visible
         # rounded first: 0.7 * 10 is 7.000000000000001 in floats, and must give 7
@@ -168,7 +192,8 @@ class CrossMAE(ViTMAE):
         ids_masked = ids_shuffle[:, visible:]  # (B, M)
         if count == masked:
             return ids_masked
-        order = torch.rand(ids_masked.shape, device=ids_masked.device).argsort(dim=1)
+        priority = patch_priority(mask.ids_restore).gather(1, ids_masked)  # (B, M)
+        order = torch.argsort(priority, dim=1, stable=True)
         return ids_masked.gather(1, order[:, :count])  # (B, Q)
 
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:

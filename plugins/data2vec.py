@@ -127,9 +127,9 @@ class Data2VecTarget(Target):
         k, n = self.params.top_k, model.num_prefix_tokens
         b, num = imgs.shape[0], model.num_patches
         outputs: list[Tensor] = []
-        hooks = [
+        hooks = [  # the top K only: no other block's output is kept alive
             block.register_forward_hook(lambda _m, _i, out: outputs.append(out))
-            for block in _blocks(model, teacher, k)
+            for block in _blocks(model, teacher, k)[-k:]
         ]
         ids_all = torch.arange(num, device=imgs.device).expand(b, num)  # (B, L): all visible
         bf16 = torch.autocast("cuda", dtype=torch.bfloat16) if imgs.is_cuda else None
@@ -139,7 +139,7 @@ class Data2VecTarget(Target):
         finally:
             for hook in hooks:
                 hook.remove()
-        layers = [out[:, n:].float() for out in outputs[-k:]]  # K x (B, L, D): no cls
+        layers = [out[:, n:].float() for out in outputs]  # K x (B, L, D): no cls
         # instance norm: each channel over the image's tokens, (B, D, L) as F.instance_norm
         normed = [F.instance_norm(y.transpose(1, 2)).transpose(1, 2) for y in layers]
         y = torch.stack(normed).mean(dim=0)  # (B, L, D): the top-K average

@@ -302,6 +302,8 @@ class ReconstructionEvaluator(Evaluator):
                 mean_image=ctx.mean_image, masks=masks, target=target,
             )  # fmt: skip
             sanity = reconstruction_sanity(scores, len(sample), p.masks)
+            if target is not None:  # a pixel target's own measure too, if it has one
+                scores.update(target_quality(ctx.model, images, ctx.feeder, p, target, masks))
         tables = {}
         if ctx.masking is not None:  # after the model ran (a read-back ends a dry run here)
             tables = mask_picture_tables(ctx.model, ctx.data.test_labels, ctx.data.test_images,

@@ -219,7 +219,9 @@ def test_the_memory_check_counts_a_teachers_weights(registry, monkeypatch):
     from mae_bench.memory import pretrain_step_bytes
 
     data = tiny_suite_data(seeds=[0])
-    data["variants"] = [{"name": "teacher", "encoder": VIT, "target": {"name": "data2vec", "top_k": 1}}]
+    data["variants"] = [
+        {"name": "teacher", "encoder": VIT, "target": {"name": "data2vec", "top_k": 1}}
+    ]
     suite = resolve_suite(data, registry)
     (variant,) = suite.variants
     counted = pretrain_step_bytes(variant, suite)
@@ -228,3 +230,52 @@ def test_the_memory_check_counts_a_teachers_weights(registry, monkeypatch):
     encoder = variant.build_model(16, 3).encoder
     weights = sum(t.numel() * 4 for t in encoder.state_dict().values())
     assert counted - without == weights  # the teacher: a copy of the encoder
+
+
+def test_a_target_variant_starts_from_a_pixel_checkpoint_with_a_fresh_head(tmp_path, registry):
+    """`init_from` a pixel MAE's weights with `target: hog`: the encoder and the decoder's
+    body load, the pixel head (48 wide) is left out and the HOG head (108) stays fresh."""
+    from mae_bench.weights import load_weights
+
+    data = tiny_suite_data(seeds=[0])
+    data["variants"] = [{"name": "pixels", "encoder": VIT}]
+    torch.manual_seed(1)
+    pixel = resolve_suite(data, registry).variants[0].build_model(16, 3)
+    torch.save(pixel.state_dict(), tmp_path / "mae.pth")
+    data["variants"] = [
+        {"name": "hog", "encoder": {**VIT, "init_from": str(tmp_path / "mae.pth")}, "target": "hog"}
+    ]
+    variant = resolve_suite(data, registry).variants[0]  # validation loads it too
+    model = variant.build_model(16, 3)
+    fresh = model.decoder.pred.weight.clone()
+    assert load_weights(model, tmp_path / "mae.pth") == ["decoder.pred.bias", "decoder.pred.weight"]
+    assert torch.equal(model.decoder.pred.weight, fresh) and model.pred_dim == 108
+    for key, value in pixel.encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[key], value)
+    assert torch.equal(
+        model.decoder.blocks[0].mlp.fc1.weight, pixel.decoder.blocks[0].mlp.fc1.weight
+    )
+
+
+@pytest.mark.slow
+def test_hugging_face_export_knows_the_target(tmp_path):
+    """A `norm_pix` target cell is written with `norm_pix_loss: true`; a `hog` cell, whose
+    head predicts HOG, is refused (ViTMAEForPreTraining predicts pixels), pointing to timm."""
+    import json
+
+    data = tiny_suite_data(seeds=[0])
+    data["pretrain"]["epochs"] = 1
+    data["eval"] = {"linear_probe": {"epochs": 1}, "reconstruction": {"num_images": 16}}
+    data["variants"] = [
+        {"name": "normpix", "encoder": VIT, "target": "norm_pix"},
+        {"name": "hog", "encoder": VIT, "target": "hog"},
+    ]
+    out = tmp_path / "out"
+    assert invoke("run", str(write_suite(tmp_path, data)), "--out", str(out)).exit_code == 0
+    cells = {p.name.split("-seed")[0]: p for p in (out / "tiny" / "cells").iterdir()}
+    done = invoke("export", str(cells["normpix"]), str(tmp_path / "hf"), "--format", "hf")
+    assert done.exit_code == 0, done.stderr
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["norm_pix_loss"] is True
+    refused = invoke("export", str(cells["hog"]), str(tmp_path / "hf2"), "--format", "hf")
+    assert refused.exit_code != 0 and "predicts hog targets" in refused.stderr
+    assert "--format timm" in refused.stderr and not (tmp_path / "hf2").exists()
