@@ -290,15 +290,20 @@ def test_the_estimate_is_at_most_30_percent_above_a_measured_cpu_step(case):
     modelled as twice its largest saved tensor). glibc is told to give freed blocks back
     at once, so the resident peak follows the live tensors rather than its cache (without
     that it varies by about 10% from run to run)."""
-    data = measured_suite_data(*MEASURED[case])
+    figures = measured_in_a_fresh_process(measured_suite_data(*MEASURED[case]))
+    assert 0.9 < figures["estimate"] / figures["measured"] < 1.3, figures
+
+
+def measured_in_a_fresh_process(data: dict, *mode: str) -> dict[str, float]:
+    """:func:`measure_step` (or, with ``"finetune"``, :func:`measure_finetune_step`) of
+    ``data`` in a fresh process, glibc giving freed blocks back at once."""
     done = subprocess.run(
-        [sys.executable, "-m", "tests.test_memory", json.dumps(data)],
+        [sys.executable, "-m", "tests.test_memory", json.dumps(data), *mode],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    figures = json.loads(done.stdout.splitlines()[-1])
-    assert 0.9 < figures["estimate"] / figures["measured"] < 1.3, figures
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 @pytest.mark.cuda
@@ -387,13 +392,7 @@ def measure_finetune_step(data: dict) -> dict[str, float]:
 def test_the_fine_tuning_estimate_is_at_most_30_percent_above_a_measured_cpu_step():
     data = measured_suite_data(*MEASURED["vit-stl10-like"])
     data["eval"] = {"finetune": {"enabled": True, "batch_size": 64}}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.test_memory", json.dumps(data), "finetune"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    figures = json.loads(done.stdout.splitlines()[-1])
+    figures = measured_in_a_fresh_process(data, "finetune")
     assert 0.9 < figures["estimate"] / figures["measured"] < 1.3, figures
 
 
