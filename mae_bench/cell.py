@@ -183,6 +183,7 @@ def pretrain_cell(
     model.to(feeder.device)
     masking = cell.variant.build_masking()
     losses = cell.variant.build_losses()
+    target = cell.variant.build_target()
     baseline = cell.variant.baseline
     metrics: dict[str, float] = {
         "params_m": count_params(model.encoder),
@@ -203,7 +204,7 @@ def pretrain_cell(
             checkpoint=checkpoint,
             world=world,
             on_resume=on_resume,
-            target=cell.variant.build_target(),
+            target=target,
         )
         metrics.update(
             pretrain_s=trained.seconds,
@@ -223,7 +224,7 @@ def pretrain_cell(
         "components": (
             {"encoder": model.summary(), "masking": "none", "loss": "none (no pretraining)"}
             if baseline
-            else describe(model, masking, losses, cell.variant.build_target())
+            else describe(model, masking, losses, target)
         ),
         "baseline": baseline,
         **({"sweep": cell.variant.sweep_record} if cell.variant.family else {}),

@@ -328,6 +328,13 @@ class MaskedAutoencoder(nn.Module, Component, ABC):
         self.decoder.pred = new.to(head.weight.device)
         self._pred_dim = dim
 
+    def size_head(self, target: Target) -> None:
+        """Predict ``target``'s width (:meth:`Target.dim`): a fresh head
+        (:meth:`reset_head`) only when it differs from the head's."""
+        dim = target.dim(self)
+        if dim != self.pred_dim:
+            self.reset_head(dim)
+
     def pool(self, latent: Tensor, pool: Pool = "cls") -> Tensor:
         """One vector per sample: the cls token if there is one and asked for, else the mean."""
         if pool == "cls" and self.num_prefix_tokens > 0:

@@ -35,6 +35,7 @@ import contextlib
 import math
 import os
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -119,8 +120,18 @@ def saved_bytes(
     :func:`~mae_bench.train.forward_loss` runs them on ``device_type`` (bf16 autocast on
     ``cuda``): every saved tensor's storage once (views of one tensor share it), not
     counting the model's own weights and buffers nor ``x``, which are there anyway."""
-    there = {StorageWeakRef(t.untyped_storage()) for t in (*model.parameters(), *model.buffers())}
-    there.add(StorageWeakRef(x.untyped_storage()))
+    forward = _Autocast(model) if device_type == "cuda" else None
+    return _saved_by(
+        lambda: forward_loss(model, x, mask, losses, forward=forward, target=target),
+        (*model.parameters(), *model.buffers(), x),
+    )
+
+
+def _saved_by(run: Callable[[], object], present: Iterable[Tensor]) -> SavedBytes:
+    """What autograd keeps for the backward pass of ``run()``: every saved tensor's storage
+    once (views of one tensor share it), not counting those of ``present`` (the weights,
+    buffers and input, which are there anyway)."""
+    there = {StorageWeakRef(t.untyped_storage()) for t in present}
     counted: dict[StorageWeakRef, int] = {}
 
     def pack(t: Tensor) -> Tensor:
@@ -129,9 +140,8 @@ def saved_bytes(
             counted[storage] = t.untyped_storage().nbytes()
         return t
 
-    forward = _Autocast(model) if device_type == "cuda" else None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward_loss(model, x, mask, losses, forward=forward, target=target)
+        run()
     return SavedBytes(sum(counted.values()), max(counted.values(), default=0))
 
 
@@ -201,29 +211,22 @@ def training_step_bytes(
         return None
     size = (step.batch_size, ds.channels, ds.image_size, ds.image_size)
     weights = sum(_bytes(p) for p in step.module.parameters() if p.requires_grad)
-    counted: dict[StorageWeakRef, int] = {}
     with FakeTensorMode(allow_fallback_kernels=False, allow_non_fake_inputs=True):
         module = step.module.to_empty(device="cpu")
         x = torch.empty(size)
-        there = {StorageWeakRef(t.untyped_storage()) for t in (*module.parameters(), x)}
-        there |= {StorageWeakRef(t.untyped_storage()) for t in module.buffers()}
 
-        def pack(t: Tensor) -> Tensor:
-            storage = StorageWeakRef(t.untyped_storage())
-            if storage not in there and storage not in counted:
-                counted[storage] = t.untyped_storage().nbytes()
-            return t
-
-        precision = (
-            torch.autocast("cpu", dtype=torch.bfloat16)
-            if device_type == "cuda"
-            else contextlib.nullcontext()
-        )
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        def run() -> object:
+            precision = (
+                torch.autocast("cpu", dtype=torch.bfloat16)
+                if device_type == "cuda"
+                else contextlib.nullcontext()
+            )
             with precision:
                 out = module(x)
-            step.loss(out)
-    activations = sum(counted.values()) + 2 * max(counted.values(), default=0)
+            return step.loss(out)
+
+        saved = _saved_by(run, (*module.parameters(), *module.buffers(), x))
+    activations = saved.total + 2 * saved.largest  # with the backward pass's transient
     return 4 * weights + 3 * math.prod(size) * 4 + activations, step.batch_size
 
 

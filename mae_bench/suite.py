@@ -485,7 +485,7 @@ class Variant:
         model = self.encoder.cls(self.encoder.params, image_size=image_size, in_chans=in_chans)
         target = self.build_target()
         if target is not None and not self.baseline:
-            _size_head(target, model)
+            model.size_head(target)
         return model
 
     def build_target(self) -> Target | None:
@@ -944,7 +944,7 @@ def _resolve_variant(
     build_model = partial(replace(variant, target=None).build_model, ds.image_size, ds.channels)
     model = plugin_call(partial(_on, device, build_model), f"{path}.encoder", encoder, source)
     if target is not None:  # the head sized as build_model sizes it; its errors the target's
-        size = partial(_size_head, variant.build_target(), model)
+        size = partial(model.size_head, variant.build_target())
         plugin_call(partial(_on, device, size), f"{path}.target", target, source)
     plugin_call(partial(_check_masking, variant, model.grid), f"{path}.masking", masking, source)
     for j, term in enumerate(losses):
@@ -963,12 +963,6 @@ def _resolve_variant(
             raise ConfigError(f"{path}.encoder.init_from", str(exc), source) from None
         variant = replace(variant, init_from=v.encoder.init_from, init_digest=digest)
     return variant
-
-
-def _size_head(target: Target, model: MaskedAutoencoder) -> None:
-    dim = target.dim(model)
-    if dim != model.pred_dim:
-        model.reset_head(dim)
 
 
 def _check_target_losses(variant: Variant, path: str, source: str) -> None:

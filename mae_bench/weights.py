@@ -219,27 +219,13 @@ def rebuild_model(
                 f"{source}: the encoder's parameters no longer validate: {exc}"
             ) from None
         model = info.cls(validated, image_size=image_size, in_chans=channels)
-        _size_head(model, build, config["variant"].get("target"), source)
+        target = config["variant"].get("target")
+        if target:  # the head its cell trained: the target's width
+            model.size_head(_component(build, "target", target, source))
     else:
         model = build(image_size, channels)
     load_weights(model, cell_dir)
     return model.to(device).eval()
-
-
-def _size_head(
-    model: MaskedAutoencoder, registry: Registry, target: dict[str, Any] | None, source: Path
-) -> None:
-    """Give ``model`` the head its cell trained: the width of the record's target (if any)."""
-    if not target:
-        return
-    info = registry.get("target", target["name"], f"{source}: variant.target.name")
-    try:
-        validated = info.cls.Params.model_validate({k: v for k, v in target.items() if k != "name"})
-    except ValidationError as exc:
-        raise UserError(f"{source}: the target's parameters no longer validate: {exc}") from None
-    dim = info.cls(validated).dim(model)
-    if dim != model.pred_dim:
-        model.reset_head(dim)
 
 
 def export_cell(
@@ -646,8 +632,15 @@ def _pretraining_settings(record: dict[str, Any], registry: Registry) -> dict[st
     return settings
 
 
-def _component(registry: Registry, kind: str, config: dict[str, Any]) -> Any:
-    """The ``kind`` component a cell record describes (its name and params)."""
-    info = registry.get(kind, config["name"], f"variant.{kind}")
+def _component(
+    registry: Registry, kind: str, config: dict[str, Any], source: Path | None = None
+) -> Any:
+    """The ``kind`` component a cell record (``source``) describes (its name and params);
+    UserError naming the record if its params no longer validate."""
+    where = f"{source}: " if source is not None else ""
+    info = registry.get(kind, config["name"], f"{where}variant.{kind}.name")
     params = {k: v for k, v in config.items() if k not in ("name", "weight")}
-    return info.cls(info.cls.Params.model_validate(params))
+    try:
+        return info.cls(info.cls.Params.model_validate(params))
+    except ValidationError as exc:
+        raise UserError(f"{where}the {kind}'s parameters no longer validate: {exc}") from None

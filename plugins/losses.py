@@ -27,6 +27,15 @@ def _masked_mean(per_patch: Tensor, mask: Tensor) -> Tensor:
     return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def _patch_mean(per_patch: Tensor, inputs: LossInputs, masked_only: bool) -> Tensor:
+    """Mean of a (B, L) per-patch loss over the masked (and predicted) patches, or with
+    ``masked_only`` false over every patch with a prediction (all, unless the model
+    predicted only some: ``LossInputs.partial``)."""
+    if masked_only or inputs.partial:
+        return _masked_mean(per_patch, inputs.mask)
+    return per_patch.mean()
+
+
 class MSEParams(Params):
     """``norm_pix``: targets normalized per patch (mean 0, var 1), as in the MAE paper's best."""
 
@@ -57,9 +66,7 @@ class MSELoss(Loss):
         if self.params.norm_pix:
             target = normalize_patches(target)
         per_patch = ((inputs.pred - target) ** 2).mean(dim=-1)
-        if not self.params.masked_only:  # every patch with a prediction
-            return per_patch.mean() if not inputs.partial else _masked_mean(per_patch, inputs.mask)
-        return _masked_mean(per_patch, inputs.mask)
+        return _patch_mean(per_patch, inputs, self.params.masked_only)
 
     def summary(self) -> str:
         return "mse(norm_pix)" if self.params.norm_pix else "mse"
@@ -79,9 +86,7 @@ class L1Loss(Loss):
 
     def __call__(self, inputs: LossInputs) -> Tensor:
         per_patch = (inputs.pred - inputs.target).abs().mean(dim=-1)
-        if not self.params.masked_only:  # every patch with a prediction
-            return per_patch.mean() if not inputs.partial else _masked_mean(per_patch, inputs.mask)
-        return _masked_mean(per_patch, inputs.mask)
+        return _patch_mean(per_patch, inputs, self.params.masked_only)
 
 
 class LaplacianParams(Params):

@@ -4,6 +4,7 @@ each variant's own); and a picture of each variant's own masks on a few images."
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 import pandas as pd
@@ -49,6 +50,16 @@ def _psnr(mse: Tensor) -> Tensor:
     return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
+def _masked_batches(
+    images: Tensor, feeder: ImageFeeder, masks: Mask, batch_size: int
+) -> Iterator[tuple[Tensor, Mask]]:
+    """``images`` in batches of model input on the feeder's device, each with its masks."""
+    for idx in index_batches(len(images), batch_size):
+        x = feeder(images[idx])
+        parts = (masks.ids_keep, masks.ids_restore, masks.mask)
+        yield x, Mask(*(t[idx].to(x.device) for t in parts))
+
+
 @torch.no_grad()
 def reconstruction_quality(
     model: MaskedAutoencoder,
@@ -80,9 +91,7 @@ def reconstruction_quality(
         masks = fixed_masks(len(images), model.num_patches, cfg.mask_ratio, cfg.mask_seed)
     p = model.patch_size
     psnr_model, psnr_mean, psnr_full, hf_error = [], [], [], []
-    for idx in index_batches(len(images), cfg.batch_size):
-        x = feeder(images[idx])
-        mask = Mask(*(t[idx].to(x.device) for t in (masks.ids_keep, masks.ids_restore, masks.mask)))
+    for x, mask in _masked_batches(images, feeder, masks, cfg.batch_size):
         recon = feeder.to_pixels(reconstruct(model, x, mask, decoder_loss, target))
         truth = feeder.to_pixels(x)
         pixel_mask = patch_mask_to_pixels(mask.mask, p)
@@ -116,9 +125,7 @@ def target_quality(
         return {}
     model.eval()
     preds, targets = [], []
-    for idx in index_batches(len(images), cfg.batch_size):
-        x = feeder(images[idx])
-        mask = Mask(*(t[idx].to(x.device) for t in (masks.ids_keep, masks.ids_restore, masks.mask)))
+    for x, mask in _masked_batches(images, feeder, masks, cfg.batch_size):
         with autocast(x.device):
             preds.append(model(x, mask).pred.float().cpu())
         targets.append(target(x, mask, model).float().cpu())
